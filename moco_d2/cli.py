@@ -1,0 +1,25 @@
+"""Entry point shared by the scripts in tools/: import the command, run it, report user errors."""
+
+import importlib
+import sys
+
+from moco_d2.errors import DETECTRON2_MISSING, UserError
+
+
+def run_tool(module_name, argv=None):
+    """Run ``module_name.main(argv)``; a :class:`UserError` becomes one line on stderr, exit 2."""
+    try:
+        module = importlib.import_module(module_name)
+        status = module.main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 2
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("detectron2"):
+            raise
+        print(f"error: {DETECTRON2_MISSING}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status or 0)
