@@ -17,3 +17,4 @@ else:
     from moco_d2 import compat
 
     APPLIED_SHIMS = compat.apply()
+    from moco_d2 import modeling  # noqa: F401,E402  (registers Res5ROIHeadsExtraNorm)
