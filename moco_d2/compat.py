@@ -7,6 +7,7 @@ code runs on an official compiled detectron2 and on the pure-Python 0.6 package 
 
 import contextlib
 import functools
+import importlib.resources
 import importlib.util
 import inspect
 import re
@@ -132,6 +133,30 @@ def patch_numpy_alias_users():
     return patched
 
 
+def _resource_filename(package, resource):
+    return str(importlib.resources.files(package).joinpath(resource))
+
+
+def provide_pkg_resources_to_model_zoo():
+    """setuptools >= 81 no longer ships ``pkg_resources``, which d2 0.6's model_zoo imports.
+
+    The stand-in (only ``resource_filename``) is visible while model_zoo is imported and
+    removed right after, so no other library mistakes it for the real module.
+    """
+    if "detectron2.model_zoo.model_zoo" in sys.modules or importlib.util.find_spec(
+        "pkg_resources"
+    ) is not None:
+        return False
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.resource_filename = _resource_filename
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        import detectron2.model_zoo.model_zoo  # noqa: F401
+    finally:
+        del sys.modules["pkg_resources"]
+    return True
+
+
 def apply():
     """Apply every shim that is needed; return the names of those that changed something."""
     applied = []
@@ -140,4 +165,6 @@ def apply():
     if add_pillow_linear_alias():
         applied.append("PIL.Image.LINEAR")
     applied += patch_numpy_alias_users()
+    if provide_pkg_resources_to_model_zoo():
+        applied.append("pkg_resources for detectron2.model_zoo")
     return applied

@@ -68,7 +68,9 @@ def describe():
     import detectron2
 
     location = os.path.dirname(detectron2.__file__)
-    compiled = importlib.util.find_spec("detectron2._C") is not None
+    compiled_spec = importlib.util.find_spec("detectron2._C")
+    # moco_d2.compat's stand-in for the missing extension has a spec without an origin.
+    compiled = compiled_spec is not None and compiled_spec.origin is not None
     try:
         importlib.metadata.version(SDIST_NAME)
         from_sdist = True

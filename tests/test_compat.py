@@ -1,0 +1,140 @@
+"""Each detectron2 0.6 compatibility shim: it fixes the break, and it is a no-op where not needed."""
+
+import logging
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import moco_d2
+from moco_d2 import compat
+
+
+def test_every_shim_needed_here_was_applied():
+    # This environment is detectron2 0.6 without C++ ops, Pillow >= 10 and numpy >= 2.
+    assert moco_d2.HAS_DETECTRON2
+    assert set(moco_d2.APPLIED_SHIMS) == {
+        "detectron2._C stand-in",
+        "PIL.Image.LINEAR",
+        "detectron2.data.datasets.pascal_voc.load_voc_instances",
+        "detectron2.data.build.print_instances_class_histogram",
+        "pkg_resources for detectron2.model_zoo",
+    }
+
+
+def test_compiled_ops_stand_in_answers_versions_and_names_missing_ops():
+    import detectron2._C as _C
+    from detectron2.layers import ROIAlignRotated
+    from detectron2.utils.collect_env import collect_env_info
+
+    assert "without C++ ops" in _C.get_compiler_version()
+    assert "without C++ ops" in _C.get_cuda_version()
+    assert "detectron2" in collect_env_info()
+    op = ROIAlignRotated(output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0)
+    import torch
+
+    with pytest.raises(compat.MissingCompiledOp, match="roi_align_rotated_forward.*github"):
+        op(torch.zeros(1, 1, 4, 4), torch.zeros(1, 6))
+
+
+def test_compiled_ops_stand_in_is_a_no_op_when_a_compiled_module_exists(tmp_path, monkeypatch):
+    import detectron2
+
+    (tmp_path / "_C.py").write_text("COMPILED = True\n")
+    monkeypatch.delitem(sys.modules, "detectron2._C")
+    monkeypatch.setattr(detectron2, "__path__", [str(tmp_path)] + list(detectron2.__path__))
+    assert compat.install_compiled_ops_stand_in() is False
+    assert "detectron2._C" not in sys.modules
+
+
+def test_pillow_linear_alias_added_only_when_missing(monkeypatch):
+    assert Image.LINEAR == Image.BILINEAR
+    assert compat.add_pillow_linear_alias() is False
+    monkeypatch.delattr(Image, "LINEAR")
+    assert compat.add_pillow_linear_alias() is True
+    assert Image.LINEAR == Image.BILINEAR
+
+
+def test_numpy_aliases_are_temporary():
+    assert "str" not in np.__dict__
+    with compat.numpy_aliases():
+        assert np.str is str and np.int is int
+    assert "str" not in np.__dict__ and "int" not in np.__dict__
+
+
+def _uses_np_str(path):
+    return np.loadtxt(path, dtype=np.str)
+
+
+def _uses_builtin_str(path):
+    return np.loadtxt(path, dtype=str)
+
+
+def test_only_functions_spelling_removed_aliases_get_wrapped(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("000001\n000002\n")
+    module = types.ModuleType("fake")
+    module.uses_np_str = _uses_np_str
+    module.uses_builtin_str = _uses_builtin_str
+    assert compat.wrap_with_numpy_aliases(module, "uses_builtin_str") is False
+    assert module.uses_builtin_str is _uses_builtin_str
+    assert compat.wrap_with_numpy_aliases(module, "uses_np_str") is True
+    assert list(module.uses_np_str(str(ids))) == ["000001", "000002"]
+    # Wrapping twice must not nest.
+    assert compat.wrap_with_numpy_aliases(module, "uses_np_str") is False
+
+
+def _write_voc(root, names=("000001", "000002")):
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        os.makedirs(root / sub, exist_ok=True)
+    (root / "ImageSets/Main/test.txt").write_text("".join(f"{name}\n" for name in names))
+    for name in names:
+        Image.new("RGB", (64, 48)).save(root / "JPEGImages" / f"{name}.jpg")
+        (root / "Annotations" / f"{name}.xml").write_text(
+            "<annotation><size><width>64</width><height>48</height></size>"
+            "<object><name>dog</name><difficult>1</difficult>"
+            "<bndbox><xmin>11</xmin><ymin>6</ymin><xmax>40</xmax><ymax>30</ymax></bndbox>"
+            "</object></annotation>"
+        )
+
+
+def test_detectron2_pascal_voc_loader_works_on_todays_numpy(tmp_path):
+    from detectron2.data.datasets import pascal_voc
+
+    _write_voc(tmp_path)
+    record, _ = pascal_voc.load_voc_instances(str(tmp_path), "test", pascal_voc.CLASS_NAMES)
+    assert (record["height"], record["width"]) == (48, 64)
+    (obj,) = record["annotations"]
+    # VOC is 1-based; detectron2 subtracts 1 from xmin/ymin only.
+    assert obj["bbox"] == [10.0, 5.0, 40.0, 30.0]
+    assert obj["category_id"] == pascal_voc.CLASS_NAMES.index("dog")
+    assert "str" not in np.__dict__
+
+
+def test_class_histogram_is_printed_instead_of_failing(caplog):
+    from detectron2.data import build
+
+    dataset = [{"annotations": [{"category_id": 0}, {"category_id": 1}, {"category_id": 1}]}]
+    with caplog.at_level(logging.INFO):
+        logger = logging.getLogger("detectron2")
+        logger.addHandler(caplog.handler)
+        try:
+            build.print_instances_class_histogram(dataset, ["cat", "dog"])
+        finally:
+            logger.removeHandler(caplog.handler)
+    text = caplog.text
+    assert "cat" in text and "dog" in text and "total" in text
+
+
+def test_model_zoo_finds_its_configs_without_leaking_a_fake_pkg_resources():
+    import importlib.util
+
+    from detectron2 import model_zoo
+
+    path = model_zoo.get_config_file("Base-RCNN-C4.yaml")
+    assert os.path.isfile(path) and path.endswith("Base-RCNN-C4.yaml")
+    # Either the real pkg_resources is importable, or nothing claims to be it.
+    assert "pkg_resources" not in sys.modules or importlib.util.find_spec("pkg_resources")
