@@ -18,3 +18,4 @@ else:
 
     APPLIED_SHIMS = compat.apply()
     from moco_d2 import modeling  # noqa: F401,E402  (registers Res5ROIHeadsExtraNorm)
+    from moco_d2.data import voc  # noqa: F401,E402  (VOC splits under $DETECTRON2_DATASETS)

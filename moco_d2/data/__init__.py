@@ -1,0 +1,1 @@
+"""Pascal VOC data for the detection transfer: validating loader, tree checks, synthetic trees."""

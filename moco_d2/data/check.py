@@ -1,0 +1,38 @@
+"""Check a user's VOC tree before a day-long training run: counts per split, broken files."""
+
+import os
+
+from moco_d2.data.voc import (CLASS_NAMES, SPLITS, annotation_file, image_file, parse_annotation,
+                              read_split)
+from moco_d2.errors import UserError
+
+# Image counts of the official releases (SPEC §4: 5,011 + 11,540 = 16,551 train; 4,952 test).
+EXPECTED_IMAGES = {"voc_2007_trainval": 5011, "voc_2012_trainval": 11540, "voc_2007_test": 4952}
+
+
+def check_split(dirname, split):
+    """``(images, objects, problems)`` for one split; problems are one line each, with paths."""
+    try:
+        fileids = read_split(dirname, split)
+    except UserError as e:
+        return 0, 0, [str(e)]
+    objects, problems = 0, []
+    for fileid in fileids:
+        try:
+            objects += len(parse_annotation(annotation_file(dirname, fileid), CLASS_NAMES)["annotations"])
+        except UserError as e:
+            problems.append(str(e))
+        if not os.path.isfile(image_file(dirname, fileid)):
+            problems.append(f"VOC image not found: {image_file(dirname, fileid)}")
+    return len(fileids), objects, problems
+
+
+def check_voc_tree(root):
+    """One row per protocol split: name, folder, images, expected images, objects, problems."""
+    rows = []
+    for name, (folder, split, _year) in SPLITS.items():
+        images, objects, problems = check_split(os.path.join(root, folder), split)
+        rows.append({"name": name, "dirname": os.path.join(root, folder), "images": images,
+                     "expected_images": EXPECTED_IMAGES[name], "objects": objects,
+                     "problems": problems})
+    return rows
