@@ -13,9 +13,14 @@ except ModuleNotFoundError:
     HAS_DETECTRON2 = False
     APPLIED_SHIMS = []
 else:
+    import warnings
+
     HAS_DETECTRON2 = True
     from moco_d2 import compat
 
-    APPLIED_SHIMS = compat.apply()
-    from moco_d2 import modeling  # noqa: F401,E402  (registers Res5ROIHeadsExtraNorm)
-    from moco_d2.data import voc  # noqa: F401,E402  (VOC splits under $DETECTRON2_DATASETS)
+    # detectron2 0.6 decorates functions with torch.jit.script, deprecated in today's torch.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
+        APPLIED_SHIMS = compat.apply()
+        from moco_d2 import modeling  # noqa: F401,E402  (registers Res5ROIHeadsExtraNorm)
+        from moco_d2.data import voc  # noqa: F401,E402  (VOC splits under $DETECTRON2_DATASETS)
