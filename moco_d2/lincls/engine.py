@@ -1,0 +1,60 @@
+"""One training epoch of the linear classifier, and top-1/top-5 evaluation."""
+
+import contextlib
+
+import torch
+from tqdm import tqdm
+
+from moco_d2.training.distributed import all_gather_cat, is_main_process
+from moco_d2.training.meters import AverageMeter, accuracy
+
+
+def autocast(device, enabled):
+    """bf16 autocast where the device supports it; a no-op context otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def bf16_supported(device):
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def train_one_epoch(model, loader, criterion, optimizer, device, epoch, args):
+    """SGD on the fc over ``loader``; returns (mean loss, top-1 %) on this process's share."""
+    # Eval mode for the whole model: the frozen BN layers must use (and keep) the pretrained
+    # running statistics. The fc has no train/eval difference, so it still learns.
+    model.eval()
+    losses, top1 = AverageMeter("loss"), AverageMeter("acc1")
+    bar = tqdm(loader, desc=f"train {epoch}", disable=not is_main_process(), leave=False)
+    for i, (images, target) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            output = model(images)
+        loss = criterion(output.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.update(loss.item(), images.shape[0])
+        top1.update(accuracy(output, target, topk=(1,))[0].item(), images.shape[0])
+        if i % args.print_freq == 0:
+            bar.set_postfix(loss=f"{losses.avg:.4f}", acc1=f"{top1.avg:.2f}")
+    return losses.avg, top1.avg
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp=False):
+    """(top-1 %, top-5 %) over the whole val set, summed over every process's shard."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
+    for images, target in tqdm(loader, desc="val", disable=not is_main_process(), leave=False):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            output = model(images)
+        acc1, acc5 = accuracy(output.float(), target, topk=(1, 5))
+        n = target.shape[0]
+        totals += torch.stack([acc1 * n / 100, acc5 * n / 100, torch.tensor(n, device=device)]).double()
+    hits1, hits5, count = all_gather_cat(totals[None]).sum(0).round().tolist()
+    return 100.0 * hits1 / count, 100.0 * hits5 / count

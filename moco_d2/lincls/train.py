@@ -1,0 +1,170 @@
+"""The linear-classification run: data, frozen model, epochs, checkpoints, final JSON."""
+
+import json
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from moco_d2.errors import UserError
+from moco_d2.lincls.data import build_datasets
+from moco_d2.lincls.engine import bf16_supported, evaluate, train_one_epoch
+from moco_d2.lincls.loading import check_backbone_unchanged, load_pretrained
+from moco_d2.lincls.model import build_model, build_optimizer, unwrap
+from moco_d2.training.checkpoint import (
+    add_module_prefix, get_rng_state, load_checkpoint, seed_all, set_rng_state, strip_module_prefix,
+)
+from moco_d2.training.distributed import barrier, cleanup, init_process, is_main_process
+from moco_d2.training.schedule import adjust_learning_rate
+from moco_d2.utils.fileio import atomic_path, atomic_torch_save, atomic_write_text
+
+LAST_CHECKPOINT = "checkpoint.pth.tar"
+BEST_CHECKPOINT = "model_best.pth.tar"
+RESULTS = "results.json"
+
+
+def prepare(args):
+    """Datasets and the model with its pretrained backbone: everything a user's input can break.
+
+    Called once before any process is spawned, so bad input fails as one line in every launch mode.
+    """
+    train_set, val_set = build_datasets(args.data, args.crop_size, args.resize)
+    model = build_model(args.arch, num_classes=len(train_set.classes))
+    if args.pretrained:
+        load_pretrained(model, args.pretrained, args.arch)
+    return train_set, val_set, model
+
+
+def worker(local_rank, args, prepared=None):
+    """One process of the run (see :func:`moco_d2.training.distributed.launch`)."""
+    device = init_process(local_rank, args)
+    try:
+        return _run(device, args, prepared or prepare(args))
+    finally:
+        cleanup()
+
+
+def _loaders(train_set, val_set, args):
+    per_process = max(args.batch_size // args.world_size, 1)
+    workers = (args.workers + args.world_size - 1) // args.world_size
+    sampler = DistributedSampler(train_set) if args.distributed else None
+    # Val: a strided shard per process, no padding, so the summed counts are exact.
+    val_shard = Subset(val_set, range(args.rank, len(val_set), args.world_size)) if args.distributed else val_set
+    pin = torch.cuda.is_available()
+    train_loader = DataLoader(train_set, per_process, shuffle=sampler is None, sampler=sampler,
+                              num_workers=workers, pin_memory=pin, drop_last=False)
+    val_loader = DataLoader(val_shard, per_process, shuffle=False, num_workers=workers, pin_memory=pin)
+    return train_loader, val_loader, sampler
+
+
+def _resume(path, model, optimizer, args):
+    """Restore model, optimizer, epoch, best top-1, history and RNG from our lincls checkpoint."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("arch") != args.arch:
+        raise UserError(f"--resume {path} is a {checkpoint.get('arch')} run, but -a/--arch is {args.arch}")
+    try:
+        unwrap(model).load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"--resume {path} is not a linear-classification checkpoint of this run: "
+                        f"{str(e).splitlines()[0]}") from None
+    if "rng" in checkpoint:
+        set_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"], checkpoint.get("best_acc1", 0.0), list(checkpoint.get("history", []))
+
+
+def _summary_writer(args):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(args.output_dir, "tb"))
+
+
+def _run(device, args, prepared):
+    if args.seed is not None:
+        seed_all(args.seed)
+    train_set, val_set, model = prepared
+    amp = args.amp and bf16_supported(device)
+    if args.amp and not amp and is_main_process():
+        print(f"--amp: {device} has no bf16 support; running in fp32")
+    args.amp = amp
+    model.to(device)
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    start_epoch, best_acc1, history = args.start_epoch, 0.0, []
+    if args.resume:
+        start_epoch, best_acc1, history = _resume(args.resume, model, optimizer, args)
+    train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
+
+    main = is_main_process()
+    if main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.evaluate:
+        acc1, acc5 = evaluate(model, val_loader, device, args.amp)
+        if main:
+            print(f"val: top-1 {acc1:.2f}  top-5 {acc5:.2f}")
+            _write_results(args, {"evaluate": True, "acc1": acc1, "acc5": acc5})
+        return acc1, acc5
+
+    writer = _summary_writer(args) if main else None
+    for epoch in range(start_epoch, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        lr = adjust_learning_rate(optimizer, epoch, args)
+        loss, train_acc1 = train_one_epoch(model, train_loader, criterion, optimizer, device, epoch, args)
+        acc1, acc5 = evaluate(model, val_loader, device, args.amp)
+        is_best = acc1 > best_acc1 or not history
+        best_acc1 = max(acc1, best_acc1)
+        history.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc1": train_acc1,
+                        "acc1": acc1, "acc5": acc5})
+        if main:
+            print(f"epoch {epoch}: lr {lr:g}  loss {loss:.4f}  val top-1 {acc1:.2f}  top-5 {acc5:.2f}"
+                  f"  (best {best_acc1:.2f})")
+            for name, value in history[-1].items():
+                if name != "epoch":
+                    writer.add_scalar(name, value, epoch)
+            writer.flush()
+            _save(model, optimizer, epoch, best_acc1, history, is_best, args)
+    if writer is not None:
+        writer.close()
+    barrier()
+
+    if main:
+        if args.pretrained:
+            check_backbone_unchanged(unwrap(model), args.pretrained)
+            print(f"sanity check passed: backbone weights equal {args.pretrained}")
+        best = max(history, key=lambda h: h["acc1"]) if history else None
+        _write_results(args, {
+            "best_acc1": best_acc1, "best_epoch": best["epoch"] if best else None,
+            "acc1": history[-1]["acc1"] if history else None,
+            "acc5": history[-1]["acc5"] if history else None,
+            "backbone_unchanged": True if args.pretrained else None, "history": history,
+        })
+    return best_acc1
+
+
+def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
+    """The latest state (for --resume) and a copy as the best one; both writes are atomic."""
+    state = {
+        "epoch": epoch + 1, "arch": args.arch,
+        "state_dict": add_module_prefix(unwrap(model).state_dict()),
+        "optimizer": optimizer.state_dict(), "best_acc1": best_acc1,
+        "history": history, "rng": get_rng_state(),
+    }
+    last = os.path.join(args.output_dir, LAST_CHECKPOINT)
+    atomic_torch_save(state, last)
+    if is_best:
+        with atomic_path(os.path.join(args.output_dir, BEST_CHECKPOINT)) as tmp:
+            shutil.copyfile(last, tmp)
+
+
+def _write_results(args, results):
+    meta = {"arch": args.arch, "pretrained": args.pretrained or None, "data": args.data,
+            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp}
+    atomic_write_text(json.dumps({**meta, **results}, indent=2) + "\n",
+                      os.path.join(args.output_dir, RESULTS))
