@@ -1,0 +1,69 @@
+"""MoCo augmentations (v2 "aug+" and v1) and the two-view wrapper, with SPEC §1's parameters."""
+
+import torch
+from PIL import ImageFilter
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with σ drawn uniformly from ``sigma`` (SimCLR's blur, as in MoCo v2)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = tuple(sigma)
+
+    def sample_sigma(self):
+        low, high = self.sigma
+        return low + (high - low) * torch.rand(()).item()
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=self.sample_sigma()))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
+def moco_augmentation(aug_plus=True, crop_size=224):
+    """MoCo v2 aug+ (``aug_plus``) or the MoCo v1 augmentation, ending in ToTensor+Normalize."""
+    normalize = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if aug_plus:
+        steps = [
+            transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+            transforms.RandomHorizontalFlip(),
+        ]
+    else:
+        steps = [
+            transforms.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            transforms.RandomHorizontalFlip(),
+        ]
+    return transforms.Compose(steps + [transforms.ToTensor(), normalize])
+
+
+def eval_transform(crop_size=224):
+    """Resize(256/224·crop)+CenterCrop(crop): the evaluation view (kNN monitor)."""
+    return transforms.Compose([
+        transforms.Resize(round(crop_size * 256 / 224)),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
+
+
+class TwoCropsTransform:
+    """Two independent augmentations of one image: ``[query, key]``."""
+
+    def __init__(self, base_transform):
+        self.base_transform = base_transform
+
+    def __call__(self, x):
+        return [self.base_transform(x), self.base_transform(x)]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.base_transform!r})"

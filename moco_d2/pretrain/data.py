@@ -1,0 +1,142 @@
+"""Image folders for pretraining: a tolerant ImageFolder and a synthetic dataset generator.
+
+A corrupt or unreadable image never stops a multi-day run: it is replaced by the next readable
+image of the folder (so the epoch keeps its length and the order stays deterministic), logged
+with its path, and counted in the sample so the training loop reports the total per epoch.
+"""
+
+import logging
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from moco_d2.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_UNREADABLE = 100
+
+
+def resolve_train_dir(data):
+    """The released tool reads ``DATA/train``; a folder without ``train/`` is used as it is."""
+    if not os.path.isdir(data):
+        raise UserError(f"data folder not found: {data}")
+    train = os.path.join(data, "train")
+    return train if os.path.isdir(train) else data
+
+
+def scan_image_folder(root):
+    """``(samples, classes)``: ``[(path, class_index)]`` from class subfolders, or from the
+    images directly in ``root`` (one class) when it has no class subfolders."""
+    if not os.path.isdir(root):
+        raise UserError(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = [(os.path.join(root, c), i) for i, c in enumerate(classes)] or [(root, 0)]
+    samples = []
+    for folder, index in folders:
+        for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
+            dirnames.sort()
+            samples.extend((os.path.join(dirpath, f), index) for f in sorted(filenames)
+                           if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+    if not samples:
+        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) found under {root}")
+    return samples, classes or [os.path.basename(os.path.normpath(root))]
+
+
+def load_rgb(path):
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class TolerantImageFolder(Dataset):
+    """ImageFolder whose items are ``(transform(image), target, unreadable)``.
+
+    ``unreadable`` counts the files skipped to produce this item (0 almost always).
+    """
+
+    def __init__(self, root, transform=None):
+        self.root = root
+        self.samples, self.classes = scan_image_folder(root)
+        self.targets = [t for _, t in self.samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for skipped in range(min(MAX_CONSECUTIVE_UNREADABLE, len(self.samples))):
+            path, target = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                logger.warning("unreadable image skipped: %s (%s)", path, e)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, target, skipped
+        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
+                           f"{self.samples[index][0]}: is {self.root} an image folder?")
+
+
+_SHAPES = ("disc", "square", "stripes", "triangle", "ring", "cross", "checker", "diamond")
+
+
+def make_synthetic_image_folder(root, num_images=64, size=64, seed=0, num_classes=4, ext="jpg"):
+    """Write an ImageFolder tree of ``num_images`` real image files under ``root``; return ``root``.
+
+    Class ``c`` is a shape (disc, square, stripes, ...) with random colours, position, scale and
+    noise, so that learnt features can be checked with a kNN monitor or a linear probe.
+    """
+    if not 1 <= num_classes <= len(_SHAPES):
+        raise ValueError(f"num_classes must be in 1..{len(_SHAPES)}")
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        os.makedirs(os.path.join(root, f"class_{c:02d}_{_SHAPES[c]}"), exist_ok=True)
+    for i in range(num_images):
+        c = i % num_classes
+        image = _draw_shape(_SHAPES[c], size, rng)
+        path = os.path.join(root, f"class_{c:02d}_{_SHAPES[c]}", f"img_{i:06d}.{ext}")
+        if ext in ("jpg", "jpeg"):
+            image.save(path, quality=95)
+        else:
+            image.save(path)
+    return root
+
+
+def _draw_shape(shape, size, rng):
+    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    r = rng.uniform(0.2, 0.4) * size
+    cx, cy = rng.uniform(r, size - r, 2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    width = max(1, int(r / 3))
+    if shape == "disc":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "stripes":
+        for x in range(0, size, 2 * width):
+            draw.rectangle([x, 0, x + width - 1, size], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=width)
+    elif shape == "cross":
+        draw.rectangle([cx - width, cy - r, cx + width, cy + r], fill=colour)
+        draw.rectangle([cx - r, cy - width, cx + r, cy + width], fill=colour)
+    elif shape == "checker":
+        for x in range(0, size, 2 * width):
+            for y in range(0, size, 2 * width):
+                if (x // (2 * width) + y // (2 * width)) % 2 == 0:
+                    draw.rectangle([x, y, x + 2 * width - 1, y + 2 * width - 1], fill=colour)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    noise = rng.normal(0, 8, (size, size, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)

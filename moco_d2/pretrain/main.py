@@ -1,0 +1,314 @@
+"""`tools/pretrain_moco.py`: MoCo v1/v2 pretraining with the released main_moco.py flags.
+
+Defaults are MoCo v2 (MLP head, aug+, cosine schedule, T=0.2); the released v2 command line
+(``--mlp --aug-plus --cos --moco-t 0.2``) still works, and v1 is
+``--no-mlp --no-aug-plus --no-cos --moco-t 0.07``.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, DistributedSampler
+
+from moco_d2.errors import UserError
+from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
+from moco_d2.pretrain.builder import MoCo
+from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
+from moco_d2.pretrain.engine import train_one_epoch
+from moco_d2.pretrain.logs import setup_logging, teardown_logging
+from moco_d2.training import checkpoint as ckpt
+from moco_d2.training.distributed import (add_distributed_arguments, cleanup, init_process, launch)
+from moco_d2.training.schedule import adjust_learning_rate
+
+logger = logging.getLogger("moco_d2.pretrain")
+
+DEFAULT_BN_SPLITS = 8
+
+EPILOG = """\
+shuffling BN: with several processes (torchrun or --multiprocessing-distributed) the keys are
+shuffled across processes as in the released code. With one process there is nothing to shuffle
+across, so BatchNorm is split into --bn-splits groups of the batch (SplitBatchNorm) and the keys
+are shuffled inside the process, which emulates that many GPUs. The default picks the largest
+number of groups <= 8 that divides the batch with at least 2 images per group; --bn-splits 1
+turns the emulation off.
+
+-b is the batch of one node (all its processes), as in the released code; --lr is for that
+batch: scale it linearly (0.03 per 256 images).
+"""
+
+
+def model_names():
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="pretrain_moco.py", description="MoCo v2 (default) / v1 pretraining on an image folder.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train (ImageNet layout) or DIR itself")
+    p.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", choices=model_names(),
+                   help="torchvision model (default: resnet50)")
+    p.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
+                   help="data loading workers per process")
+    p.add_argument("--epochs", default=200, type=int, metavar="N")
+    p.add_argument("--start-epoch", default=0, type=int, metavar="N",
+                   help="first epoch (taken from the checkpoint with --resume)")
+    p.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                   help="batch of one node, split over its processes (default: 256)")
+    p.add_argument("--lr", "--learning-rate", default=0.03, type=float, metavar="LR", dest="lr",
+                   help="initial learning rate for -b (0.03 for 256)")
+    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int,
+                   help="epochs at which lr is multiplied by 0.1 (ignored with --cos)")
+    p.add_argument("--momentum", default=0.9, type=float, metavar="M")
+    p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
+    p.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
+                   help="TensorBoard scalars every N iterations")
+    p.add_argument("--resume", default="", type=str, metavar="PATH",
+                   help="checkpoint to resume from, or a folder (its latest checkpoint)")
+    p.add_argument("--seed", default=None, type=int,
+                   help="seed for exact, resumable runs (default: drawn at random and logged)")
+    add_distributed_arguments(p)
+    moco = p.add_argument_group("moco")
+    moco.add_argument("--moco-dim", default=128, type=int, help="feature dimension (default: 128)")
+    moco.add_argument("--moco-k", default=65536, type=int, help="queue size (default: 65536)")
+    moco.add_argument("--moco-m", default=0.999, type=float, help="key encoder momentum (default: 0.999)")
+    moco.add_argument("--moco-t", default=0.2, type=float, help="softmax temperature (v2 0.2, v1 0.07)")
+    moco.add_argument("--mlp", default=True, action=argparse.BooleanOptionalAction, help="MLP head (v2)")
+    moco.add_argument("--aug-plus", default=True, action=argparse.BooleanOptionalAction,
+                      help="v2 augmentation with blur")
+    moco.add_argument("--cos", default=True, action=argparse.BooleanOptionalAction, help="cosine lr schedule")
+    extra = p.add_argument_group("this tool")
+    extra.add_argument("--output-dir", default="output/moco_pretrain",
+                       help="checkpoints, log.txt and TensorBoard events (tb/)")
+    extra.add_argument("--bn-splits", default=None, type=int,
+                       help="SplitBatchNorm groups per process (default: 8-ish with one process, "
+                            "1 when distributed; see below)")
+    extra.add_argument("--crop-size", default=224, type=int, help="training crop (default: 224)")
+    extra.add_argument("--amp", action="store_true", help="bf16 autocast where supported")
+    extra.add_argument("--knn-data", default=None, metavar="DIR",
+                       help="kNN monitor on DIR/train (bank) and DIR/val (queries), labelled folders")
+    extra.add_argument("--knn-every", default=5, type=int, metavar="N", help="kNN monitor every N epochs")
+    extra.add_argument("--knn-k", default=200, type=int)
+    extra.add_argument("--knn-t", default=0.1, type=float)
+    return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    for name in ("epochs", "batch_size", "moco_dim", "moco_k", "crop_size", "print_freq", "knn_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.bn_splits is not None and args.bn_splits < 1:
+        raise UserError(f"--bn-splits must be >= 1, got {args.bn_splits}")
+    resolve_train_dir(args.data)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    launch(main_worker, args)
+    return 0
+
+
+def main_worker(local_rank, args):
+    device = init_process(local_rank, args)
+    is_main = args.rank == 0
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    handlers = setup_logging(args.output_dir if is_main else None, is_main)
+    try:
+        Pretrainer(args, device).run()
+    finally:
+        teardown_logging(handlers)
+        cleanup()
+
+
+def resolve_bn_splits(requested, batch, distributed):
+    """``--bn-splits``, or its default: 1 when distributed, else the largest s <= 8 that splits
+    ``batch`` into groups of at least 2 images."""
+    if requested is not None:
+        if batch % requested:
+            raise UserError(f"--bn-splits {requested} does not divide the per-process batch {batch}")
+        return requested
+    if distributed:
+        return 1
+    return max(s for s in range(1, DEFAULT_BN_SPLITS + 1) if batch % s == 0 and (batch // s >= 2 or s == 1))
+
+
+def procs_per_node(args):
+    if args.multiprocessing_distributed:
+        return args.nproc_per_node
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if args.distributed else 1
+
+
+def epoch_seed(seed, epoch, rank):
+    """Independent seed for (run seed, epoch, rank): each epoch's data order and augmentations
+    depend only on these, which is what makes resuming exact."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+class Pretrainer:
+    """Everything one process needs for a run: data, model, optimizer, logs, checkpoints."""
+
+    def __init__(self, args, device):
+        self.args = args
+        self.device = device
+        self.rank = args.rank
+        self.world = args.world_size
+        self.is_main = self.rank == 0
+        self.resume_state = self._load_resume()
+        self.seed = self._resolve_seed()
+
+        nodes_batch = args.batch_size
+        per_node = procs_per_node(args)
+        if nodes_batch % per_node:
+            raise UserError(f"-b {nodes_batch} is not divisible by the {per_node} processes per node")
+        self.batch = nodes_batch // per_node
+        self.global_batch = self.batch * self.world
+        if args.moco_k % self.global_batch:
+            raise UserError(f"--moco-k {args.moco_k} must be a multiple of the global batch {self.global_batch}")
+        self.bn_splits = resolve_bn_splits(args.bn_splits, self.batch, args.distributed)
+
+        train_dir = resolve_train_dir(args.data)
+        transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
+        self.dataset = TolerantImageFolder(train_dir, transform)
+        if len(self.dataset) < self.global_batch:
+            raise UserError(f"{train_dir} has {len(self.dataset)} images, fewer than one global batch "
+                            f"of {self.global_batch}")
+        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
+                                          shuffle=True, seed=self.seed)
+        self.loader = DataLoader(self.dataset, batch_size=self.batch, sampler=self.sampler,
+                                 num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+
+        ckpt.seed_all(self.seed)
+        self.model = MoCo(torchvision.models.__dict__[args.arch], dim=args.moco_dim, K=args.moco_k,
+                          m=args.moco_m, T=args.moco_t, mlp=args.mlp, bn_splits=self.bn_splits).to(device)
+        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], args.lr,
+                                         momentum=args.momentum, weight_decay=args.weight_decay)
+        self.start_epoch = args.start_epoch
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
+        self.train_model = self.model
+        if args.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None)
+        self.writer = self._tensorboard() if self.is_main else None
+        self.knn = self._knn_monitor() if self.is_main and args.knn_data else None
+
+    def _load_resume(self):
+        path = self.args.resume
+        if not path:
+            return None
+        if os.path.isdir(path):
+            found = ckpt.latest_checkpoint(path)
+            if found is None:
+                raise UserError(f"--resume {path}: no checkpoint_*.pth.tar in that folder")
+            path = found
+        state = ckpt.load_checkpoint(path)
+        missing = [k for k in ("epoch", "arch", "state_dict", "optimizer") if k not in state]
+        if missing:
+            raise UserError(f"--resume {path}: not a MoCo pretraining checkpoint (no {', '.join(missing)})")
+        if state["arch"] != self.args.arch:
+            raise UserError(f"--resume {path}: checkpoint is {state['arch']}, but -a {self.args.arch}")
+        self.resume_path = path
+        return state
+
+    def _resolve_seed(self):
+        seed = self.args.seed
+        if seed is None and self.resume_state is not None:
+            seed = self.resume_state.get("seed")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        if self.args.distributed:  # the sampler needs one seed on every rank
+            shared = torch.tensor([seed], dtype=torch.int64, device=self.device)
+            torch.distributed.broadcast(shared, src=0)
+            seed = int(shared.item())
+        return seed
+
+    def _restore(self, state):
+        try:
+            self.model.load_state_dict(ckpt.strip_module_prefix(state["state_dict"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"--resume {self.resume_path}: does not match this model "
+                            f"(--moco-* / --mlp / -a flags?): {str(e).splitlines()[0]}")
+        if "rng" in state:
+            ckpt.set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"])
+        logger.info("resumed from %s at epoch %d", self.resume_path, self.start_epoch)
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(os.path.join(self.args.output_dir, "tb"))
+
+    def _knn_monitor(self):
+        from moco_d2.pretrain.knn import KNNMonitor
+
+        a = self.args
+        return KNNMonitor(a.knn_data, a.crop_size, batch_size=self.batch, workers=a.workers, k=a.knn_k, t=a.knn_t)
+
+    def checkpoint_state(self, epoch, lr):
+        a = self.args
+        return {
+            "epoch": epoch + 1,
+            "arch": a.arch,
+            "state_dict": ckpt.add_module_prefix(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "seed": self.seed,
+            "lr": lr,
+            "rng": ckpt.get_rng_state(),
+            "moco": {"dim": a.moco_dim, "K": a.moco_k, "m": a.moco_m, "T": a.moco_t, "mlp": a.mlp,
+                     "aug_plus": a.aug_plus, "cos": a.cos, "bn_splits": self.bn_splits,
+                     "global_batch": self.global_batch},
+        }
+
+    def run(self):
+        a = self.args
+        logger.info("MoCo %s: arch %s, %d images, batch %d per process x %d processes, bn-splits %d, "
+                    "K %d, m %g, T %g, mlp %s, aug+ %s, cos %s, lr %g, seed %d, device %s",
+                    "v2" if a.mlp and a.aug_plus else "v1-style", a.arch, len(self.dataset), self.batch,
+                    self.world, self.bn_splits, a.moco_k, a.moco_m, a.moco_t, a.mlp, a.aug_plus, a.cos,
+                    a.lr, self.seed, self.device)
+        if self.is_main:
+            config = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+            with open(os.path.join(a.output_dir, "args.json"), "w") as f:
+                json.dump(dict(config, seed=self.seed, bn_splits=self.bn_splits), f, indent=2)
+        try:
+            self._train(a)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+    def _train(self, a):
+        for epoch in range(self.start_epoch, a.epochs):
+            ckpt.seed_all(epoch_seed(self.seed, epoch, self.rank))
+            self.sampler.set_epoch(epoch)
+            lr = adjust_learning_rate(self.optimizer, epoch, a)
+            stats = train_one_epoch(self.train_model, self.loader, self.optimizer, epoch, self.device, lr,
+                                    amp=a.amp, writer=self.writer, print_freq=a.print_freq,
+                                    show_progress=self.is_main)
+            logger.info("epoch %d/%d: loss %.4f, acc1 %.2f, lr %.4g, %.1f img/s", epoch, a.epochs,
+                        stats["loss"], stats["acc1"], lr, stats["img_per_s"])
+            if stats["unreadable"]:
+                logger.warning("epoch %d: %d unreadable images were replaced by the next readable one "
+                               "(paths above in the log); the epoch kept its %d iterations",
+                               epoch, stats["unreadable"], len(self.loader))
+            if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
+                top1 = self.knn.evaluate(self.model.encoder_q, self.device)
+                logger.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)
+                self.writer.add_scalar("knn/top1", top1, epoch)
+            if self.is_main:
+                self.writer.add_scalar("epoch/loss", stats["loss"], epoch)
+                self.writer.add_scalar("epoch/unreadable_images", stats["unreadable"], epoch)
+                self.writer.flush()
+                path = ckpt.save_checkpoint(self.checkpoint_state(epoch, lr), a.output_dir, epoch)
+                logger.info("saved %s", path)
