@@ -26,7 +26,6 @@ def setup_logging(output_dir, is_main):
     """
     root = logging.getLogger(LOGGER)
     root.setLevel(logging.INFO)
-    root.propagate = False
     console = TqdmHandler()
     console.setLevel(logging.INFO if is_main else logging.WARNING)
     console.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
