@@ -1,0 +1,159 @@
+"""tools/lincls.py end to end on a tiny ImageFolder: frozen backbone, fc-only SGD, accuracy, errors."""
+
+import json
+import os
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from moco_d2.cli import run_tool
+from moco_d2.lincls.engine import evaluate
+from moco_d2.lincls.main import main
+from moco_d2.lincls.model import build_model, build_optimizer
+from moco_d2.training.meters import accuracy
+
+COLORS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
+SMALL = ["-a", "resnet18", "-b", "8", "-j", "0", "--crop-size", "16", "--resize", "18",
+         "--device", "cpu", "--seed", "0"]
+
+
+def make_image_folder(root, splits=(("train", 8), ("val", 4))):
+    """Flat-coloured images, one class per colour: any crop has the same (fixed) features."""
+    for split, count in splits:
+        for name, rgb in COLORS.items():
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (40, 40), rgb).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A MoCo-layout resnet18 checkpoint whose BN running stats differ from the defaults."""
+    torch.manual_seed(0)
+    encoder = torchvision.models.resnet18(num_classes=128)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.9, 1.1)
+    state = {"module.encoder_q." + k: v for k, v in encoder.state_dict().items()}
+    state.update({"module.encoder_k." + k: v.clone() for k, v in encoder.state_dict().items()})
+    state["module.queue"] = torch.nn.functional.normalize(torch.randn(128, 64), dim=0)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    path = tmp_path_factory.mktemp("pretrained") / "checkpoint_0199.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, path)
+    return str(path)
+
+
+def run_cli(argv, capsys):
+    """Run the tool as a user does; return (exit code, stderr lines)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_tool("moco_d2.lincls.main", argv)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_one_epoch_trains_only_the_fc(data, pretrained, tmp_path):
+    out = tmp_path / "out"
+    main([str(data), *SMALL, "--pretrained", pretrained, "--epochs", "1", "--lr", "0.05",
+          "--output-dir", str(out)])
+
+    saved = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    source = torch.load(pretrained, weights_only=True)["state_dict"]
+    weights = saved["state_dict"]
+    for key, value in weights.items():
+        name = key[len("module."):]
+        if name.startswith("fc."):
+            continue
+        assert torch.equal(value, source["module.encoder_q." + name]), name  # BN stats included
+    assert weights["module.fc.weight"].shape == (3, 512)
+    assert weights["module.fc.bias"].abs().sum() > 0  # the fc did train
+    # Momentum buffers exist exactly for the parameters the optimizer updated: fc.weight, fc.bias.
+    shapes = sorted(tuple(s["momentum_buffer"].shape) for s in saved["optimizer"]["state"].values())
+    assert shapes == [(3,), (3, 512)]
+    results = json.loads((out / "results.json").read_text())
+    assert results["backbone_unchanged"] is True and len(results["history"]) == 1
+    assert (out / "model_best.pth.tar").is_file() and os.listdir(out / "tb")
+
+
+def test_linearly_separable_toy_set_reaches_100_percent(data, pretrained, tmp_path):
+    main([str(data), *SMALL, "--pretrained", pretrained, "--epochs", "5", "--lr", "0.05",
+          "--schedule", "4", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    history = results["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 5
+    assert results["acc1"] == 100.0 and results["best_acc1"] == 100.0
+    assert [h["lr"] for h in history] == pytest.approx([0.05] * 4 + [0.005])
+
+
+def test_resume_continues_the_run(data, pretrained, tmp_path):
+    common = [str(data), *SMALL, "--pretrained", pretrained, "--lr", "0.05", "--output-dir", str(tmp_path)]
+    main([*common, "--epochs", "1"])
+    main([*common, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth.tar")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [0, 1]
+
+
+def test_optimizer_holds_only_the_fc():
+    model = build_model("resnet18", num_classes=5)
+    optimizer = build_optimizer(model, lr=30.0, momentum=0.9, weight_decay=0.0)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert [id(p) for p in params] == [id(model.fc.weight), id(model.fc.bias)]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+    assert model.fc.bias.abs().sum() == 0
+    assert 0.008 < model.fc.weight.std().item() < 0.012  # N(0, 0.01) over 2,560 draws
+
+
+def test_top1_top5_on_a_hand_made_batch():
+    # 6 classes; correct class ranked 1st, 1st, 2nd, 6th, 5th for the five samples.
+    logits = torch.tensor([
+        [9.0, 1, 2, 3, 4, 5],
+        [0.0, 9, 1, 2, 3, 4],
+        [5.0, 1, 9, 2, 3, 4],
+        [1.0, 2, 3, 4, 5, 9],
+        [6.0, 5, 4, 3, 2, 1],
+    ])
+    target = torch.tensor([0, 1, 5, 0, 4])
+    top1, top5 = accuracy(logits, target, topk=(1, 5))
+    assert top1.item() == pytest.approx(100 * 2 / 5)
+    assert top5.item() == pytest.approx(100 * 4 / 5)
+    # evaluate() weights unequal batches by their size: 2 of 5 and 1 of 1 → 3 of 6 top-1.
+    batches = [(logits, target), (torch.tensor([[0.0, 0, 0, 0, 0, 1]]), torch.tensor([5]))]
+    acc1, acc5 = evaluate(torch.nn.Identity(), batches, torch.device("cpu"))
+    assert (acc1, acc5) == (pytest.approx(50.0), pytest.approx(100 * 5 / 6))
+
+
+def test_missing_val_folder(pretrained, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", splits=(("train", 1),))
+    code, err = run_cli([str(data), *SMALL, "--pretrained", pretrained], capsys)
+    assert code == 2 and len(err) == 1 and "val is not a folder" in err[0]
+
+
+def test_images_without_class_folders(pretrained, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", splits=(("val", 1),))
+    os.makedirs(data / "train")
+    Image.new("RGB", (8, 8)).save(data / "train" / "loose.png")
+    code, err = run_cli([str(data), *SMALL, "--pretrained", pretrained], capsys)
+    assert code == 2 and len(err) == 1 and "train is not an ImageFolder" in err[0]
+
+
+def test_train_and_val_classes_differ(pretrained, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", splits=(("train", 1), ("val", 1)))
+    os.rename(data / "val" / "red", data / "val" / "yellow")
+    code, err = run_cli([str(data), *SMALL, "--pretrained", pretrained], capsys)
+    assert code == 2 and len(err) == 1 and "different classes" in err[0]
+
+
+def test_checkpoint_of_another_arch(data, pretrained, tmp_path, capsys):
+    argv = [str(data), *SMALL, "--pretrained", pretrained, "--output-dir", str(tmp_path)]
+    argv[argv.index("resnet18")] = "resnet34"
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err == [f"error: {pretrained} is a resnet18 checkpoint, but -a/--arch is resnet34"]
+    assert not os.listdir(tmp_path)  # nothing written before the input was checked
