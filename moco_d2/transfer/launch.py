@@ -1,0 +1,61 @@
+"""Detectron2's ``launch`` for GPUs, plus the same on CPU processes over gloo.
+
+detectron2 0.6's launch asserts CUDA and uses NCCL, so on a CPU-only machine
+``--num-gpus N`` with ``MODEL.DEVICE cpu`` starts N processes here instead.
+"""
+
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.launch import _find_free_port
+from detectron2.utils import comm
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
+           dist_url=None, args=(), device="cuda", timeout=DEFAULT_TIMEOUT):
+    """Run ``main_func(*args)`` in each process; GPU runs go to detectron2's launch."""
+    world_size = num_machines * num_processes_per_machine
+    if device != "cpu" or world_size == 1:
+        return d2_launch(main_func, num_processes_per_machine, num_machines=num_machines,
+                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto needs a single machine")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, daemon=False,
+             args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url,
+                   args, timeout))
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_processes_per_machine, machine_rank,
+                dist_url, args, timeout):
+    rank = machine_rank * num_processes_per_machine + local_rank
+    # N processes with one thread per core each would oversubscribe the CPU.
+    torch.set_num_threads(max(1, torch.get_num_threads() // num_processes_per_machine))
+    try:
+        dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank,
+                                timeout=timeout)
+    except Exception:
+        logging.getLogger(__name__).error("Process group URL: %s", dist_url)
+        raise
+    _set_local_process_group(world_size, num_processes_per_machine, machine_rank)
+    comm.synchronize()
+    main_func(*args)
+
+
+def _set_local_process_group(world_size, num_processes_per_machine, machine_rank):
+    """comm.get_local_rank/size need the group of this machine's ranks, as d2's launch makes."""
+    if hasattr(comm, "create_local_process_group"):  # detectron2 after 0.6
+        comm.create_local_process_group(num_processes_per_machine)
+        return
+    for i in range(world_size // num_processes_per_machine):
+        ranks = list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine))
+        group = dist.new_group(ranks)  # every rank must take part in creating every group
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
