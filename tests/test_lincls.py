@@ -99,6 +99,17 @@ def test_resume_continues_the_run(data, pretrained, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [0, 1]
 
+    main([*common, "--evaluate", "--resume", str(tmp_path / "checkpoint.pth.tar")])
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert (evaluation["acc1"], evaluation["acc5"]) == (results["acc1"], results["acc5"])
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_resume_from_a_pretraining_checkpoint(data, pretrained, tmp_path, capsys):
+    code, err = run_cli([str(data), *SMALL, "--resume", pretrained, "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1
+    assert "is not a tools/lincls.py checkpoint of resnet18 with 3 classes" in err[0]
+
 
 def test_optimizer_holds_only_the_fc():
     model = build_model("resnet18", num_classes=5)

@@ -25,18 +25,21 @@ from moco_d2.utils.fileio import atomic_path, atomic_torch_save, atomic_write_te
 LAST_CHECKPOINT = "checkpoint.pth.tar"
 BEST_CHECKPOINT = "model_best.pth.tar"
 RESULTS = "results.json"
+EVALUATION = "evaluation.json"  # -e/--evaluate: kept apart so it never replaces a run's results
 
 
 def prepare(args):
-    """Datasets and the model with its pretrained backbone: everything a user's input can break.
+    """Datasets, the model with its pretrained (or resumed) weights, and the --resume checkpoint.
 
-    Called once before any process is spawned, so bad input fails as one line in every launch mode.
+    Everything a user's input can break happens here, once before any process is spawned, so
+    bad input fails as one line in every launch mode.
     """
     train_set, val_set = build_datasets(args.data, args.crop_size, args.resize)
     model = build_model(args.arch, num_classes=len(train_set.classes))
     if args.pretrained:
         load_pretrained(model, args.pretrained, args.arch)
-    return train_set, val_set, model
+    resumed = _load_resume(args.resume, model, args) if args.resume else None
+    return train_set, val_set, model, resumed
 
 
 def worker(local_rank, args, prepared=None):
@@ -61,17 +64,24 @@ def _loaders(train_set, val_set, args):
     return train_loader, val_loader, sampler
 
 
-def _resume(path, model, optimizer, args):
-    """Restore model, optimizer, epoch, best top-1, history and RNG from our lincls checkpoint."""
+def _load_resume(path, model, args):
+    """Load the model weights of a checkpoint of this tool; return the checkpoint for the rest."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("arch") != args.arch:
         raise UserError(f"--resume {path} is a {checkpoint.get('arch')} run, but -a/--arch is {args.arch}")
-    try:
-        unwrap(model).load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise UserError(f"--resume {path} is not a linear-classification checkpoint of this run: "
-                        f"{str(e).splitlines()[0]}") from None
+    state = checkpoint.get("state_dict")
+    state = strip_module_prefix(state) if isinstance(state, dict) else {}
+    own = model.state_dict()
+    if set(state) != set(own) or any(state[k].shape != v.shape for k, v in own.items()):
+        raise UserError(f"--resume {path} is not a tools/lincls.py checkpoint of {args.arch} "
+                        f"with {model.fc.out_features} classes")
+    model.load_state_dict(state)
+    return checkpoint
+
+
+def _restore(checkpoint, optimizer):
+    """Optimizer, next epoch, best top-1, history and RNG of a resumed run."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
     if "rng" in checkpoint:
         set_rng_state(checkpoint["rng"])
     return checkpoint["epoch"], checkpoint.get("best_acc1", 0.0), list(checkpoint.get("history", []))
@@ -86,7 +96,7 @@ def _summary_writer(args):
 def _run(device, args, prepared):
     if args.seed is not None:
         seed_all(args.seed)
-    train_set, val_set, model = prepared
+    train_set, val_set, model, resumed = prepared
     amp = args.amp and bf16_supported(device)
     if args.amp and not amp and is_main_process():
         print(f"--amp: {device} has no bf16 support; running in fp32")
@@ -97,8 +107,8 @@ def _run(device, args, prepared):
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
     criterion = nn.CrossEntropyLoss()
     start_epoch, best_acc1, history = args.start_epoch, 0.0, []
-    if args.resume:
-        start_epoch, best_acc1, history = _resume(args.resume, model, optimizer, args)
+    if resumed is not None:
+        start_epoch, best_acc1, history = _restore(resumed, optimizer)
     train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
 
     main = is_main_process()
@@ -108,7 +118,7 @@ def _run(device, args, prepared):
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
         if main:
             print(f"val: top-1 {acc1:.2f}  top-5 {acc5:.2f}")
-            _write_results(args, {"evaluate": True, "acc1": acc1, "acc5": acc5})
+            _write_results(args, {"resume": args.resume, "acc1": acc1, "acc5": acc5}, EVALUATION)
         return acc1, acc5
 
     writer = _summary_writer(args) if main else None
@@ -163,8 +173,8 @@ def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
             shutil.copyfile(last, tmp)
 
 
-def _write_results(args, results):
+def _write_results(args, results, name=RESULTS):
     meta = {"arch": args.arch, "pretrained": args.pretrained or None, "data": args.data,
             "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp}
     atomic_write_text(json.dumps({**meta, **results}, indent=2) + "\n",
-                      os.path.join(args.output_dir, RESULTS))
+                      os.path.join(args.output_dir, name))
