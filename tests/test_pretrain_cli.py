@@ -1,0 +1,136 @@
+"""tools/pretrain_moco.py end to end on CPU: acceptance command, exact resume after SIGKILL,
+multi-process launch, divergence stop and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_d2.errors import UserError
+from moco_d2.pretrain import main as pretrain
+from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.pretrain.engine import TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = [sys.executable, str(ROOT / "tools" / "pretrain_moco.py")]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_data")
+    make_synthetic_image_folder(str(root / "train"), num_images=32, size=40, seed=0, num_classes=4)
+    return root
+
+
+def _run(args, **kw):
+    return subprocess.run(TOOL + args, env=ENV, capture_output=True, text=True, timeout=240, **kw)
+
+
+def _tiny(data, out, *extra):
+    return [str(data), "-a", "resnet18", "-b", "8", "--moco-k", "16", "--workers", "0",
+            "--crop-size", "32", "--seed", "3", "--device", "cpu", "--output-dir", str(out), *extra]
+
+
+def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic_image_folder(str(data), num_images=16, size=40, seed=1, num_classes=2)
+    corrupt = sorted(data.rglob("*.jpg"))[3]
+    corrupt.write_bytes(b"broken")
+    out = tmp_path / "out"
+    result = _run([str(data), "-a", "resnet50", "-b", "4", "--moco-k", "16", "--epochs", "1", "--workers", "0",
+                   "--mlp", "--moco-t", "0.2", "--aug-plus", "--cos", "--seed", "0", "--output-dir", str(out),
+                   "--crop-size", "32"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "bn-splits 2" in log and "16 images" in log
+    assert str(corrupt) in log and "1 unreadable images were replaced" in log and "kept its 4 iterations" in log
+    assert list((out / "tb").iterdir())
+    ckpt = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)
+    assert {"epoch", "arch", "state_dict", "optimizer"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == "resnet50"
+    sd = ckpt["state_dict"]
+    assert all(k.startswith("module.") for k in sd)
+    assert sd["module.encoder_q.fc.0.weight"].shape == (2048, 2048)
+    assert sd["module.encoder_q.fc.2.weight"].shape == (128, 2048)
+    assert sd["module.queue"].shape == (128, 16) and int(sd["module.queue_ptr"]) == 0
+    assert sum(k.startswith("module.encoder_q.") and k.endswith("conv1.weight") for k in sd) == 17
+    tool = pytest.importorskip("moco_d2.convert.tool")
+    trunk, mapping = tool.convert(str(out / "checkpoint_0000.pth.tar"))
+    weights = tool.detectron2_weights(trunk, mapping)["model"]
+    assert (weights["stem.conv1.weight"] == sd["module.encoder_q.conv1.weight"].numpy()).all()
+
+
+def _wait_for(path, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    uninterrupted = subprocess.Popen(TOOL + _tiny(data_dir, full, "--epochs", "3"), env=ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(TOOL + _tiny(data_dir, killed, "--epochs", "3"), env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(killed / "checkpoint_0000.pth.tar", victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "checkpoint_0002.pth.tar").exists(), "killed too late to test anything"
+    resumed = _run(_tiny(data_dir, killed, "--epochs", "3", "--resume", str(killed)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert uninterrupted.wait(timeout=240) == 0, uninterrupted.stderr.read()[-3000:]
+    assert "resumed from" in (killed / "log.txt").read_text()
+
+    a = torch.load(full / "checkpoint_0002.pth.tar", weights_only=True)
+    b = torch.load(killed / "checkpoint_0002.pth.tar", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["lr"] == b["lr"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    first = torch.load(full / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
+    assert not torch.equal(first["module.queue"], a["state_dict"]["module.queue"])  # it did train on
+
+
+def test_multiprocessing_distributed_on_cpu(data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _run(_tiny(data_dir, out, "--epochs", "1", "--multiprocessing-distributed", "--nproc-per-node", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "batch 4 per process x 2 processes, bn-splits 1" in log
+    sd = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
+    assert int(sd["module.queue_ptr"]) == 0 and "module.encoder_k.layer4.1.bn2.weight" in sd
+
+
+def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
+    with pytest.raises(TrainingDiverged, match="non-finite loss .* at epoch 0"):
+        pretrain.main(_tiny(data_dir, tmp_path / "out", "--epochs", "1", "--lr", "1e30"))
+    assert not list((tmp_path / "out").glob("checkpoint_*"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--moco-k", "20"], "multiple of the global batch 8"),
+    (["--bn-splits", "3"], "does not divide"),
+    (["--resume", "missing.pth.tar"], "checkpoint not found"),
+    (["-b", "64", "--moco-k", "64"], "fewer than one global batch"),
+])
+def test_bad_flags_are_user_errors(data_dir, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        pretrain.main(_tiny(data_dir, tmp_path / "out", *extra))
+
+
+def test_missing_data_dir_is_one_line_exit_2(tmp_path):
+    result = _run([str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: data folder not found: {tmp_path / 'nowhere'}"
