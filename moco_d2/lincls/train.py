@@ -96,6 +96,8 @@ def _summary_writer(args):
 def _run(device, args, prepared):
     if args.seed is not None:
         seed_all(args.seed)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     train_set, val_set, model, resumed = prepared
     amp = args.amp and bf16_supported(device)
     if args.amp and not amp and is_main_process():
@@ -105,23 +107,29 @@ def _run(device, args, prepared):
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
-    criterion = nn.CrossEntropyLoss()
     start_epoch, best_acc1, history = args.start_epoch, 0.0, []
     if resumed is not None:
         start_epoch, best_acc1, history = _restore(resumed, optimizer)
     train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
-
-    main = is_main_process()
-    if main:
+    if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+
     if args.evaluate:
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
-        if main:
+        if is_main_process():
             print(f"val: top-1 {acc1:.2f}  top-5 {acc5:.2f}")
             _write_results(args, {"resume": args.resume, "acc1": acc1, "acc5": acc5}, EVALUATION)
-        return acc1, acc5
+        return
+    _fit(model, optimizer, train_loader, val_loader, sampler, device, start_epoch, best_acc1, history, args)
+    barrier()
+    if is_main_process():
+        _finish(model, history, args)
 
-    writer = _summary_writer(args) if main else None
+
+def _fit(model, optimizer, train_loader, val_loader, sampler, device, start_epoch, best_acc1, history, args):
+    """The epochs: train the fc, evaluate, log to TensorBoard, checkpoint (main process writes)."""
+    criterion = nn.CrossEntropyLoss()
+    writer = _summary_writer(args) if is_main_process() else None
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -130,32 +138,34 @@ def _run(device, args, prepared):
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
         is_best = acc1 > best_acc1 or not history
         best_acc1 = max(acc1, best_acc1)
+        # train_loss/train_acc1 are the main process's share; acc1/acc5 cover the whole val set.
         history.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc1": train_acc1,
                         "acc1": acc1, "acc5": acc5})
-        if main:
-            print(f"epoch {epoch}: lr {lr:g}  loss {loss:.4f}  val top-1 {acc1:.2f}  top-5 {acc5:.2f}"
-                  f"  (best {best_acc1:.2f})")
-            for name, value in history[-1].items():
-                if name != "epoch":
-                    writer.add_scalar(name, value, epoch)
-            writer.flush()
-            _save(model, optimizer, epoch, best_acc1, history, is_best, args)
+        if writer is None:
+            continue
+        print(f"epoch {epoch}: lr {lr:g}  loss {loss:.4f}  val top-1 {acc1:.2f}  top-5 {acc5:.2f}"
+              f"  (best {best_acc1:.2f})")
+        for name, value in history[-1].items():
+            if name != "epoch":
+                writer.add_scalar(name, value, epoch)
+        writer.flush()
+        _save(model, optimizer, epoch, best_acc1, history, is_best, args)
     if writer is not None:
         writer.close()
-    barrier()
 
-    if main:
-        if args.pretrained:
-            check_backbone_unchanged(unwrap(model), args.pretrained)
-            print(f"sanity check passed: backbone weights equal {args.pretrained}")
-        best = max(history, key=lambda h: h["acc1"]) if history else None
-        _write_results(args, {
-            "best_acc1": best_acc1, "best_epoch": best["epoch"] if best else None,
-            "acc1": history[-1]["acc1"] if history else None,
-            "acc5": history[-1]["acc5"] if history else None,
-            "backbone_unchanged": True if args.pretrained else None, "history": history,
-        })
-    return best_acc1
+
+def _finish(model, history, args):
+    """The sanity check that the backbone is the pretrained one, then results.json."""
+    if args.pretrained:
+        check_backbone_unchanged(unwrap(model), args.pretrained)
+        print(f"sanity check passed: backbone weights equal {args.pretrained}")
+    best = max(history, key=lambda h: h["acc1"]) if history else {}
+    last = history[-1] if history else {}
+    _write_results(args, {
+        "best_acc1": best.get("acc1"), "best_epoch": best.get("epoch"),
+        "acc1": last.get("acc1"), "acc5": last.get("acc5"),
+        "backbone_unchanged": True if args.pretrained else None, "history": history,
+    })
 
 
 def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
