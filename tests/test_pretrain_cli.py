@@ -25,6 +25,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS=
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain_data")
     make_synthetic_image_folder(str(root / "train"), num_images=32, size=40, seed=0, num_classes=4)
+    make_synthetic_image_folder(str(root / "val"), num_images=8, size=40, seed=1, num_classes=4)
     return root
 
 
@@ -105,10 +106,12 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
 
 def test_multiprocessing_distributed_on_cpu(data_dir, tmp_path):
     out = tmp_path / "out"
-    result = _run(_tiny(data_dir, out, "--epochs", "1", "--multiprocessing-distributed", "--nproc-per-node", "2"))
+    result = _run(_tiny(data_dir, out, "--epochs", "1", "--multiprocessing-distributed", "--nproc-per-node", "2",
+                        "--knn-data", str(data_dir)))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "batch 4 per process x 2 processes, bn-splits 1" in log
+    assert "32 images, batch 4 per process x 2 processes, bn-splits 1" in log
+    assert "epoch 0: kNN top-1" in log
     sd = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
     assert int(sd["module.queue_ptr"]) == 0 and "module.encoder_k.layer4.1.bn2.weight" in sd
 
