@@ -137,3 +137,16 @@ def test_missing_data_dir_is_one_line_exit_2(tmp_path):
     result = _run([str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out")])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: data folder not found: {tmp_path / 'nowhere'}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_run_with_amp_writes_a_cpu_loadable_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = _tiny(data_dir, out, "--epochs", "1", "--amp")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert pretrain.main(argv) == 0
+    assert "device cuda:0" in (out / "log.txt").read_text()
+    sd = torch.load(out / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    assert sd["module.queue"].dtype == torch.float32 and torch.isfinite(sd["module.queue"]).all()
+    assert int(sd["module.queue_ptr"]) == 0
