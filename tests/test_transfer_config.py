@@ -49,8 +49,7 @@ def test_protocol_values_match_spec(path):
 
 def test_configs_differ_only_in_weights_and_output():
     moco, supervised = load(CONFIGS[0]), load(CONFIGS[1])
-    for key in ("WEIGHTS",):
-        moco.MODEL[key] = supervised.MODEL[key]
+    moco.MODEL.WEIGHTS = supervised.MODEL.WEIGHTS
     moco.OUTPUT_DIR = supervised.OUTPUT_DIR
     assert moco.dump() == supervised.dump()
 

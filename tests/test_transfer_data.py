@@ -19,7 +19,8 @@ from transfer_tiny import registered_voc, synthetic_voc_root  # noqa: F401  (fix
 ANNOTATION = """<annotation><size><width>60</width><height>40</height><depth>3</depth></size>
 <object><name>dog</name><difficult>1</difficult>
 <bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>
-<object><name>cat</name><bndbox><xmin>5</xmin><ymin>6</ymin><xmax>7</xmax><ymax>8</ymax></bndbox></object>
+<object><name>cat</name>
+<bndbox><xmin>5</xmin><ymin>6</ymin><xmax>7</xmax><ymax>8</ymax></bndbox></object>
 </annotation>"""
 
 

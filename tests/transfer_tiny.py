@@ -33,3 +33,17 @@ def registered_voc(synthetic_voc_root):
     register_all_voc(str(synthetic_voc_root))
     yield synthetic_voc_root
     register_all_voc()
+
+
+@pytest.fixture(scope="session")
+def converted_weights(tmp_path_factory):
+    """A torchvision ResNet-50 state_dict (random init) through the project's converter."""
+    import torch
+    import torchvision
+
+    from moco_d2.convert import tool
+
+    d = tmp_path_factory.mktemp("weights")
+    torch.save(torchvision.models.resnet50().state_dict(), d / "resnet50.pth")
+    tool.main([str(d / "resnet50.pth"), str(d / "converted.pkl")])
+    return d / "converted.pkl"

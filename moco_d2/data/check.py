@@ -19,7 +19,8 @@ def check_split(dirname, split):
     objects, problems = 0, []
     for fileid in fileids:
         try:
-            objects += len(parse_annotation(annotation_file(dirname, fileid), CLASS_NAMES)["annotations"])
+            record = parse_annotation(annotation_file(dirname, fileid), CLASS_NAMES)
+            objects += len(record["annotations"])
         except UserError as e:
             problems.append(str(e))
         if not os.path.isfile(image_file(dirname, fileid)):

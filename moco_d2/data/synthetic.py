@@ -93,6 +93,10 @@ def make_synthetic_voc(root, num_train=64, num_test=16, image_size=128, seed=0,
     need at least one); objects use the first ``num_classes_used`` VOC class names. Returns
     ``{dataset name: number of images}``. Files are written fresh; ``root`` must not
     already hold a VOC tree.
+
+    The VOC metric averages over all 20 classes and scores a class absent from the test
+    split as 0, so with ``num_classes_used`` k the reported AP is at most k/20 of the
+    per-class AP of the classes used (use 20 for an undiluted number).
     """
     if num_train < 2 or num_test < 1:
         raise ValueError("need num_train >= 2 (VOC2007 and VOC2012) and num_test >= 1")

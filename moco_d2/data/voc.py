@@ -27,7 +27,8 @@ SPLITS = {
     "voc_2007_test": ("VOC2007", "test", 2007),
 }
 
-_ROOT_HINT = "set DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ (datasets/README.md)"
+_ROOT_HINT = ("set DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ "
+              "(datasets/README.md)")
 
 
 def datasets_root():
@@ -85,7 +86,8 @@ def parse_annotation(path, class_names):
     size = root.find("size")
     if size is None:
         raise UserError(f"malformed VOC annotation {path}: missing <size>")
-    record = {"height": _number(size, "height", path, int), "width": _number(size, "width", path, int)}
+    record = {"height": _number(size, "height", path, int),
+              "width": _number(size, "width", path, int)}
     objects = []
     for obj in root.findall("object"):
         name = _text(obj, "name", path)

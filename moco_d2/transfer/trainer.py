@@ -52,6 +52,17 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    # detectron2 0.6 checkpoints only the iteration and the LR scheduler, so a resumed run
+    # restarted SGD momentum from zero; later detectron2 saves the inner trainer like this.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """Chosen by the dataset's ``evaluator_type`` metadata, not by its name."""

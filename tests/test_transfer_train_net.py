@@ -1,0 +1,77 @@
+"""End to end: tools/train_net.py fine-tunes converted weights on a tiny synthetic VOC tree,
+prints and writes AP/AP50/AP75, and resumes under torch.load's weights_only default."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import moco_d2  # noqa: F401  (compat shims before detectron2)
+import pytest
+import torch
+from transfer_tiny import TINY_OPTS, converted_weights, synthetic_voc_root  # noqa: F401
+
+from moco_d2.transfer.trainer import METRICS_FILE
+
+
+def train_net(root, *args):
+    env = {**os.environ, "DETECTRON2_DATASETS": str(root)}
+    return subprocess.run([sys.executable, "tools/train_net.py", "--config-file",
+                           "configs/voc_R50_C4.yaml", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_path):
+    out = tmp_path / "out"
+    first = train_net(synthetic_voc_root, "MODEL.WEIGHTS", str(converted_weights), *TINY_OPTS,
+                      "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    printed = re.search(r"voc_2007_test: AP (\S+)  AP50 (\S+)  AP75 (\S+)", first.stdout)
+    assert printed, first.stdout[-3000:]
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert set(metrics) == {"voc_2007_test"}
+    values = metrics["voc_2007_test"]
+    assert set(values) == {"AP", "AP50", "AP75"}
+    assert all(math.isfinite(v) and 0 <= v <= 100 for v in values.values())
+    assert [f"{values[k]:.2f}" for k in ("AP", "AP50", "AP75")] == list(printed.groups())
+    log = (out / "log.txt").read_text()
+    assert "Running precise-BN for 2 iterations" in log
+    assert "Starting training from iteration 0" in log
+
+    # torch >= 2.6 loads with weights_only=True by default; Detectron2's checkpoint must pass.
+    assert int(torch.__version__.split(".")[0]) >= 2
+    state = torch.load(out / "model_final.pth")
+    assert state["iteration"] == 1 and state["trainer"]["iteration"] == 1
+    assert state["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 2
+    optimizer = state["trainer"]["_trainer"]["optimizer"]
+    momentum = [s["momentum_buffer"] for s in optimizer["state"].values()]
+    assert momentum and all(m.abs().sum() > 0 for m in momentum[:5])
+
+    second = train_net(synthetic_voc_root, "--resume", *TINY_OPTS, "SOLVER.MAX_ITER", "3",
+                       "OUTPUT_DIR", str(out))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Starting training from iteration 2" in (out / "log.txt").read_text()
+    assert torch.load(out / "model_final.pth")["iteration"] == 2
+
+
+def test_user_error_is_one_line(tmp_path):
+    result = train_net(tmp_path, "MODEL.WEIGHTS", str(tmp_path / "none.pkl"), "MODEL.DEVICE", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: MODEL.WEIGHTS file not found")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_keeps_sync_bn(synthetic_voc_root, converted_weights, tmp_path):
+    out = tmp_path / "out"
+    opts = [o if o != "cpu" else "cuda" for o in TINY_OPTS]
+    result = train_net(synthetic_voc_root, "MODEL.WEIGHTS", str(converted_weights), *opts,
+                       "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NORM: SyncBN" in (out / "config.yaml").read_text()
+    assert set(json.loads((out / METRICS_FILE).read_text())["voc_2007_test"]) == {
+        "AP", "AP50", "AP75"}
