@@ -1,0 +1,75 @@
+"""tools/run_trials.py: N real fine-tuning runs, mean ± std from their JSON files, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from transfer_tiny import TINY_OPTS, converted_weights, synthetic_voc_root  # noqa: F401
+
+from moco_d2 import trials
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_trials(out, num_trials, voc_root, weights):
+    command = [sys.executable, os.path.join(REPO, "tools", "run_trials.py"),
+               "--config-file", os.path.join(REPO, "configs", "voc_R50_C4.yaml"),
+               "--num-trials", str(num_trials), "--output-dir", str(out),
+               "--reference", "MoCo v2 200ep",
+               "MODEL.WEIGHTS", str(weights), "SOLVER.MAX_ITER", "2", *TINY_OPTS]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root))
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_trials_resume_and_aggregate(tmp_path, synthetic_voc_root,  # noqa: F811
+                                         converted_weights):  # noqa: F811
+    out = tmp_path / "trials"
+    first = _run_trials(out, 1, synthetic_voc_root, converted_weights)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trial0 = out / "trial_0" / "metrics_voc.json"
+    stamp = os.stat(trial0).st_mtime_ns
+
+    # Asking for 2 trials finishes the set: trial 0 is reused, only trial 1 runs.
+    second = _run_trials(out, 2, synthetic_voc_root, converted_weights)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert os.stat(trial0).st_mtime_ns == stamp
+    assert "trial 0 already done" in second.stderr + second.stdout
+
+    per_trial = []
+    for index, seed in enumerate((0, 1)):
+        directory = out / f"trial_{index}"
+        with open(directory / "metrics_voc.json") as f:
+            per_trial.append(json.load(f)["voc_2007_test"])
+        # Each trial really ran with its own seed.
+        assert f"SEED: {seed}" in (directory / "config.yaml").read_text()
+
+    summary = json.loads((out / "trials_summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    for name in ("AP", "AP50", "AP75"):
+        values = np.array([trial[name] for trial in per_trial])
+        assert summary["summary"][name]["mean"] == pytest.approx(values.mean())
+        assert summary["summary"][name]["std"] == pytest.approx(values.std(ddof=1))
+    markdown = (out / "trials_summary.md").read_text()
+    assert "mean ± std (2 trials)" in markdown and "published: MoCo v2 200ep" in markdown
+    assert markdown in second.stdout
+
+
+def test_summary_statistics_against_known_values():
+    per_trial = [{"AP": 50.0, "AP50": 80.0, "AP75": 55.0},
+                 {"AP": 52.0, "AP50": 82.0, "AP75": 59.0},
+                 {"AP": 54.0, "AP50": 81.0, "AP75": 57.0}]
+    summary = trials.summarize(per_trial)
+    assert summary["AP"] == {"mean": 52.0, "std": 2.0}
+    assert summary["AP50"] == {"mean": 81.0, "std": 1.0}
+    assert summary["AP75"] == {"mean": 57.0, "std": 2.0}
+    assert trials.summarize(per_trial[:1])["AP"] == {"mean": 50.0, "std": 0.0}
+
+
+def test_unreadable_trial_metrics_is_a_user_error(tmp_path):
+    path = tmp_path / "metrics_voc.json"
+    path.write_text("{not json")
+    with pytest.raises(trials.UserError, match="cannot read trial metrics"):
+        trials.read_trial_metrics(str(path))
