@@ -1,6 +1,7 @@
 """The detectron2 install step: reports what is there, verifies what it downloads, fails clearly."""
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -63,3 +64,16 @@ def test_moco_d2_imports_without_detectron2():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_tool_without_detectron2_says_what_to_run_in_one_line():
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "tools", "train_net.py")
+    code = HIDE_DETECTRON2 + (f"sys.argv = [{tool!r}]; import runpy; "
+                              f"runpy.run_path({tool!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: detectron2 is not installed: run `make install` "
+        "(or `python -m moco_d2.install_detectron2`)"]

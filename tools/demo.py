@@ -1,7 +1,6 @@
 #!/usr/bin/env python
-"""Placeholder until the end-to-end demo lands: says what is still missing."""
-import sys
+"""Pretrain → convert → fine-tune → AP table on built-in synthetic data (`make demo`)."""
+from moco_d2.cli import run_tool
 
-print("make demo: the pretrain → convert → fine-tune demo is not implemented yet "
-      "(pretraining, converter and transfer are in progress).", file=sys.stderr)
-sys.exit(1)
+if __name__ == "__main__":
+    run_tool("moco_d2.demo")
