@@ -10,6 +10,7 @@ report and a PNG figure. The detection runs use the real protocol config through
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -38,7 +39,8 @@ def pretrain(data_dir, output_dir, args, device):
 
     argv = [data_dir, "-a", "resnet50", "-b", str(args.pretrain_batch), "--epochs",
             str(args.pretrain_epochs), "--workers", "0", "--crop-size", str(args.crop_size),
-            "--moco-k", str(args.moco_k), "--lr", str(args.pretrain_lr), "--seed", "0",
+            "--moco-k", str(args.moco_k), "--moco-m", str(args.moco_m),
+            "--lr", str(args.pretrain_lr), "--seed", "0",
             "--mlp", "--aug-plus", "--cos", "--moco-t", "0.2", "--device", device,
             "--print-freq", "1", "--output-dir", output_dir]
     pretrain_main.main(argv)
@@ -98,15 +100,18 @@ def _detection_losses(run_dir):
     return iterations, losses
 
 
-def plot(path, pretrain_dir, run_dirs, results):
+def plot(path, pretrain_dir, run_dirs, results, moco_k):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_pre, ax_det, ax_ap) = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax_pre.plot(*_pretrain_losses(pretrain_dir), color="tab:purple")
-    ax_pre.set(title="MoCo v2 pretraining (InfoNCE)", xlabel="iteration", ylabel="loss")
+    ax_pre.plot(*_pretrain_losses(pretrain_dir), color="tab:purple", label="InfoNCE loss")
+    # Uniform logits over the positive and K negatives: the loss of features that tell nothing.
+    ax_pre.axhline(math.log(moco_k + 1), color="gray", linestyle="--", label="chance, ln(K+1)")
+    ax_pre.set(title="MoCo v2 pretraining", xlabel="iteration", ylabel="loss")
+    ax_pre.legend(fontsize=8)
     for (label, _), run_dir in zip(RUNS, run_dirs):
         ax_det.plot(*_detection_losses(run_dir), label=label)
     ax_det.set(title="Faster R-CNN R50-C4 fine-tuning", xlabel="iteration", ylabel="total loss")
@@ -117,8 +122,9 @@ def plot(path, pretrain_dir, run_dirs, results):
         bars = ax_ap.bar([i + offset for i in range(3)], values, width, label=label)
         ax_ap.bar_label(bars, fmt="%.1f", fontsize=8)
     ax_ap.set_xticks(range(3), METRIC_NAMES)
-    ax_ap.set(title="synthetic VOC test (VOC07 11-point)", ylabel="%")
-    ax_ap.legend()
+    top = max(results[key][m] for _, key in RUNS for m in METRIC_NAMES)
+    ax_ap.set(title="synthetic VOC test (VOC07 11-point)", ylabel="%", ylim=(0, top * 1.35 + 1))
+    ax_ap.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -144,15 +150,20 @@ def report(results, settings, minutes):
 ![losses and AP](demo.png)
 
 ## What these numbers mean
-This is the full protocol at toy scale: MoCo v2 pretraining for {settings['pretrain_epochs']}
-epochs on {settings['pretrain_images']} synthetic images at {settings['crop_size']} px, then
+This is the full protocol at toy scale: MoCo v2 pretraining of ResNet-50 for
+{settings['pretrain_epochs']} epochs on {settings['pretrain_images']} synthetic images at
+{settings['crop_size']} px (queue {settings['moco_k']}, momentum {settings['moco_m']}), then
 {settings['max_iter']} iterations of Faster R-CNN R50-C4 fine-tuning on a synthetic VOC-format
-set of flat-coloured shapes, evaluated with Detectron2's Pascal VOC evaluator. It shows that
-every stage runs and that the detector learns (AP well above zero). It says nothing about the
-quality of MoCo features: a few CPU minutes of pretraining on synthetic shapes are not
-expected to beat random initialization, and differences of a few points between the two rows
-are within run-to-run noise at this scale. The published row is on real VOC after 200
-ImageNet epochs and 24k iterations at batch 16.
+set of flat-coloured shapes (all 20 VOC classes), evaluated with Detectron2's Pascal VOC
+evaluator. It shows that every stage runs and, at the default settings, that the detector
+learns: AP50 far above zero.
+
+It is not evidence about MoCo. Single runs at this scale vary by several points (the
+random-init control's AP75 came out at 9.5 and at 15.8 in two otherwise identical runs of
+this demo on CPU), and a minute of pretraining on synthetic shapes is nothing like 200
+ImageNet epochs. The pretraining loss usually stays near chance (the dashed line in the
+figure) this early. The published row is on real VOC after 200 ImageNet epochs and 24k
+iterations at batch 16.
 
 Device: {settings['device']}. Total time: {minutes:.1f} min.
 """
@@ -165,9 +176,12 @@ def parse_args(argv):
     parser.add_argument("--pretrain-images", type=int, default=256)
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--pretrain-batch", type=int, default=32)
-    parser.add_argument("--pretrain-lr", type=float, default=0.03 * 32 / 256)
+    # A run of ~64 steps needs a faster-moving key encoder (m 0.99, not 0.999, which would
+    # leave it at its initialization), a queue of a few batches, and an unscaled lr.
+    parser.add_argument("--pretrain-lr", type=float, default=0.03)
     parser.add_argument("--crop-size", type=int, default=64)
-    parser.add_argument("--moco-k", type=int, default=1024)
+    parser.add_argument("--moco-k", type=int, default=256)
+    parser.add_argument("--moco-m", type=float, default=0.99)
     parser.add_argument("--det-train-images", type=int, default=200)
     parser.add_argument("--det-test-images", type=int, default=60)
     parser.add_argument("--max-iter", type=int, default=None,
@@ -215,7 +229,7 @@ def main(argv):
 
     minutes = (time.time() - start) / 60
     settings = dict(vars(args), device=device, max_iter=_max_iter(run_dirs[0]))
-    plot(os.path.join(out, "demo.png"), pretrain_dir, run_dirs, results)
+    plot(os.path.join(out, "demo.png"), pretrain_dir, run_dirs, results, args.moco_k)
     atomic_write_text(report(results, settings, minutes), os.path.join(out, "report.md"))
     atomic_write_text(json.dumps({"results": results, "settings": settings}, indent=2) + "\n",
                       os.path.join(out, "results.json"))
