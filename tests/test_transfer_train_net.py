@@ -64,6 +64,17 @@ def test_user_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_missing_dataset_folder_fails_before_training_starts(tmp_path):
+    out = tmp_path / "out"
+    result = train_net(tmp_path / "no_datasets", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+                       "OUTPUT_DIR", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: VOC folder not found: {tmp_path / 'no_datasets' / 'VOC2007'}; set "
+        "DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ (datasets/README.md)"]
+    assert not out.exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_gpu_keeps_sync_bn(synthetic_voc_root, converted_weights, tmp_path):

@@ -60,6 +60,17 @@ def read_split(dirname, split):
         raise UserError(f"VOC split file not found: {path}") from None
 
 
+def check_split_files(dataset_names):
+    """Fail early, before any training starts, if a VOC dataset's folder or split file is missing.
+
+    Non-VOC datasets (no ``split`` in their metadata) are left to their own loaders.
+    """
+    for name in dataset_names:
+        metadata = MetadataCatalog.get(name)
+        if metadata.get("evaluator_type") == "pascal_voc":
+            read_split(metadata.dirname, metadata.split)
+
+
 def _text(node, tag, path):
     child = node.find(tag)
     if child is None or child.text is None:

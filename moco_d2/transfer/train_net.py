@@ -15,6 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from moco_d2.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.data.voc import check_split_files
 from moco_d2.errors import UserError
 from moco_d2.transfer.launch import launch
 from moco_d2.transfer.norm import resolve_sync_bn
@@ -45,6 +46,8 @@ def check_inputs(cfg, args):
         raise UserError(f"MODEL.WEIGHTS file not found: {weights!r} (convert a pretraining "
                         "checkpoint with tools/convert-to-d2.py; MODEL.WEIGHTS \"\" trains from "
                         "random initialization on purpose)")
+    check_split_files(cfg.DATASETS.TEST if args.eval_only else
+                      cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
 
 
 def setup(args):
