@@ -9,7 +9,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import get_norm
 from detectron2.utils import comm
-from transfer_tiny import TINY_OPTS, synthetic_voc_root  # noqa: F401
+from transfer_tiny import TINY_OPTS, registered_voc, synthetic_voc_root  # noqa: F401
 
 from moco_d2.transfer import train_net
 from moco_d2.transfer.launch import launch
@@ -49,8 +49,9 @@ def test_naive_sync_bn_synchronizes_over_gloo(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_net_two_cpu_processes(synthetic_voc_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(synthetic_voc_root))  # the workers register
+def test_train_net_two_cpu_processes(registered_voc, tmp_path, monkeypatch):
+    # The parent checks the datasets it has registered; the spawned workers register from env.
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(registered_voc))
     out = tmp_path / "out"
     train_net.main(["--config-file", "configs/voc_R50_C4.yaml", "--num-gpus", "2",
                     "--dist-url", "auto", "MODEL.WEIGHTS", "", *TINY_OPTS,
