@@ -32,3 +32,25 @@ def test_permissions_follow_the_umask(tmp_path):
     (tmp_path / "plain.txt").write_text("x")
     mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777  # noqa: E731
     assert mode("atomic.txt") == mode("plain.txt")
+
+
+def test_importing_the_module_leaves_the_umask_alone():
+    import importlib
+
+    import moco_d2.utils.fileio as fileio
+
+    previous = os.umask(0o027)
+    try:
+        importlib.reload(fileio)
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(previous)
+
+
+def test_permissions_follow_a_restrictive_umask_too(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        atomic_write_text("x", tmp_path / "atomic.txt")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == 0o600

@@ -2,22 +2,30 @@
 
 import contextlib
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
+from typing import Any
 
-# mkstemp creates 0600 files; outputs should follow the user's umask like open() would.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _create_temporary(directory: str, name: str) -> str:
+    """A new empty file beside the target, created with mode 0o666 so the kernel applies the
+    umask exactly as ``open()`` would (``mkstemp`` would make it 0600)."""
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path: "str | os.PathLike[str]") -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    tmp = _create_temporary(directory, os.path.basename(path))
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -28,14 +36,14 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def atomic_torch_save(obj, path):
+def atomic_torch_save(obj: Any, path: "str | os.PathLike[str]") -> None:
     import torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def atomic_write_text(text, path):
+def atomic_write_text(text: str, path: "str | os.PathLike[str]") -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
