@@ -33,8 +33,12 @@ def parse_args(argv):
     p.add_argument("-b", "--batch-size", default=32, type=int, help="images per step (one process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--crop-size", default=224, type=int)
-    p.add_argument("--amp", default="both", choices=["off", "on", "both"], help="bf16 autocast runs")
-    p.add_argument("--bn-splits", default=None, type=int, help="default: as pretrain_moco.py with one process")
+    p.add_argument(
+        "--amp", default="both", choices=["off", "on", "both"], help="bf16 autocast runs"
+    )
+    p.add_argument(
+        "--bn-splits", default=None, type=int, help="default: as pretrain_moco.py with one process"
+    )
     p.add_argument("--moco-k", default=65536, type=int)
     p.add_argument("--warmup", default=3, type=int, help="untimed steps first")
     p.add_argument("--iters", default=10, type=int, help="timed steps")
@@ -48,12 +52,14 @@ def _sync(device):
 
 
 def measure(args, device, amp):
-    """One configuration: steps/s → img/s, and peak memory (GPU allocator, or process RSS on CPU)."""
+    """One configuration: steps/s → img/s, and peak memory (GPU allocator, or RSS on CPU)."""
     torch.manual_seed(0)
     splits = resolve_bn_splits(args.bn_splits, args.batch_size, distributed=False)
     K = args.moco_k - args.moco_k % args.batch_size
     model = MoCo(torchvision.models.__dict__[args.arch], K=K, bn_splits=splits).to(device)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], 0.03, momentum=0.9, weight_decay=1e-4
+    )
     im_q = torch.randn(args.batch_size, 3, args.crop_size, args.crop_size, device=device)
     im_k = torch.randn_like(im_q)
     if device.type == "cuda":
@@ -79,9 +85,17 @@ def measure(args, device, amp):
         peak, kind = torch.cuda.max_memory_allocated(device), "gpu_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
-    return {"arch": args.arch, "batch": args.batch_size, "crop": args.crop_size, "amp": amp,
-            "bn_splits": splits, "K": K, "img_per_s": args.batch_size * args.iters / elapsed,
-            "peak_mem_gib": peak / 2**30, "peak_mem_kind": kind}
+    return {
+        "arch": args.arch,
+        "batch": args.batch_size,
+        "crop": args.crop_size,
+        "amp": amp,
+        "bn_splits": splits,
+        "K": K,
+        "img_per_s": args.batch_size * args.iters / elapsed,
+        "peak_mem_gib": peak / 2**30,
+        "peak_mem_kind": kind,
+    }
 
 
 def main(argv=None):
@@ -89,15 +103,32 @@ def main(argv=None):
     device = resolve_device(args.device)
     runs = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
     results = [measure(args, device, amp) for amp in runs]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     print(f"{'arch':<10} {'batch':>5} {'crop':>4} {'amp':>5} {'img/s':>9} {'peak GiB':>9}")
     for r in results:
-        print(f"{r['arch']:<10} {r['batch']:>5} {r['crop']:>4} {'bf16' if r['amp'] else 'fp32':>5} "
-              f"{r['img_per_s']:>9.1f} {r['peak_mem_gib']:>9.2f}")
+        print(
+            f"{r['arch']:<10} {r['batch']:>5} {r['crop']:>4} {'bf16' if r['amp'] else 'fp32':>5} "
+            f"{r['img_per_s']:>9.1f} {r['peak_mem_gib']:>9.2f}"
+        )
     with open(args.json, "w") as f:
-        json.dump({"device": str(device), "device_name": name, "torch": torch.__version__,
-                   "results": results}, f, indent=2)
+        json.dump(
+            {
+                "device": str(device),
+                "device_name": name,
+                "torch": torch.__version__,
+                "results": results,
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {args.json}")
     return 0
 

@@ -19,9 +19,9 @@ import time
 
 import torch
 
+from moco_d2.detection.trainer import METRICS_FILE
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
-from moco_d2.transfer.trainer import METRICS_FILE
 from moco_d2.utils.fileio import atomic_path, atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,12 +37,38 @@ def _stage(number, text):
 def pretrain(data_dir, output_dir, args, device):
     from moco_d2.pretrain import main as pretrain_main
 
-    argv = [data_dir, "-a", "resnet50", "-b", str(args.pretrain_batch), "--epochs",
-            str(args.pretrain_epochs), "--workers", "0", "--crop-size", str(args.crop_size),
-            "--moco-k", str(args.moco_k), "--moco-m", str(args.moco_m),
-            "--lr", str(args.pretrain_lr), "--seed", "0",
-            "--mlp", "--aug-plus", "--cos", "--moco-t", "0.2", "--device", device,
-            "--print-freq", "1", "--output-dir", output_dir]
+    argv = [
+        data_dir,
+        "-a",
+        "resnet50",
+        "-b",
+        str(args.pretrain_batch),
+        "--epochs",
+        str(args.pretrain_epochs),
+        "--workers",
+        "0",
+        "--crop-size",
+        str(args.crop_size),
+        "--moco-k",
+        str(args.moco_k),
+        "--moco-m",
+        str(args.moco_m),
+        "--lr",
+        str(args.pretrain_lr),
+        "--seed",
+        "0",
+        "--mlp",
+        "--aug-plus",
+        "--cos",
+        "--moco-t",
+        "0.2",
+        "--device",
+        device,
+        "--print-freq",
+        "1",
+        "--output-dir",
+        output_dir,
+    ]
     pretrain_main.main(argv)
     return os.path.join(output_dir, f"checkpoint_{args.pretrain_epochs - 1:04d}.pth.tar")
 
@@ -58,8 +84,19 @@ def convert(checkpoint, output):
 def fine_tune(weights, output_dir, datasets_root, device, max_iter=None):
     """One train_net run in its own process, as a user would launch it; returns its metrics."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root)
-    command = [sys.executable, "-m", "moco_d2.transfer", "--config-file", DEMO_CONFIG,
-               "MODEL.WEIGHTS", weights, "MODEL.DEVICE", device, "OUTPUT_DIR", output_dir]
+    command = [
+        sys.executable,
+        "-m",
+        "moco_d2.detection",
+        "--config-file",
+        DEMO_CONFIG,
+        "MODEL.WEIGHTS",
+        weights,
+        "MODEL.DEVICE",
+        device,
+        "OUTPUT_DIR",
+        output_dir,
+    ]
     if max_iter:
         steps = tuple(sorted({s for s in (int(max_iter * 0.75), int(max_iter * 0.9)) if s > 0}))
         command += ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps)]
@@ -134,11 +171,15 @@ def plot(path, pretrain_dir, run_dirs, results, moco_k):
 def table(results):
     lines = ["| initialization | AP | AP50 | AP75 |", "|---|---|---|---|"]
     for label, key in RUNS:
-        lines.append(f"| {label} | " + " | ".join(f"{results[key][m]:.1f}" for m in METRIC_NAMES)
-                     + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(f"{results[key][m]:.1f}" for m in METRIC_NAMES) + " |"
+        )
     published = VOC_DETECTION["MoCo v2 200ep"]
-    lines.append("| published MoCo v2 200ep, real VOC07+12 (for scale only) | "
-                 + " | ".join(f"{published[m]:.1f}" for m in METRIC_NAMES) + " |")
+    lines.append(
+        "| published MoCo v2 200ep, real VOC07+12 (for scale only) | "
+        + " | ".join(f"{published[m]:.1f}" for m in METRIC_NAMES)
+        + " |"
+    )
     return "\n".join(lines)
 
 
@@ -151,9 +192,9 @@ def report(results, settings, minutes):
 
 ## What these numbers mean
 This is the full protocol at toy scale: MoCo v2 pretraining of ResNet-50 for
-{settings['pretrain_epochs']} epochs on {settings['pretrain_images']} synthetic images at
-{settings['crop_size']} px (queue {settings['moco_k']}, momentum {settings['moco_m']}), then
-{settings['max_iter']} iterations of Faster R-CNN R50-C4 fine-tuning on a synthetic VOC-format
+{settings["pretrain_epochs"]} epochs on {settings["pretrain_images"]} synthetic images at
+{settings["crop_size"]} px (queue {settings["moco_k"]}, momentum {settings["moco_m"]}), then
+{settings["max_iter"]} iterations of Faster R-CNN R50-C4 fine-tuning on a synthetic VOC-format
 set of flat-coloured shapes (all 20 VOC classes), evaluated with Detectron2's Pascal VOC
 evaluator. It shows that every stage runs and, at the default settings, that the detector
 learns: AP50 far above zero.
@@ -165,7 +206,7 @@ ImageNet epochs. The pretraining loss usually stays near chance (the dashed line
 figure) this early. The published row is on real VOC after 200 ImageNet epochs and 24k
 iterations at batch 16.
 
-Device: {settings['device']}. Total time: {minutes:.1f} min.
+Device: {settings["device"]}. Total time: {minutes:.1f} min.
 """
 
 
@@ -184,18 +225,23 @@ def parse_args(argv):
     parser.add_argument("--moco-m", type=float, default=0.99)
     parser.add_argument("--det-train-images", type=int, default=200)
     parser.add_argument("--det-test-images", type=int, default=60)
-    parser.add_argument("--max-iter", type=int, default=None,
-                        help="fine-tuning iterations per run (default: the demo config's)")
+    parser.add_argument(
+        "--max-iter",
+        type=int,
+        default=None,
+        help="fine-tuning iterations per run (default: the demo config's)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv):
-    from moco_d2.data.synthetic import make_synthetic_voc
+    from moco_d2.detection.data.synthetic import make_synthetic_voc
     from moco_d2.pretrain.data import make_synthetic_image_folder
 
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     out = os.path.abspath(args.output_dir)
     start = time.time()
     print(f"moco-d2 demo on {device}; everything goes to {out}")
@@ -205,12 +251,18 @@ def main(argv):
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     pretrain_data = os.path.join(out, "data", "pretrain")
     voc_root = os.path.join(out, "data", "voc")
-    make_synthetic_image_folder(os.path.join(pretrain_data, "train"), args.pretrain_images,
-                                size=96, seed=0)
+    make_synthetic_image_folder(
+        os.path.join(pretrain_data, "train"), args.pretrain_images, size=96, seed=0
+    )
     # All 20 classes: the VOC metric averages over 20 and scores absent classes as 0.
-    make_synthetic_voc(voc_root, num_train=args.det_train_images,
-                       num_test=args.det_test_images, image_size=160, seed=0,
-                       num_classes_used=20)
+    make_synthetic_voc(
+        voc_root,
+        num_train=args.det_train_images,
+        num_test=args.det_test_images,
+        image_size=160,
+        seed=0,
+        num_classes_used=20,
+    )
 
     _stage(2, "MoCo v2 pretraining, ResNet-50, single-process shuffle-BN emulation")
     pretrain_dir = os.path.join(out, "pretrain")
@@ -231,9 +283,13 @@ def main(argv):
     settings = dict(vars(args), device=device, max_iter=_max_iter(run_dirs[0]))
     plot(os.path.join(out, "demo.png"), pretrain_dir, run_dirs, results, args.moco_k)
     atomic_write_text(report(results, settings, minutes), os.path.join(out, "report.md"))
-    atomic_write_text(json.dumps({"results": results, "settings": settings}, indent=2) + "\n",
-                      os.path.join(out, "results.json"))
+    atomic_write_text(
+        json.dumps({"results": results, "settings": settings}, indent=2) + "\n",
+        os.path.join(out, "results.json"),
+    )
     print("\n" + table(results))
-    print(f"\ndemo finished in {minutes:.1f} min; report: {os.path.join(out, 'report.md')}, "
-          f"figure: {os.path.join(out, 'demo.png')}")
+    print(
+        f"\ndemo finished in {minutes:.1f} min; report: {os.path.join(out, 'report.md')}, "
+        f"figure: {os.path.join(out, 'demo.png')}"
+    )
     return 0

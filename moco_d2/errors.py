@@ -1,8 +1,7 @@
 """Errors caused by the user's input, reported by the tools as one line and exit code 2."""
 
 DETECTRON2_MISSING = (
-    "detectron2 is not installed: run `make install` "
-    "(or `python -m moco_d2.install_detectron2`)"
+    "detectron2 is not installed: run `make install` (or `python -m moco_d2.install_detectron2`)"
 )
 
 

@@ -5,7 +5,7 @@ carries the official v0.6 Python sources (checked file by file) but not the C++ 
 ``pip install pb1-detectron2`` fails at build time. We download that sdist, verify its
 sha256, and install its Python package without the extension. R50-C4 Faster R-CNN needs
 none of the compiled ops (torchvision supplies nms and roi_align); the rest is handled
-by :mod:`moco_d2.compat`.
+by :mod:`moco_d2.detection.compat`.
 
 Usage::
 
@@ -69,7 +69,7 @@ def describe():
 
     location = os.path.dirname(detectron2.__file__)
     compiled_spec = importlib.util.find_spec("detectron2._C")
-    # moco_d2.compat's stand-in for the missing extension has a spec without an origin.
+    # moco_d2.detection.compat's stand-in for the missing extension has a spec without an origin.
     compiled = compiled_spec is not None and compiled_spec.origin is not None
     try:
         importlib.metadata.version(SDIST_NAME)
@@ -138,8 +138,17 @@ def install_from_sdist(sdist, workdir):
         raise InstallError(f"{sdist} has no detectron2/ package")
     with open(os.path.join(source, "setup.py"), "w") as f:
         f.write(_SETUP_PY.format(name=SDIST_NAME, version=SDIST_VERSION))
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-               "--no-build-isolation", "--no-index", source]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        source,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise InstallError("pip could not install detectron2:\n" + result.stderr.strip())
@@ -169,8 +178,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     if line is None:
-        print("detectron2 is not installed: run `make install` "
-              "(or `python -m moco_d2.install_detectron2`)", file=sys.stderr)
+        print(
+            "detectron2 is not installed: run `make install` "
+            "(or `python -m moco_d2.install_detectron2`)",
+            file=sys.stderr,
+        )
         return 1
     print(line)
     if "no C++ ops" in line:

@@ -23,8 +23,12 @@ def hand_table():
     """torchvision name → Detectron2 name, written out from SPEC §3, not from moco_d2."""
     table = {"conv1.weight": "stem.conv1.weight"}
     table.update({f"bn1.{t}": f"stem.conv1.norm.{t}" for t in BN})
-    for tv_stage, d2_stage, blocks in (("layer1", "res2", 3), ("layer2", "res3", 4),
-                                       ("layer3", "res4", 6), ("layer4", "res5", 3)):
+    for tv_stage, d2_stage, blocks in (
+        ("layer1", "res2", 3),
+        ("layer2", "res3", 4),
+        ("layer3", "res4", 6),
+        ("layer4", "res5", 3),
+    ):
         for b in range(blocks):
             tv, d2 = f"{tv_stage}.{b}", f"{d2_stage}.{b}"
             for k in "123":
@@ -44,14 +48,22 @@ def r50():
 
 
 def trunk_of(state):
-    return {k: v for k, v in state.items()
-            if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
 
 
 def released(state, module="module."):
     """The released MoCo checkpoint layout around ``state`` as the query encoder."""
-    q = {**trunk_of(state), "fc.0.weight": torch.zeros(2048, 2048), "fc.0.bias": torch.zeros(2048),
-         "fc.2.weight": torch.zeros(128, 2048), "fc.2.bias": torch.zeros(128)}
+    q = {
+        **trunk_of(state),
+        "fc.0.weight": torch.zeros(2048, 2048),
+        "fc.0.bias": torch.zeros(2048),
+        "fc.2.weight": torch.zeros(128, 2048),
+        "fc.2.bias": torch.zeros(128),
+    }
     sd = {f"{module}encoder_q.{k}": v for k, v in q.items()}
     sd.update({f"{module}encoder_k.{k}": v for k, v in q.items()})
     sd.update({f"{module}queue": torch.randn(128, 64), f"{module}queue_ptr": torch.zeros(1)})
@@ -59,6 +71,7 @@ def released(state, module="module."):
 
 
 # ---- names ---------------------------------------------------------------------------------
+
 
 def test_all_265_tensors_map_as_the_hand_written_table_says():
     table = hand_table()
@@ -72,8 +85,16 @@ def test_expected_shapes_are_torchvision_resnet50s_in_its_order(r50):
     assert list(resnet.resnet50_shapes().items()) == expected
 
 
-@pytest.mark.parametrize("name", ["fc.weight", "layer5.0.conv1.weight", "layer1.0.bn1.foo.x",
-                                  "layer1.0.downsample.2.weight", "layer1.x.conv1.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fc.weight",
+        "layer5.0.conv1.weight",
+        "layer1.0.bn1.foo.x",
+        "layer1.0.downsample.2.weight",
+        "layer1.x.conv1.weight",
+    ],
+)
 def test_a_name_outside_the_trunk_is_not_renamed(name):
     with pytest.raises(ValueError, match="not a torchvision ResNet"):
         resnet.to_detectron2(name)
@@ -86,8 +107,11 @@ def test_complete_trunk_passes(r50):
 def test_missing_bn_buffer_is_named(r50):
     trunk = trunk_of(r50)
     del trunk["layer2.1.bn2.running_var"]
-    with pytest.raises(UserError, match=r"^not a complete ResNet-50 trunk: 1 missing "
-                                        r"\(layer2\.1\.bn2\.running_var\)$"):
+    with pytest.raises(
+        UserError,
+        match=r"^not a complete ResNet-50 trunk: 1 missing "
+        r"\(layer2\.1\.bn2\.running_var\)$",
+    ):
         resnet.check_complete(trunk)
 
 
@@ -97,8 +121,10 @@ def test_extra_and_wrong_shape_are_named(r50):
     trunk["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     with pytest.raises(UserError) as e:
         resnet.check_complete(trunk)
-    assert str(e.value) == ("not a complete ResNet-50 trunk: 1 unexpected (layer2.0.se.weight); "
-                            "1 with the wrong shape (conv1.weight [64, 3, 3, 3] ≠ [64, 3, 7, 7])")
+    assert str(e.value) == (
+        "not a complete ResNet-50 trunk: 1 unexpected (layer2.0.se.weight); "
+        "1 with the wrong shape (conv1.weight [64, 3, 3, 3] ≠ [64, 3, 7, 7])"
+    )
 
 
 def test_resnet18_is_recognised_and_refused():
@@ -112,13 +138,32 @@ def test_resnet18_is_recognised_and_refused():
 
 # ---- input layouts -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, fmt, n_dropped", [
-    (lambda sd: released(sd), "MoCo checkpoint, state_dict with module.encoder_q.*", 4 + 269 + 2),
-    (lambda sd: released(sd, module=""), "MoCo checkpoint, state_dict with encoder_q.*", 4 + 269 + 2),
-    (lambda sd: {k[len("encoder_q."):]: v for k, v in released(sd, "")["state_dict"].items()
-                 if k.startswith("encoder_q.")}, "bare query-encoder state_dict", 4),
-    (lambda sd: sd, "torchvision ResNet state_dict with an ImageNet classifier", 2 + 53),
-])
+
+@pytest.mark.parametrize(
+    "make, fmt, n_dropped",
+    [
+        (
+            lambda sd: released(sd),
+            "MoCo checkpoint, state_dict with module.encoder_q.*",
+            4 + 269 + 2,
+        ),
+        (
+            lambda sd: released(sd, module=""),
+            "MoCo checkpoint, state_dict with encoder_q.*",
+            4 + 269 + 2,
+        ),
+        (
+            lambda sd: {
+                k[len("encoder_q.") :]: v
+                for k, v in released(sd, "")["state_dict"].items()
+                if k.startswith("encoder_q.")
+            },
+            "bare query-encoder state_dict",
+            4,
+        ),
+        (lambda sd: sd, "torchvision ResNet state_dict with an ImageNet classifier", 2 + 53),
+    ],
+)
 def test_each_layout_is_detected_and_gives_the_query_trunk(r50, make, fmt, n_dropped):
     found = inputs.find_trunk(make(r50), "x.pth")
     assert found.format.startswith(fmt)
@@ -135,6 +180,7 @@ def test_a_moco_checkpoint_drops_key_encoder_queue_and_head(r50):
 
 
 # ---- the tool ------------------------------------------------------------------------------
+
 
 def run(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -170,28 +216,46 @@ class Custom:
 
 def bad_inputs(r50, d):
     """name → (file to convert, what the error line must say)."""
-    r18 = {"state_dict": {"module.encoder_q." + k: v
-                          for k, v in torchvision.models.resnet18().state_dict().items()}}
+    r18 = {
+        "state_dict": {
+            "module.encoder_q." + k: v
+            for k, v in torchvision.models.resnet18().state_dict().items()
+        }
+    }
     no_buffer = released(r50)
     del no_buffer["state_dict"]["module.encoder_q.layer3.5.bn3.running_mean"]
     wrong_prefix = {"state_dict": {"module.backbone." + k: v for k, v in r50.items()}}
     cases = {
         "missing": (d / "nope.pth", None, "no such file: "),
         "directory": (d, None, "is a directory"),
-        "text": (d / "notes.txt", b"epoch 200, top-1 67.5\n", "is not a readable PyTorch checkpoint"),
+        "text": (
+            d / "notes.txt",
+            b"epoch 200, top-1 67.5\n",
+            "is not a readable PyTorch checkpoint",
+        ),
         "empty": (d / "empty.pth", b"", "is not a readable PyTorch checkpoint"),
-        "no tensors": (d / "meta.pth", {"epoch": 3, "arch": "resnet50"}, "is not a checkpoint of tensors"),
+        "no tensors": (
+            d / "meta.pth",
+            {"epoch": 3, "arch": "resnet50"},
+            "is not a checkpoint of tensors",
+        ),
         "resnet18": (d / "r18.pth", r18, "it looks like ResNet-18"),
         "bn buffer": (d / "nobuf.pth", no_buffer, "1 missing (layer3.5.bn3.running_mean)"),
         "prefix": (d / "prefix.pth", wrong_prefix, "265 missing (conv1.weight, bn1.weight"),
         "code": (d / "code.pth", {"state_dict": {}, "hook": Custom()}, "refused to load"),
-        "plain pickle": (d / "converted.pkl", pickle.dumps({"model": {"a": np.zeros(2)}}),
-                         "is not a PyTorch checkpoint"),
+        "plain pickle": (
+            d / "converted.pkl",
+            pickle.dumps({"model": {"a": np.zeros(2)}}),
+            "is not a PyTorch checkpoint",
+        ),
     }
     good = d / "good.pth"
     torch.save(r50, good)
-    cases["truncated"] = (d / "truncated.pth", good.read_bytes()[:os.path.getsize(good) // 2],
-                          "is truncated or corrupt")
+    cases["truncated"] = (
+        d / "truncated.pth",
+        good.read_bytes()[: os.path.getsize(good) // 2],
+        "is truncated or corrupt",
+    )
     for path, content, _ in cases.values():
         if isinstance(content, bytes):
             path.write_bytes(content)
@@ -205,9 +269,22 @@ def bad(r50, tmp_path_factory):
     return bad_inputs(r50, tmp_path_factory.mktemp("bad"))
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "text", "empty", "no tensors",
-                                  "resnet18", "bn buffer", "prefix", "code", "plain pickle",
-                                  "truncated"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "directory",
+        "text",
+        "empty",
+        "no tensors",
+        "resnet18",
+        "bn buffer",
+        "prefix",
+        "code",
+        "plain pickle",
+        "truncated",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_no_output(bad, case, tmp_path, capsys):
     path, _, says = bad[case]
     out_file = tmp_path / "out.pkl"
@@ -230,8 +307,12 @@ def test_output_must_be_pkl_for_detectron2(bad, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["truncated", "resnet18"])
 def test_real_tool_fails_cleanly(bad, case, tmp_path):
     path, _, says = bad[case]
-    result = subprocess.run([sys.executable, TOOL, str(path), str(tmp_path / "o.pkl")],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, TOOL, str(path), str(tmp_path / "o.pkl")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and says in errors[0], result.stderr
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
@@ -243,8 +324,12 @@ def test_converts_this_projects_pretraining_checkpoint(tmp_path, capsys):
 
     torch.manual_seed(0)
     moco = MoCo(torchvision.models.resnet50, K=256)
-    state = {"epoch": 1, "arch": "resnet50", "state_dict": ckpt.add_module_prefix(moco.state_dict()),
-             "rng": ckpt.get_rng_state()}
+    state = {
+        "epoch": 1,
+        "arch": "resnet50",
+        "state_dict": ckpt.add_module_prefix(moco.state_dict()),
+        "rng": ckpt.get_rng_state(),
+    }
     src = ckpt.save_checkpoint(state, str(tmp_path), 0)
     code, out, _ = run([src, str(tmp_path / "moco.pkl")], capsys)
     assert code == 0 and out.startswith("input format: MoCo checkpoint, state_dict with module.")

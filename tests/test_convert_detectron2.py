@@ -5,27 +5,32 @@ import pickle
 import pytest
 import torch
 import torchvision
-
-import moco_d2  # noqa: F401  (first: makes detectron2 0.6 importable here)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_resnet_backbone
 
-import moco_d2.modeling  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
-from moco_d2.checkpoint import BackboneCheckingCheckpointer, load_detectron2_weights
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.convert import tool
+from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, load_detectron2_weights
 from moco_d2.errors import UserError
 
 CONFIG = "configs/voc_R50_C4.yaml"
 # Model tensors that no ImageNet-pretrained trunk provides: the detection heads and the
 # extra BN that Res5ROIHeadsExtraNorm puts after res5.
-NEW_IN_DETECTION = {
-    f"proposal_generator.rpn_head.{m}.{t}" for m in ("conv", "objectness_logits", "anchor_deltas")
-    for t in ("weight", "bias")} | {
-    f"roi_heads.box_predictor.{m}.{t}" for m in ("cls_score", "bbox_pred")
-    for t in ("weight", "bias")} | {
-    f"roi_heads.res5.norm.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
+NEW_IN_DETECTION = (
+    {
+        f"proposal_generator.rpn_head.{m}.{t}"
+        for m in ("conv", "objectness_logits", "anchor_deltas")
+        for t in ("weight", "bias")
+    }
+    | {
+        f"roi_heads.box_predictor.{m}.{t}"
+        for m in ("cls_score", "bbox_pred")
+        for t in ("weight", "bias")
+    }
+    | {f"roi_heads.res5.norm.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +75,9 @@ def test_backbone_features_equal_torchvision(torchvision_r50, converted):
     with torch.no_grad():
         outputs = backbone(x)
         y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
-        for stage, layer in zip(("res2", "res3", "res4", "res5"),
-                                (tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
+        for stage, layer in zip(
+            ("res2", "res3", "res4", "res5"), (tv.layer1, tv.layer2, tv.layer3, tv.layer4)
+        ):
             y = layer(y)
             error = (outputs[stage] - y).abs().max() / y.abs().max()
             assert outputs[stage].shape == y.shape and error < 1e-4, (stage, error.item())
@@ -83,15 +89,20 @@ def transfer_model():
 
 
 def test_detection_checkpointer_loads_whole_trunk_into_transfer_model(
-        torchvision_r50, converted, transfer_model):
+    torchvision_r50, converted, transfer_model
+):
     DetectionCheckpointer(transfer_model).load(str(converted))
     loaded = transfer_model.state_dict()
     tv = torchvision_r50.state_dict()
     # Detectron2's name matching puts res5 into the R50-C4 box head, the rest in the backbone.
     assert torch.equal(loaded["backbone.stem.conv1.weight"], tv["conv1.weight"])
-    assert torch.equal(loaded["backbone.res4.5.conv3.norm.running_var"], tv["layer3.5.bn3.running_var"])
-    assert torch.equal(loaded["roi_heads.res5.0.shortcut.norm.running_mean"],
-                       tv["layer4.0.downsample.1.running_mean"])
+    assert torch.equal(
+        loaded["backbone.res4.5.conv3.norm.running_var"], tv["layer3.5.bn3.running_var"]
+    )
+    assert torch.equal(
+        loaded["roi_heads.res5.0.shortcut.norm.running_mean"],
+        tv["layer4.0.downsample.1.running_mean"],
+    )
     assert torch.equal(loaded["roi_heads.res5.2.conv2.weight"], tv["layer4.2.conv2.weight"])
 
     not_loaded = load_detectron2_weights(transfer_model, str(converted))
@@ -103,8 +114,11 @@ def test_missing_backbone_tensor_is_an_error_not_a_warning(converted, transfer_m
         weights = pickle.load(f)
     del weights["model"]["res5.2.conv3.norm.running_var"]
     tool.write(weights, tmp_path / "partial.pkl")
-    with pytest.raises(UserError, match=r"left 1 backbone tensors .*: "
-                                        r"roi_heads\.res5\.2\.conv3\.norm\.running_var;"):
+    with pytest.raises(
+        UserError,
+        match=r"left 1 backbone tensors .*: "
+        r"roi_heads\.res5\.2\.conv3\.norm\.running_var;",
+    ):
         load_detectron2_weights(transfer_model, str(tmp_path / "partial.pkl"))
 
 

@@ -14,10 +14,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_runs_end_to_end_and_reports_what_the_runs_measured(tmp_path):
     out = tmp_path / "demo"
-    command = [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--output-dir", str(out),
-               "--device", "cpu", "--pretrain-images", "16", "--pretrain-epochs", "2",
-               "--pretrain-batch", "8", "--crop-size", "32", "--moco-k", "64",
-               "--det-train-images", "4", "--det-test-images", "4", "--max-iter", "2"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "tools", "demo.py"),
+        "--output-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--pretrain-images",
+        "16",
+        "--pretrain-epochs",
+        "2",
+        "--pretrain-batch",
+        "8",
+        "--crop-size",
+        "32",
+        "--moco-k",
+        "64",
+        "--det-train-images",
+        "4",
+        "--det-test-images",
+        "4",
+        "--max-iter",
+        "2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-import moco_d2  # noqa: F401  (applies the compatibility shims)
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 
 MODULES_THE_MISSION_NEEDS = [
     "detectron2.layers",
@@ -55,8 +55,7 @@ def _sample():
     instances = Instances((64, 64))
     instances.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
     instances.gt_classes = torch.tensor([1])
-    return {"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64,
-            "instances": instances}
+    return {"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64, "instances": instances}
 
 
 def test_r50_c4_trains_one_step_and_runs_inference_on_cpu():

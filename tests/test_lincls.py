@@ -1,4 +1,4 @@
-"""tools/lincls.py end to end on a tiny ImageFolder: frozen backbone, fc-only SGD, accuracy, errors."""
+"""tools/lincls.py end to end on a tiny ImageFolder: frozen backbone, fc-only SGD, errors."""
 
 import json
 import os
@@ -15,8 +15,22 @@ from moco_d2.lincls.model import build_model, build_optimizer
 from moco_d2.training.meters import accuracy
 
 COLORS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
-SMALL = ["-a", "resnet18", "-b", "8", "-j", "0", "--crop-size", "16", "--resize", "18",
-         "--device", "cpu", "--seed", "0"]
+SMALL = [
+    "-a",
+    "resnet18",
+    "-b",
+    "8",
+    "-j",
+    "0",
+    "--crop-size",
+    "16",
+    "--resize",
+    "18",
+    "--device",
+    "cpu",
+    "--seed",
+    "0",
+]
 
 
 def make_image_folder(root, splits=(("train", 8), ("val", 4))):
@@ -61,14 +75,26 @@ def run_cli(argv, capsys):
 
 def test_one_epoch_trains_only_the_fc(data, pretrained, tmp_path):
     out = tmp_path / "out"
-    main([str(data), *SMALL, "--pretrained", pretrained, "--epochs", "1", "--lr", "0.05",
-          "--output-dir", str(out)])
+    main(
+        [
+            str(data),
+            *SMALL,
+            "--pretrained",
+            pretrained,
+            "--epochs",
+            "1",
+            "--lr",
+            "0.05",
+            "--output-dir",
+            str(out),
+        ]
+    )
 
     saved = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     source = torch.load(pretrained, weights_only=True)["state_dict"]
     weights = saved["state_dict"]
     for key, value in weights.items():
-        name = key[len("module."):]
+        name = key[len("module.") :]
         if name.startswith("fc."):
             continue
         assert torch.equal(value, source["module.encoder_q." + name]), name  # BN stats included
@@ -83,8 +109,22 @@ def test_one_epoch_trains_only_the_fc(data, pretrained, tmp_path):
 
 
 def test_linearly_separable_toy_set_reaches_100_percent(data, pretrained, tmp_path):
-    main([str(data), *SMALL, "--pretrained", pretrained, "--epochs", "5", "--lr", "0.05",
-          "--schedule", "4", "--output-dir", str(tmp_path)])
+    main(
+        [
+            str(data),
+            *SMALL,
+            "--pretrained",
+            pretrained,
+            "--epochs",
+            "5",
+            "--lr",
+            "0.05",
+            "--schedule",
+            "4",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     history = results["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 5
@@ -93,7 +133,16 @@ def test_linearly_separable_toy_set_reaches_100_percent(data, pretrained, tmp_pa
 
 
 def test_resume_continues_the_run(data, pretrained, tmp_path):
-    common = [str(data), *SMALL, "--pretrained", pretrained, "--lr", "0.05", "--output-dir", str(tmp_path)]
+    common = [
+        str(data),
+        *SMALL,
+        "--pretrained",
+        pretrained,
+        "--lr",
+        "0.05",
+        "--output-dir",
+        str(tmp_path),
+    ]
     main([*common, "--epochs", "1"])
     main([*common, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth.tar")])
     results = json.loads((tmp_path / "results.json").read_text())
@@ -106,7 +155,9 @@ def test_resume_continues_the_run(data, pretrained, tmp_path):
 
 
 def test_resume_from_a_pretraining_checkpoint(data, pretrained, tmp_path, capsys):
-    code, err = run_cli([str(data), *SMALL, "--resume", pretrained, "--output-dir", str(tmp_path)], capsys)
+    code, err = run_cli(
+        [str(data), *SMALL, "--resume", pretrained, "--output-dir", str(tmp_path)], capsys
+    )
     assert code == 2 and len(err) == 1
     assert "is not a tools/lincls.py checkpoint of resnet18 with 3 classes" in err[0]
 
@@ -124,13 +175,15 @@ def test_optimizer_holds_only_the_fc():
 
 def test_top1_top5_on_a_hand_made_batch():
     # 6 classes; correct class ranked 1st, 1st, 2nd, 6th, 5th for the five samples.
-    logits = torch.tensor([
-        [9.0, 1, 2, 3, 4, 5],
-        [0.0, 9, 1, 2, 3, 4],
-        [5.0, 1, 9, 2, 3, 4],
-        [1.0, 2, 3, 4, 5, 9],
-        [6.0, 5, 4, 3, 2, 1],
-    ])
+    logits = torch.tensor(
+        [
+            [9.0, 1, 2, 3, 4, 5],
+            [0.0, 9, 1, 2, 3, 4],
+            [5.0, 1, 9, 2, 3, 4],
+            [1.0, 2, 3, 4, 5, 9],
+            [6.0, 5, 4, 3, 2, 1],
+        ]
+    )
     target = torch.tensor([0, 1, 5, 0, 4])
     top1, top5 = accuracy(logits, target, topk=(1, 5))
     assert top1.item() == pytest.approx(100 * 2 / 5)
@@ -166,5 +219,7 @@ def test_checkpoint_of_another_arch(data, pretrained, tmp_path, capsys):
     argv = [str(data), *SMALL, "--pretrained", pretrained, "--output-dir", str(tmp_path)]
     argv[argv.index("resnet18")] = "resnet34"
     code, err = run_cli(argv, capsys)
-    assert code == 2 and err == [f"error: {pretrained} is a resnet18 checkpoint, but -a/--arch is resnet34"]
+    assert code == 2 and err == [
+        f"error: {pretrained} is a resnet18 checkpoint, but -a/--arch is resnet34"
+    ]
     assert not os.listdir(tmp_path)  # nothing written before the input was checked

@@ -18,13 +18,24 @@ def resnet18_state():
 def moco_checkpoint(state, prefix="module."):
     """A checkpoint in the released MoCo layout, with an MLP head on the query encoder."""
     encoder = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    encoder.update({"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.randn(512),
-                    "fc.2.weight": torch.randn(128, 512), "fc.2.bias": torch.randn(128)})
+    encoder.update(
+        {
+            "fc.0.weight": torch.randn(512, 512),
+            "fc.0.bias": torch.randn(512),
+            "fc.2.weight": torch.randn(128, 512),
+            "fc.2.bias": torch.randn(128),
+        }
+    )
     sd = {f"{prefix}encoder_q.{k}": v for k, v in encoder.items()}
     sd.update({f"{prefix}encoder_k.{k}": v + 1 for k, v in encoder.items()})
     sd[f"{prefix}queue"] = torch.randn(128, 64)
     sd[f"{prefix}queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    return {"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}
+    return {
+        "epoch": 200,
+        "arch": "resnet18",
+        "state_dict": sd,
+        "optimizer": {"state": {}, "param_groups": []},
+    }
 
 
 def assert_backbone_equals(model, state):
@@ -34,13 +45,17 @@ def assert_backbone_equals(model, state):
             assert torch.equal(loaded[k], v), k
 
 
-@pytest.mark.parametrize("layout", ["moco", "moco_without_module", "torchvision", "torchvision_ddp"])
+@pytest.mark.parametrize(
+    "layout", ["moco", "moco_without_module", "torchvision", "torchvision_ddp"]
+)
 def test_accepted_layouts_load_the_query_encoder(tmp_path, resnet18_state, layout):
     checkpoint = {
         "moco": lambda: moco_checkpoint(resnet18_state),
         "moco_without_module": lambda: moco_checkpoint(resnet18_state, prefix=""),
         "torchvision": lambda: resnet18_state,
-        "torchvision_ddp": lambda: {"state_dict": {"module." + k: v for k, v in resnet18_state.items()}},
+        "torchvision_ddp": lambda: {
+            "state_dict": {"module." + k: v for k, v in resnet18_state.items()}
+        },
     }[layout]()
     path = tmp_path / "pretrained.pth"
     torch.save(checkpoint, path)

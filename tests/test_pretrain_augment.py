@@ -39,7 +39,10 @@ def test_v2_aug_plus_parameters():
     _check_jitter(steps[1].transforms[0], hue=0.1)
     assert isinstance(steps[2], T.RandomGrayscale) and steps[2].p == 0.2
     assert isinstance(steps[3], T.RandomApply) and steps[3].p == 0.5
-    assert isinstance(steps[3].transforms[0], GaussianBlur) and steps[3].transforms[0].sigma == (0.1, 2.0)
+    assert isinstance(steps[3].transforms[0], GaussianBlur) and steps[3].transforms[0].sigma == (
+        0.1,
+        2.0,
+    )
     _check_tail(steps)
 
 
@@ -63,7 +66,9 @@ def test_gaussian_blur_sigma_range_and_output():
     sigma = blur.sample_sigma()
     torch.manual_seed(5)
     out = blur(image)
-    assert np.array_equal(np.asarray(out), np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma))))
+    assert np.array_equal(
+        np.asarray(out), np.asarray(image.filter(ImageFilter.GaussianBlur(radius=sigma)))
+    )
     assert not np.array_equal(np.asarray(out), np.asarray(image))
 
 

@@ -34,8 +34,26 @@ def _run(args, **kw):
 
 
 def _tiny(data, out, *extra):
-    return [str(data), "-a", "resnet18", "-b", "8", "--moco-k", "16", "--workers", "0",
-            "--crop-size", "32", "--seed", "3", "--device", "cpu", "--output-dir", str(out), *extra]
+    return [
+        str(data),
+        "-a",
+        "resnet18",
+        "-b",
+        "8",
+        "--moco-k",
+        "16",
+        "--workers",
+        "0",
+        "--crop-size",
+        "32",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path):
@@ -44,13 +62,40 @@ def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path):
     corrupt = sorted(data.rglob("*.jpg"))[3]
     corrupt.write_bytes(b"broken")
     out = tmp_path / "out"
-    result = _run([str(data), "-a", "resnet50", "-b", "4", "--moco-k", "16", "--epochs", "1", "--workers", "0",
-                   "--mlp", "--moco-t", "0.2", "--aug-plus", "--cos", "--seed", "0", "--output-dir", str(out),
-                   "--crop-size", "32"])
+    result = _run(
+        [
+            str(data),
+            "-a",
+            "resnet50",
+            "-b",
+            "4",
+            "--moco-k",
+            "16",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--mlp",
+            "--moco-t",
+            "0.2",
+            "--aug-plus",
+            "--cos",
+            "--seed",
+            "0",
+            "--output-dir",
+            str(out),
+            "--crop-size",
+            "32",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "bn-splits 2" in log and "16 images" in log
-    assert str(corrupt) in log and "1 unreadable images were replaced" in log and "kept its 4 iterations" in log
+    assert (
+        str(corrupt) in log
+        and "1 unreadable images were replaced" in log
+        and "kept its 4 iterations" in log
+    )
     assert list((out / "tb").iterdir())
     ckpt = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)
     assert {"epoch", "arch", "state_dict", "optimizer"} <= set(ckpt)
@@ -77,10 +122,20 @@ def _wait_for(path, proc, timeout=180):
 
 def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    uninterrupted = subprocess.Popen(TOOL + _tiny(data_dir, full, "--epochs", "3"), env=ENV,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(TOOL + _tiny(data_dir, killed, "--epochs", "3"), env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uninterrupted = subprocess.Popen(
+        TOOL + _tiny(data_dir, full, "--epochs", "3"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        TOOL + _tiny(data_dir, killed, "--epochs", "3"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(killed / "checkpoint_0000.pth.tar", victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -98,16 +153,31 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
         assert torch.equal(value, b["state_dict"][name]), name
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     for i, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), i
+        assert torch.equal(
+            state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]
+        ), i
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     first = torch.load(full / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
-    assert not torch.equal(first["module.queue"], a["state_dict"]["module.queue"])  # it did train on
+    assert not torch.equal(
+        first["module.queue"], a["state_dict"]["module.queue"]
+    )  # it did train on
 
 
 def test_multiprocessing_distributed_on_cpu(data_dir, tmp_path):
     out = tmp_path / "out"
-    result = _run(_tiny(data_dir, out, "--epochs", "1", "--multiprocessing-distributed", "--nproc-per-node", "2",
-                        "--knn-data", str(data_dir)))
+    result = _run(
+        _tiny(
+            data_dir,
+            out,
+            "--epochs",
+            "1",
+            "--multiprocessing-distributed",
+            "--nproc-per-node",
+            "2",
+            "--knn-data",
+            str(data_dir),
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "32 images, batch 4 per process x 2 processes, bn-splits 1" in log
@@ -122,12 +192,15 @@ def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
     assert not list((tmp_path / "out").glob("checkpoint_*"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--moco-k", "20"], "multiple of the global batch 8"),
-    (["--bn-splits", "3"], "does not divide"),
-    (["--resume", "missing.pth.tar"], "checkpoint not found"),
-    (["-b", "64", "--moco-k", "64"], "fewer than one global batch"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--moco-k", "20"], "multiple of the global batch 8"),
+        (["--bn-splits", "3"], "does not divide"),
+        (["--resume", "missing.pth.tar"], "checkpoint not found"),
+        (["-b", "64", "--moco-k", "64"], "fewer than one global batch"),
+    ],
+)
 def test_bad_flags_are_user_errors(data_dir, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         pretrain.main(_tiny(data_dir, tmp_path / "out", *extra))
@@ -136,7 +209,10 @@ def test_bad_flags_are_user_errors(data_dir, tmp_path, extra, message):
 def test_missing_data_dir_is_one_line_exit_2(tmp_path):
     result = _run([str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out")])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: data folder not found: {tmp_path / 'nowhere'}"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: data folder not found: {tmp_path / 'nowhere'}"
+    )
 
 
 @pytest.mark.gpu
@@ -147,6 +223,8 @@ def test_gpu_run_with_amp_writes_a_cpu_loadable_checkpoint(data_dir, tmp_path):
     argv[argv.index("--device") + 1] = "cuda"
     assert pretrain.main(argv) == 0
     assert "device cuda:0" in (out / "log.txt").read_text()
-    sd = torch.load(out / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)["state_dict"]
+    sd = torch.load(out / "checkpoint_0000.pth.tar", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
     assert sd["module.queue"].dtype == torch.float32 and torch.isfinite(sd["module.queue"]).all()
     assert int(sd["module.queue_ptr"]) == 0

@@ -6,11 +6,17 @@ import pytest
 from PIL import Image
 
 from moco_d2.errors import UserError
-from moco_d2.pretrain.data import TolerantImageFolder, make_synthetic_image_folder, resolve_train_dir
+from moco_d2.pretrain.data import (
+    TolerantImageFolder,
+    make_synthetic_image_folder,
+    resolve_train_dir,
+)
 
 
 def test_synthetic_folder_writes_real_images(tmp_path):
-    root = make_synthetic_image_folder(str(tmp_path / "train"), num_images=12, size=24, seed=3, num_classes=3)
+    root = make_synthetic_image_folder(
+        str(tmp_path / "train"), num_images=12, size=24, seed=3, num_classes=3
+    )
     files = sorted((tmp_path / "train").rglob("*.jpg"))
     assert len(files) == 12 and len({f.parent.name for f in files}) == 3
     with Image.open(files[0]) as im:

@@ -18,7 +18,10 @@ WORLD, BATCH, STEPS, M = 2, 4, 3, 0.9
 def _images(rank, step):
     """Random key images whose pixel [0, 0, 0] holds their global index in the step's batch."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    im_q, im_k = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randn(BATCH, 3, 32, 32, generator=g)
+    im_q, im_k = (
+        torch.randn(BATCH, 3, 32, 32, generator=g),
+        torch.randn(BATCH, 3, 32, 32, generator=g),
+    )
     im_k[:, 0, 0, 0] = torch.arange(BATCH, dtype=torch.float32) + rank * BATCH
     return im_q, im_k
 
@@ -48,7 +51,9 @@ def _check_shuffle_roundtrip(rank):
     assert all(torch.equal(every_idx[0], i) for i in every_idx)
     ids = torch.cat(_gather(shuffled))[:, 0]
     all_ids = torch.cat([torch.arange(0, BATCH * 3, 3) + 100 * r for r in range(WORLD)]).float()
-    assert torch.equal(ids.sort().values, all_ids.sort().values)  # a permutation of the global batch
+    assert torch.equal(
+        ids.sort().values, all_ids.sort().values
+    )  # a permutation of the global batch
 
 
 def _check_moco_steps(rank, out_dir):
@@ -80,11 +85,16 @@ def _check_moco_steps(rank, out_dir):
             feats = torch.cat(_gather(F.normalize(reference_k(encoded), dim=1)))
         expected = torch.empty_like(feats)
         expected[every_ids] = feats  # back to the global input order
-        torch.testing.assert_close(model.queue[:, ptr:ptr + WORLD * BATCH].T, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            model.queue[:, ptr : ptr + WORLD * BATCH].T, expected, rtol=1e-4, atol=1e-5
+        )
     assert mixed, "the key encoder never saw another rank's images"
     # BN running statistics are per rank until DDP broadcasts rank 0's at the next forward
-    state = {"queue": model.queue, "queue_ptr": model.queue_ptr,
-             **{f"encoder_k.{k}": v for k, v in model.encoder_k.named_parameters()}}
+    state = {
+        "queue": model.queue,
+        "queue_ptr": model.queue_ptr,
+        **{f"encoder_k.{k}": v for k, v in model.encoder_k.named_parameters()},
+    }
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

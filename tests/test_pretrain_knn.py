@@ -26,7 +26,9 @@ def test_weighted_vote_matches_hand_computation():
 
 
 def test_monitor_runs_on_a_labelled_folder(tmp_path):
-    make_synthetic_image_folder(str(tmp_path / "train"), num_images=8, size=24, seed=0, num_classes=2)
+    make_synthetic_image_folder(
+        str(tmp_path / "train"), num_images=8, size=24, seed=0, num_classes=2
+    )
     make_synthetic_image_folder(str(tmp_path / "val"), num_images=4, size=24, seed=1, num_classes=2)
     monitor = KNNMonitor(str(tmp_path), crop_size=16, batch_size=4, k=3)
     encoder = torchvision.models.resnet18(num_classes=8)

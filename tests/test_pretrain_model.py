@@ -38,7 +38,7 @@ def test_logits_momentum_and_queue_match_hand_computation():
     n, dim, K, m, T = 4, 8, 12, 0.9, 0.2
     model = MoCo(LinearEncoder, dim=dim, K=K, m=m, T=T, mlp=True, shuffle="local")
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
-    for step in range(4):  # 4 steps of 4 keys wrap the 12-key ring once
+    for _ in range(4):  # 4 steps of 4 keys wrap the 12-key ring once
         im_q, im_k = torch.randn(n, 3, 6, 6), torch.randn(n, 3, 6, 6)
         q_params, k_params = _numpy_params(model.encoder_q), _numpy_params(model.encoder_k)
         queue, ptr = model.queue.numpy().copy(), int(model.queue_ptr)
@@ -49,7 +49,9 @@ def test_logits_momentum_and_queue_match_hand_computation():
         for name, value in model.encoder_k.named_parameters():
             np.testing.assert_allclose(value.detach().numpy(), new_k[name], rtol=1e-6, atol=1e-7)
         ref_k_encoder = copy.deepcopy(model.encoder_q)
-        ref_k_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in new_k.items()}, strict=False)
+        ref_k_encoder.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in new_k.items()}, strict=False
+        )
         with torch.no_grad():
             q = _normalize(model.encoder_q(im_q).numpy())
             k = _normalize(ref_k_encoder(im_k).numpy())
@@ -58,7 +60,7 @@ def test_logits_momentum_and_queue_match_hand_computation():
         assert logits.shape == (n, 1 + K) and labels.dtype == torch.long and not labels.any()
 
         expected_queue = queue.copy()
-        expected_queue[:, ptr:ptr + n] = k.T
+        expected_queue[:, ptr : ptr + n] = k.T
         np.testing.assert_allclose(model.queue.numpy(), expected_queue, rtol=1e-5, atol=1e-6)
         assert int(model.queue_ptr) == (ptr + n) % K
 
@@ -78,7 +80,9 @@ def test_released_state_dict_names_and_heads():
     assert {k.split(".")[0] for k in sd} == {"encoder_q", "encoder_k", "queue", "queue_ptr"}
     assert sd["queue"].shape == (128, 256) and sd["queue_ptr"].dtype == torch.long
     torch.testing.assert_close(sd["queue"].norm(dim=0), torch.ones(256))
-    for (name_q, p_q), (name_k, p_k) in zip(v2.encoder_q.named_parameters(), v2.encoder_k.named_parameters()):
+    for (name_q, p_q), (name_k, p_k) in zip(
+        v2.encoder_q.named_parameters(), v2.encoder_k.named_parameters()
+    ):
         assert name_q == name_k and torch.equal(p_q, p_k) and not p_k.requires_grad
     v1 = MoCo(torchvision.models.resnet18, dim=64, K=128, mlp=False)
     assert v1.state_dict()["encoder_q.fc.weight"].shape == (64, 512)
@@ -97,8 +101,12 @@ def test_split_batchnorm_equals_batchnorm_per_group():
     groups = [copy.deepcopy(bn) for _ in range(3)]
     expected = torch.cat([g(chunk) for g, chunk in zip(groups, x.chunk(3))])
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(split.running_mean, torch.stack([g.running_mean for g in groups]).mean(0))
-    torch.testing.assert_close(split.running_var, torch.stack([g.running_var for g in groups]).mean(0))
+    torch.testing.assert_close(
+        split.running_mean, torch.stack([g.running_mean for g in groups]).mean(0)
+    )
+    torch.testing.assert_close(
+        split.running_var, torch.stack([g.running_var for g in groups]).mean(0)
+    )
     assert int(split.num_batches_tracked) == 1
     split.eval()
     bn.load_state_dict(split.state_dict())
@@ -112,13 +120,20 @@ def test_local_shuffle_with_split_bn_matches_per_group_reference():
     """Keys are encoded in a shuffled order by per-group BN, then put back in input order."""
     torch.manual_seed(2)
     n, splits = 8, 2
-    model = MoCo(torchvision.models.resnet18, dim=16, K=16, m=0.5, bn_splits=splits, shuffle="local")
+    model = MoCo(
+        torchvision.models.resnet18, dim=16, K=16, m=0.5, bn_splits=splits, shuffle="local"
+    )
     plain_k = MoCo(torchvision.models.resnet18, dim=16, K=16, bn_splits=1).encoder_k
     im_q, im_k = torch.randn(n, 3, 32, 32), torch.randn(n, 3, 32, 32)
     with torch.no_grad():
         for p_q, p_k in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
-            p_k.mul_(0.0).add_(torch.randn_like(p_k) * 0.01 + p_q)  # make the momentum update visible
-    expected_k_params = [0.5 * k + 0.5 * q for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters())]
+            p_k.mul_(0.0).add_(
+                torch.randn_like(p_k) * 0.01 + p_q
+            )  # make the momentum update visible
+    expected_k_params = [
+        0.5 * k + 0.5 * q
+        for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters())
+    ]
     state = torch.get_rng_state()
     model(im_q, im_k)
     keys = model.queue[:, :n].T.clone()
@@ -136,8 +151,8 @@ def test_local_shuffle_with_split_bn_matches_per_group_reference():
     expected = torch.empty_like(feats)
     expected[perm] = feats
     torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5)
-    unshuffled = F.normalize(copy.deepcopy(plain_bns[0])(im_k[:n // 2]), dim=1)
-    assert not torch.allclose(unshuffled, keys[:n // 2], atol=1e-3)  # BN groups saw a mixed batch
+    unshuffled = F.normalize(copy.deepcopy(plain_bns[0])(im_k[: n // 2]), dim=1)
+    assert not torch.allclose(unshuffled, keys[: n // 2], atol=1e-3)  # BN groups saw a mixed batch
 
 
 def test_queue_size_must_be_multiple_of_batch():

@@ -16,7 +16,9 @@ from moco_d2.training import distributed, meters, schedule
 def test_cosine_matches_released_formula():
     assert schedule.cosine_lr(0.03, 0, 200) == pytest.approx(0.03)
     assert schedule.cosine_lr(0.03, 100, 200) == pytest.approx(0.015)
-    assert schedule.cosine_lr(0.03, 150, 200) == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert schedule.cosine_lr(0.03, 150, 200) == pytest.approx(
+        0.03 * 0.5 * (1 + math.cos(math.pi * 0.75))
+    )
 
 
 def test_step_schedule_released_milestones():
@@ -25,8 +27,13 @@ def test_step_schedule_released_milestones():
 
 
 def test_adjust_learning_rate_sets_every_group():
-    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
-                           {"params": [torch.zeros(1, requires_grad=True)]}], lr=1.0)
+    opt = torch.optim.SGD(
+        [
+            {"params": [torch.zeros(1, requires_grad=True)]},
+            {"params": [torch.zeros(1, requires_grad=True)]},
+        ],
+        lr=1.0,
+    )
     args = argparse.Namespace(lr=30.0, epochs=100, schedule=[60, 80], cos=False)
     assert schedule.adjust_learning_rate(opt, 80, args) == pytest.approx(0.3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.3, 0.3])
@@ -49,8 +56,14 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    state = {"epoch": 3, "arch": "resnet50", "state_dict": ckpt.add_module_prefix(model.state_dict()),
-             "optimizer": opt.state_dict(), "rng": ckpt.get_rng_state(), "seed": 7}
+    state = {
+        "epoch": 3,
+        "arch": "resnet50",
+        "state_dict": ckpt.add_module_prefix(model.state_dict()),
+        "optimizer": opt.state_dict(),
+        "rng": ckpt.get_rng_state(),
+        "seed": 7,
+    }
     path = ckpt.save_checkpoint(state, str(tmp_path), 2)
     assert path.endswith("checkpoint_0002.pth.tar")
     loaded = torch.load(path, weights_only=True)
@@ -93,7 +106,9 @@ def test_single_process_launch_defaults():
     parser = argparse.ArgumentParser()
     distributed.add_distributed_arguments(parser)
     args = parser.parse_args(["--device", "cpu"])
-    seen = distributed.launch(lambda local_rank, a: (local_rank, a.world_size, a.rank, a.distributed), args)
+    seen = distributed.launch(
+        lambda local_rank, a: (local_rank, a.world_size, a.rank, a.distributed), args
+    )
     assert seen == (None, 1, 0, False)
     assert distributed.init_process(None, args) == torch.device("cpu")
     with pytest.raises(UserError, match="--device"):

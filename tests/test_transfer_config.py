@@ -1,6 +1,5 @@
 """The registered configs carry SPEC §4's protocol, and the ExtraNorm head is what it says."""
 
-import moco_d2  # noqa: F401  (first: compat shims, then registers the head)
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -10,8 +9,9 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads, buil
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
-from moco_d2.modeling import Res5ROIHeadsExtraNorm
-from moco_d2.transfer.norm import resolve_sync_bn
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection.norm import resolve_sync_bn
+from moco_d2.detection.roi_heads import Res5ROIHeadsExtraNorm
 
 CONFIGS = ["configs/voc_R50_C4.yaml", "configs/voc_R50_C4_supervised.yaml"]
 
@@ -41,7 +41,12 @@ def test_protocol_values_match_spec(path):
     assert cfg.INPUT.MIN_SIZE_TEST == 800
     s = cfg.SOLVER
     assert (s.IMS_PER_BATCH, s.BASE_LR, tuple(s.STEPS), s.MAX_ITER, s.WARMUP_ITERS) == (
-        16, 0.02, (18000, 22000), 24000, 100)
+        16,
+        0.02,
+        (18000, 22000),
+        24000,
+        100,
+    )
     assert cfg.TEST.PRECISE_BN.ENABLED is True
     assert tuple(cfg.DATASETS.TRAIN) == ("voc_2007_trainval", "voc_2012_trainval")
     assert tuple(cfg.DATASETS.TEST) == ("voc_2007_test",)
@@ -103,12 +108,21 @@ def test_extra_norm_trains():
     images = ImageList(torch.zeros(2, 3, 128, 128), [(128, 128)] * 2)
     proposals, targets = [], []
     for _ in range(2):
-        p = Instances((128, 128), proposal_boxes=Boxes(torch.tensor(
-            [[0, 0, 64, 64], [32, 32, 128, 128], [10, 10, 50, 90.]])),
-            objectness_logits=torch.zeros(3))
+        p = Instances(
+            (128, 128),
+            proposal_boxes=Boxes(
+                torch.tensor([[0, 0, 64, 64], [32, 32, 128, 128], [10, 10, 50, 90.0]])
+            ),
+            objectness_logits=torch.zeros(3),
+        )
         proposals.append(p)
-        targets.append(Instances((128, 128), gt_boxes=Boxes(torch.tensor([[0, 0, 60, 60.]])),
-                                 gt_classes=torch.tensor([3])))
+        targets.append(
+            Instances(
+                (128, 128),
+                gt_boxes=Boxes(torch.tensor([[0, 0, 60, 60.0]])),
+                gt_classes=torch.tensor([3]),
+            )
+        )
     running_mean = head.res5.norm.running_mean.clone()
     with EventStorage():  # the head logs its foreground ratio
         _, losses = head(images, features, proposals, targets)

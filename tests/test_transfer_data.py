@@ -3,18 +3,17 @@
 import os
 import shutil
 
-import moco_d2  # noqa: F401  (compat shims before detectron2)
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
-
-from moco_d2.data import prepare_voc
-from moco_d2.data.check import check_voc_tree
-from moco_d2.data.synthetic import make_synthetic_voc
-from moco_d2.data.voc import CLASS_NAMES, load_voc_instances, register_all_voc
-from moco_d2.errors import UserError
 from PIL import Image
-from transfer_tiny import registered_voc, synthetic_voc_root  # noqa: F401  (fixtures)
+
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection.data import prepare_voc
+from moco_d2.detection.data.check import check_voc_tree
+from moco_d2.detection.data.synthetic import make_synthetic_voc
+from moco_d2.detection.data.voc import CLASS_NAMES, load_voc_instances, register_all_voc
+from moco_d2.errors import UserError
 
 ANNOTATION = """<annotation><size><width>60</width><height>40</height><depth>3</depth></size>
 <object><name>dog</name><difficult>1</difficult>
@@ -76,13 +75,16 @@ def test_missing_annotation(voc_dir):
     expect_error(voc_dir, path)
 
 
-@pytest.mark.parametrize("broken, reason", [
-    ("<annotation><size>", "malformed"),
-    (ANNOTATION.replace("<xmax>30</xmax>", ""), "xmax"),
-    (ANNOTATION.replace("<xmax>30</xmax>", "<xmax>3O</xmax>"), "3O"),
-    (ANNOTATION.replace("<name>dog</name>", "<name>dragon</name>"), "dragon"),
-    (ANNOTATION.replace("<width>60</width>", ""), "width"),
-])
+@pytest.mark.parametrize(
+    "broken, reason",
+    [
+        ("<annotation><size>", "malformed"),
+        (ANNOTATION.replace("<xmax>30</xmax>", ""), "xmax"),
+        (ANNOTATION.replace("<xmax>30</xmax>", "<xmax>3O</xmax>"), "3O"),
+        (ANNOTATION.replace("<name>dog</name>", "<name>dragon</name>"), "dragon"),
+        (ANNOTATION.replace("<width>60</width>", ""), "width"),
+    ],
+)
 def test_malformed_annotation(voc_dir, broken, reason):
     path = voc_dir / "Annotations" / "000001.xml"
     path.write_text(broken)
@@ -90,9 +92,11 @@ def test_malformed_annotation(voc_dir, broken, reason):
 
 
 def test_registered_names_follow_the_root(registered_voc, tmp_path):
-    for name, folder, split in [("voc_2007_trainval", "VOC2007", "trainval"),
-                                ("voc_2012_trainval", "VOC2012", "trainval"),
-                                ("voc_2007_test", "VOC2007", "test")]:
+    for name, folder, split in [
+        ("voc_2007_trainval", "VOC2007", "trainval"),
+        ("voc_2012_trainval", "VOC2012", "trainval"),
+        ("voc_2007_test", "VOC2007", "test"),
+    ]:
         meta = MetadataCatalog.get(name)
         assert meta.evaluator_type == "pascal_voc"
         assert meta.dirname == os.path.join(str(registered_voc), folder) and meta.split == split
@@ -109,7 +113,10 @@ def test_registered_names_follow_the_root(registered_voc, tmp_path):
 def test_synthetic_tree_layout_and_content(synthetic_voc_root):
     rows = {row["name"]: row for row in check_voc_tree(str(synthetic_voc_root))}
     assert {n: r["images"] for n, r in rows.items()} == {
-        "voc_2007_trainval": 4, "voc_2012_trainval": 4, "voc_2007_test": 4}
+        "voc_2007_trainval": 4,
+        "voc_2012_trainval": 4,
+        "voc_2007_test": 4,
+    }
     assert all(not r["problems"] and r["objects"] >= r["images"] for r in rows.values())
     dicts = load_voc_instances(str(synthetic_voc_root / "VOC2007"), "trainval")
     for d in dicts:

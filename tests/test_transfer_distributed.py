@@ -3,18 +3,18 @@ train_net trains, runs precise BN and evaluates."""
 
 import json
 
-import moco_d2  # noqa: F401  (compat shims before detectron2)
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import get_norm
 from detectron2.utils import comm
-from transfer_tiny import TINY_OPTS, registered_voc, synthetic_voc_root  # noqa: F401
+from transfer_tiny import TINY_OPTS
 
-from moco_d2.transfer import train_net
-from moco_d2.transfer.launch import launch
-from moco_d2.transfer.norm import resolve_sync_bn
-from moco_d2.transfer.trainer import METRICS_FILE
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection import train_net
+from moco_d2.detection.launch import launch
+from moco_d2.detection.norm import resolve_sync_bn
+from moco_d2.detection.trainer import METRICS_FILE
 
 
 def _norm_worker(output_dir):
@@ -26,9 +26,17 @@ def _norm_worker(output_dir):
     x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 2, 2) * (rank + 1) + 10 * rank
     out = norm(x)
     out.sum().backward()
-    torch.save({"norm": cfg.MODEL.RESNETS.NORM, "local_rank": comm.get_local_rank(),
-                "x": x, "out": out.detach(), "running_mean": norm.running_mean,
-                "running_var": norm.running_var}, f"{output_dir}/rank{rank}.pt")
+    torch.save(
+        {
+            "norm": cfg.MODEL.RESNETS.NORM,
+            "local_rank": comm.get_local_rank(),
+            "x": x,
+            "out": out.detach(),
+            "running_mean": norm.running_mean,
+            "running_var": norm.running_var,
+        },
+        f"{output_dir}/rank{rank}.pt",
+    )
 
 
 def test_naive_sync_bn_synchronizes_over_gloo(tmp_path):
@@ -53,9 +61,23 @@ def test_train_net_two_cpu_processes(registered_voc, tmp_path, monkeypatch):
     # The parent checks the datasets it has registered; the spawned workers register from env.
     monkeypatch.setenv("DETECTRON2_DATASETS", str(registered_voc))
     out = tmp_path / "out"
-    train_net.main(["--config-file", "configs/voc_R50_C4.yaml", "--num-gpus", "2",
-                    "--dist-url", "auto", "MODEL.WEIGHTS", "", *TINY_OPTS,
-                    "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)])
+    train_net.main(
+        [
+            "--config-file",
+            "configs/voc_R50_C4.yaml",
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            "auto",
+            "MODEL.WEIGHTS",
+            "",
+            *TINY_OPTS,
+            "SOLVER.MAX_ITER",
+            "2",
+            "OUTPUT_DIR",
+            str(out),
+        ]
+    )
     log = (out / "log.txt").read_text()
     assert log.count("MODEL.RESNETS.NORM: SyncBN -> naiveSyncBN") == 1
     assert "World size: 2" in log and "Running precise-BN" in log

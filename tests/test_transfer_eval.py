@@ -3,7 +3,6 @@ independent VOC07 11-point computation give on a hand-made case, difficult objec
 
 import json
 
-import moco_d2  # noqa: F401  (compat shims before detectron2)
 import numpy as np
 import pytest
 import torch
@@ -13,9 +12,10 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from moco_d2.data.voc import CLASS_NAMES, register_all_voc, register_voc
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection.data.voc import CLASS_NAMES, register_all_voc, register_voc
+from moco_d2.detection.trainer import METRICS_FILE, Trainer
 from moco_d2.errors import UserError
-from moco_d2.transfer.trainer import METRICS_FILE, Trainer
 
 CAT, DOG = CLASS_NAMES.index("cat"), CLASS_NAMES.index("dog")
 # Ground truth as written in the XML files (1-based, inclusive): (class, box, difficult).
@@ -26,12 +26,16 @@ GROUND_TRUTH = {
 }
 # Model outputs (0-based XYXY_ABS, as Detectron2 predicts): (class, score, box).
 DETECTIONS = {
-    "000003": [(CAT, 0.95, (35, 5, 60, 25)),    # false positive
-               (CAT, 0.70, (0, 0, 30, 30)),     # on the difficult cat: neither TP nor FP
-               (DOG, 0.50, (29, 29, 60, 60))],  # exact
-    "000001": [(CAT, 0.90, (9, 9, 40, 40)),     # exact
-               (DOG, 0.60, (4, 4, 60, 60)),     # exact
-               (DOG, 0.40, (4, 4, 60, 60))],    # duplicate: false positive
+    "000003": [
+        (CAT, 0.95, (35, 5, 60, 25)),  # false positive
+        (CAT, 0.70, (0, 0, 30, 30)),  # on the difficult cat: neither TP nor FP
+        (DOG, 0.50, (29, 29, 60, 60)),
+    ],  # exact
+    "000001": [
+        (CAT, 0.90, (9, 9, 40, 40)),  # exact
+        (DOG, 0.60, (4, 4, 60, 60)),  # exact
+        (DOG, 0.40, (4, 4, 60, 60)),
+    ],  # duplicate: false positive
     "000002": [(CAT, 0.80, (27, 19, 57, 50))],  # IoU 0.605: TP at .50, FP at .75
 }
 
@@ -47,10 +51,12 @@ def write_tree(root):
             f"<object><name>{CLASS_NAMES[c]}</name><pose>Left</pose><truncated>0</truncated>"
             f"<difficult>{diff}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
             f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
-            for c, b, diff in objects)
+            for c, b, diff in objects
+        )
         (d / "Annotations" / f"{image_id}.xml").write_text(
             "<annotation><size><width>64</width><height>64</height><depth>3</depth></size>"
-            f"{xml}</annotation>")
+            f"{xml}</annotation>"
+        )
     return d
 
 
@@ -62,8 +68,9 @@ class FixedDetections(torch.nn.Module):
         for x in inputs:
             dets = DETECTIONS.get(x["image_id"], [])
             instances = Instances((x["height"], x["width"]))
-            instances.pred_boxes = Boxes(torch.tensor([b for _, _, b in dets],
-                                                      dtype=torch.float32).reshape(-1, 4))
+            instances.pred_boxes = Boxes(
+                torch.tensor([b for _, _, b in dets], dtype=torch.float32).reshape(-1, 4)
+            )
             instances.scores = torch.tensor([s for _, s, _ in dets])
             instances.pred_classes = torch.tensor([c for c, _, _ in dets], dtype=torch.int64)
             outputs.append({"instances": instances})
@@ -72,12 +79,20 @@ class FixedDetections(torch.nn.Module):
 
 def voc07_ap(cls, threshold):
     """VOC2007 11-point AP (in %) of one class, written from the VOC devkit's definition."""
-    gts = {i: [(np.array(b, float), diff) for c, b, diff in objs if c == cls]
-           for i, objs in GROUND_TRUTH.items()}
+    gts = {
+        i: [(np.array(b, float), diff) for c, b, diff in objs if c == cls]
+        for i, objs in GROUND_TRUTH.items()
+    }
     npos = sum(not diff for objs in gts.values() for _, diff in objs)
-    dets = sorted(((s, i, np.array(b, float) + [1, 1, 0, 0])  # to the XML's 1-based boxes
-                   for i, ds in DETECTIONS.items() for c, s, b in ds if c == cls),
-                  key=lambda d: -d[0])
+    dets = sorted(
+        (
+            (s, i, np.array(b, float) + [1, 1, 0, 0])  # to the XML's 1-based boxes
+            for i, ds in DETECTIONS.items()
+            for c, s, b in ds
+            if c == cls
+        ),
+        key=lambda d: -d[0],
+    )
     used, tp, fp = set(), [], []
     for _, image_id, box in dets:
         best, best_j = 0.0, None
@@ -96,14 +111,20 @@ def voc07_ap(cls, threshold):
         fp.append(not hit)
     tp, fp = np.cumsum(tp), np.cumsum(fp)
     recall, precision = tp / npos, tp / np.maximum(tp + fp, 1e-12)
-    return 100 * np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                          for t in np.arange(0, 1.1, 0.1)])
+    return 100 * np.mean(
+        [
+            precision[recall >= t].max() if (recall >= t).any() else 0.0
+            for t in np.arange(0, 1.1, 0.1)
+        ]
+    )
 
 
 def independent_metrics():
     """Mean over all 20 VOC classes (absent classes score 0, as in Detectron2)."""
-    maps = {t: sum(voc07_ap(c, t / 100) for c in (CAT, DOG)) / len(CLASS_NAMES)
-            for t in range(50, 100, 5)}
+    maps = {
+        t: sum(voc07_ap(c, t / 100) for c in (CAT, DOG)) / len(CLASS_NAMES)
+        for t in range(50, 100, 5)
+    }
     return {"AP": np.mean(list(maps.values())), "AP50": maps[50], "AP75": maps[75]}
 
 
@@ -118,12 +139,25 @@ def hand_made_voc(tmp_path):
 def test_train_net_metrics_equal_detectron2_and_numpy(hand_made_voc, tmp_path):
     cfg = get_cfg()
     cfg.merge_from_file("configs/voc_R50_C4.yaml")
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64",
-                         "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out")])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ]
+    )
     reported = Trainer.test(cfg, FixedDetections())
     written = json.loads((tmp_path / "out" / METRICS_FILE).read_text())
-    assert written == {"voc_2007_test": {k: pytest.approx(v) for k, v in reported["bbox"].items()
-                                         if k in ("AP", "AP50", "AP75")}}
+    assert written == {
+        "voc_2007_test": {
+            k: pytest.approx(v) for k, v in reported["bbox"].items() if k in ("AP", "AP50", "AP75")
+        }
+    }
 
     evaluator = PascalVOCDetectionEvaluator("voc_2007_test")
     evaluator.reset()
@@ -146,8 +180,9 @@ def test_evaluator_is_chosen_by_metadata_not_name(hand_made_voc, tmp_path):
     register_voc("my_detection_set", str(hand_made_voc / "VOC2007"), "test", 2007)
     try:
         cfg = get_cfg()
-        assert isinstance(Trainer.build_evaluator(cfg, "my_detection_set"),
-                          PascalVOCDetectionEvaluator)
+        assert isinstance(
+            Trainer.build_evaluator(cfg, "my_detection_set"), PascalVOCDetectionEvaluator
+        )
         MetadataCatalog.get("voc_like_name").set(evaluator_type="coco")
         with pytest.raises(UserError, match="voc_like_name.*'coco'"):
             Trainer.build_evaluator(cfg, "voc_like_name")

@@ -8,26 +8,38 @@ import re
 import subprocess
 import sys
 
-import moco_d2  # noqa: F401  (compat shims before detectron2)
 import pytest
 import torch
-from transfer_tiny import TINY_OPTS, converted_weights, synthetic_voc_root  # noqa: F401
+from transfer_tiny import TINY_OPTS
 
-from moco_d2.transfer.trainer import METRICS_FILE
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection.trainer import METRICS_FILE
 
 
 def train_net(root, *args):
     env = {**os.environ, "DETECTRON2_DATASETS": str(root)}
-    return subprocess.run([sys.executable, "tools/train_net.py", "--config-file",
-                           "configs/voc_R50_C4.yaml", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "tools/train_net.py", "--config-file", "configs/voc_R50_C4.yaml", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_path):
     out = tmp_path / "out"
-    first = train_net(synthetic_voc_root, "MODEL.WEIGHTS", str(converted_weights), *TINY_OPTS,
-                      "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
+    first = train_net(
+        synthetic_voc_root,
+        "MODEL.WEIGHTS",
+        str(converted_weights),
+        *TINY_OPTS,
+        "SOLVER.MAX_ITER",
+        "2",
+        "OUTPUT_DIR",
+        str(out),
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     printed = re.search(r"voc_2007_test: AP (\S+)  AP50 (\S+)  AP75 (\S+)", first.stdout)
     assert printed, first.stdout[-3000:]
@@ -50,8 +62,9 @@ def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_pa
     momentum = [s["momentum_buffer"] for s in optimizer["state"].values()]
     assert momentum and all(m.abs().sum() > 0 for m in momentum[:5])
 
-    second = train_net(synthetic_voc_root, "--resume", *TINY_OPTS, "SOLVER.MAX_ITER", "3",
-                       "OUTPUT_DIR", str(out))
+    second = train_net(
+        synthetic_voc_root, "--resume", *TINY_OPTS, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Starting training from iteration 2" in (out / "log.txt").read_text()
     assert torch.load(out / "model_final.pth")["iteration"] == 2
@@ -66,12 +79,14 @@ def test_user_error_is_one_line(tmp_path):
 
 def test_missing_dataset_folder_fails_before_training_starts(tmp_path):
     out = tmp_path / "out"
-    result = train_net(tmp_path / "no_datasets", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
-                       "OUTPUT_DIR", str(out))
+    result = train_net(
+        tmp_path / "no_datasets", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: VOC folder not found: {tmp_path / 'no_datasets' / 'VOC2007'}; set "
-        "DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ (datasets/README.md)"]
+        "DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ (datasets/README.md)"
+    ]
     assert not out.exists()
 
 
@@ -80,9 +95,20 @@ def test_missing_dataset_folder_fails_before_training_starts(tmp_path):
 def test_one_gpu_keeps_sync_bn(synthetic_voc_root, converted_weights, tmp_path):
     out = tmp_path / "out"
     opts = [o if o != "cpu" else "cuda" for o in TINY_OPTS]
-    result = train_net(synthetic_voc_root, "MODEL.WEIGHTS", str(converted_weights), *opts,
-                       "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
+    result = train_net(
+        synthetic_voc_root,
+        "MODEL.WEIGHTS",
+        str(converted_weights),
+        *opts,
+        "SOLVER.MAX_ITER",
+        "2",
+        "OUTPUT_DIR",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NORM: SyncBN" in (out / "config.yaml").read_text()
     assert set(json.loads((out / METRICS_FILE).read_text())["voc_2007_test"]) == {
-        "AP", "AP50", "AP75"}
+        "AP",
+        "AP50",
+        "AP75",
+    }

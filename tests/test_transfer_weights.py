@@ -2,18 +2,28 @@
 
 import pickle
 
-import moco_d2  # noqa: F401  (compat shims before detectron2)
 import pytest
-from transfer_tiny import (TINY_OPTS, converted_weights, registered_voc,  # noqa: F401
-                           synthetic_voc_root)
+from transfer_tiny import TINY_OPTS
 
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection import train_net
 from moco_d2.errors import UserError
-from moco_d2.transfer import train_net
 
 
 def train(weights, output_dir):
-    train_net.main(["--config-file", "configs/voc_R50_C4.yaml", "MODEL.WEIGHTS", str(weights),
-                    *TINY_OPTS, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(output_dir)])
+    train_net.main(
+        [
+            "--config-file",
+            "configs/voc_R50_C4.yaml",
+            "MODEL.WEIGHTS",
+            str(weights),
+            *TINY_OPTS,
+            "SOLVER.MAX_ITER",
+            "1",
+            "OUTPUT_DIR",
+            str(output_dir),
+        ]
+    )
 
 
 def test_partial_backbone_weights_are_refused(converted_weights, registered_voc, tmp_path):

@@ -7,25 +7,40 @@ import sys
 
 import numpy as np
 import pytest
-from transfer_tiny import TINY_OPTS, converted_weights, synthetic_voc_root  # noqa: F401
+from transfer_tiny import TINY_OPTS
 
-from moco_d2 import trials
+from moco_d2.detection import trials
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_trials(out, num_trials, voc_root, weights):
-    command = [sys.executable, os.path.join(REPO, "tools", "run_trials.py"),
-               "--config-file", os.path.join(REPO, "configs", "voc_R50_C4.yaml"),
-               "--num-trials", str(num_trials), "--output-dir", str(out),
-               "--reference", "MoCo v2 200ep",
-               "MODEL.WEIGHTS", str(weights), "SOLVER.MAX_ITER", "2", *TINY_OPTS]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "tools", "run_trials.py"),
+        "--config-file",
+        os.path.join(REPO, "configs", "voc_R50_C4.yaml"),
+        "--num-trials",
+        str(num_trials),
+        "--output-dir",
+        str(out),
+        "--reference",
+        "MoCo v2 200ep",
+        "MODEL.WEIGHTS",
+        str(weights),
+        "SOLVER.MAX_ITER",
+        "2",
+        *TINY_OPTS,
+    ]
     env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root))
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_trials_resume_and_aggregate(tmp_path, synthetic_voc_root,  # noqa: F811
-                                         converted_weights):  # noqa: F811
+def test_two_trials_resume_and_aggregate(
+    tmp_path,
+    synthetic_voc_root,  # noqa: F811
+    converted_weights,
+):  # noqa: F811
     out = tmp_path / "trials"
     first = _run_trials(out, 1, synthetic_voc_root, converted_weights)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -58,9 +73,11 @@ def test_two_trials_resume_and_aggregate(tmp_path, synthetic_voc_root,  # noqa: 
 
 
 def test_summary_statistics_against_known_values():
-    per_trial = [{"AP": 50.0, "AP50": 80.0, "AP75": 55.0},
-                 {"AP": 52.0, "AP50": 82.0, "AP75": 59.0},
-                 {"AP": 54.0, "AP50": 81.0, "AP75": 57.0}]
+    per_trial = [
+        {"AP": 50.0, "AP50": 80.0, "AP75": 55.0},
+        {"AP": 52.0, "AP50": 82.0, "AP75": 59.0},
+        {"AP": 54.0, "AP50": 81.0, "AP75": 57.0},
+    ]
     summary = trials.summarize(per_trial)
     assert summary["AP"] == {"mean": 52.0, "std": 2.0}
     assert summary["AP50"] == {"mean": 81.0, "std": 1.0}

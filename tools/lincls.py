@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Linear classification of a pretrained backbone on ImageNet-style folders (see README)."""
+
 from moco_d2.cli import run_tool
 
 if __name__ == "__main__":

@@ -50,12 +50,14 @@ def load(path):
                 f"refused to load {path}: it needs Python object {unsafe.group(1)} to unpickle, "
                 "and unpickling arbitrary objects can run arbitrary code (weights_only=True). "
                 "If you trust the file, re-save just its tensors, e.g. "
-                "torch.save({'state_dict': ckpt['state_dict']}, 'clean.pth')") from None
+                "torch.save({'state_dict': ckpt['state_dict']}, 'clean.pth')"
+            ) from None
         raise UserError(f"{path} is not a PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken files
         raise UserError(
             f"{path} is not a readable PyTorch checkpoint, or is truncated or corrupt "
-            f"({': '.join(filter(None, (type(e).__name__, _first_line(e))))})") from None
+            f"({': '.join(filter(None, (type(e).__name__, _first_line(e))))})"
+        ) from None
 
 
 def _first_line(error):
@@ -74,8 +76,10 @@ def _state_dict(obj, path):
     for name, value in state.items():
         if not (isinstance(name, str) and isinstance(value, torch.Tensor)):
             where = "its state_dict" if wrapped else "it has no 'state_dict', and its entry"
-            raise UserError(f"{path} is not a checkpoint of tensors: {where} {name!r} is of "
-                            f"type {type(value).__name__}")
+            raise UserError(
+                f"{path} is not a checkpoint of tensors: {where} {name!r} is of "
+                f"type {type(value).__name__}"
+            )
     return state, wrapped
 
 
@@ -83,12 +87,15 @@ def find_trunk(obj, path):
     """The query-encoder trunk in a loaded checkpoint ``obj`` and a description of its layout."""
     state, wrapped = _state_dict(obj, path)
     prefix = "module." if all(k.startswith("module.") for k in state) else ""
-    names = {k[len(prefix):]: k for k in state}
+    names = {k[len(prefix) :]: k for k in state}
     dropped = []
     if any(n.startswith("encoder_q.") for n in names):
         dropped = [k for n, k in names.items() if _MOCO_OTHERS.fullmatch(n)]
-        names = {(n[len("encoder_q."):] if n.startswith("encoder_q.") else n): k
-                 for n, k in names.items() if not _MOCO_OTHERS.fullmatch(n)}
+        names = {
+            (n[len("encoder_q.") :] if n.startswith("encoder_q.") else n): k
+            for n, k in names.items()
+            if not _MOCO_OTHERS.fullmatch(n)
+        }
         where = "checkpoint, state_dict" if wrapped else "model state_dict"
         layout = f"MoCo {where} with {prefix}encoder_q.*"
     else:

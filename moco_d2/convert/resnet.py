@@ -37,8 +37,10 @@ def resnet50_shapes():
     for stage, (blocks, width) in enumerate(zip(BLOCKS, WIDTHS), start=1):
         for block in range(blocks):
             p = f"layer{stage}.{block}"
-            for k, shape in enumerate(((width, in_channels, 1, 1), (width, width, 3, 3),
-                                       (4 * width, width, 1, 1)), start=1):
+            for k, shape in enumerate(
+                ((width, in_channels, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)),
+                start=1,
+            ):
                 shapes[f"{p}.conv{k}.weight"] = shape
                 shapes.update(_bn(f"{p}.bn{k}", shape[0]))
             if block == 0:
@@ -53,7 +55,7 @@ def to_detectron2(name):
     if name == "conv1.weight":
         return "stem.conv1.weight"
     if name.startswith("bn1."):
-        return "stem.conv1.norm." + name[len("bn1."):]
+        return "stem.conv1.norm." + name[len("bn1.") :]
     match = _BLOCK_NAME.fullmatch(name)
     if match:
         stage, block, rest = match.groups()
@@ -67,7 +69,7 @@ def to_detectron2(name):
         if rest == "downsample.0.weight":
             return f"{prefix}shortcut.weight"
         if rest.startswith("downsample.1."):
-            return f"{prefix}shortcut.norm.{rest[len('downsample.1.'):]}"
+            return f"{prefix}shortcut.norm.{rest[len('downsample.1.') :]}"
     raise ValueError(f"not a torchvision ResNet conv/BN tensor name: {name}")
 
 
@@ -102,13 +104,22 @@ def check_complete(trunk):
     expected = resnet50_shapes()
     missing = [n for n in expected if n not in trunk]
     extra = sorted(n for n in trunk if n not in expected)
-    wrong = [f"{n} {list(trunk[n].shape)} ≠ {list(expected[n])}"
-             for n in expected if n in trunk and tuple(trunk[n].shape) != expected[n]]
+    wrong = [
+        f"{n} {list(trunk[n].shape)} ≠ {list(expected[n])}"
+        for n in expected
+        if n in trunk and tuple(trunk[n].shape) != expected[n]
+    ]
     if not (missing or extra or wrong):
         return
-    problems = [f"{len(names)} {what} ({_listed(names)})"
-                for what, names in (("missing", missing), ("unexpected", extra),
-                                    ("with the wrong shape", wrong)) if names]
+    problems = [
+        f"{len(names)} {what} ({_listed(names)})"
+        for what, names in (
+            ("missing", missing),
+            ("unexpected", extra),
+            ("with the wrong shape", wrong),
+        )
+        if names
+    ]
     depth = guess_depth(trunk)
     looks = f"; it looks like {depth}" if depth and depth != "ResNet-50" else ""
     raise UserError(f"not a complete ResNet-50 trunk{looks}: " + "; ".join(problems))

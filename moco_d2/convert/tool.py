@@ -27,8 +27,7 @@ def convert(input_path):
 def detectron2_weights(trunk, mapping):
     """The pickle content Detectron2's DetectionCheckpointer reads (SPEC §3)."""
     model = {d2: trunk.tensors[tv].detach().cpu().numpy() for tv, d2 in mapping.items()}
-    return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})",
-            "matching_heuristics": True}
+    return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
 
 
 def write(weights, output_path):
@@ -40,8 +39,9 @@ def write(weights, output_path):
 def report(trunk, mapping):
     """The mapping, one tensor per line, then what was left out on purpose, one per line."""
     width = max(map(len, mapping))
-    lines = [f"{tv:<{width}}  ->  {d2}  {list(trunk.tensors[tv].shape)}"
-             for tv, d2 in mapping.items()]
+    lines = [
+        f"{tv:<{width}}  ->  {d2}  {list(trunk.tensors[tv].shape)}" for tv, d2 in mapping.items()
+    ]
     return "\n".join(lines + [f"dropped  {name}" for name in trunk.dropped])
 
 
@@ -49,17 +49,24 @@ def main(argv):
     parser = argparse.ArgumentParser(
         prog="convert-to-d2.py",
         description="Convert a MoCo pretraining checkpoint or a torchvision ResNet-50 "
-                    "state_dict to Detectron2 weights (.pkl). Refuses anything but a "
-                    "complete ResNet-50 trunk.")
-    parser.add_argument("input", help="checkpoint_XXXX.pth.tar, a query-encoder or "
-                                      "torchvision ResNet-50 state_dict")
+        "state_dict to Detectron2 weights (.pkl). Refuses anything but a "
+        "complete ResNet-50 trunk.",
+    )
+    parser.add_argument(
+        "input", help="checkpoint_XXXX.pth.tar, a query-encoder or torchvision ResNet-50 state_dict"
+    )
     parser.add_argument("output", help="Detectron2 weights to write, ending in .pkl")
-    parser.add_argument("--report", action="store_true",
-                        help="list every tensor's torchvision and Detectron2 name and shape")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="list every tensor's torchvision and Detectron2 name and shape",
+    )
     args = parser.parse_args(argv)
     if not args.output.endswith(".pkl"):
-        raise UserError(f"output {args.output} must end in .pkl: Detectron2 reads only .pkl "
-                        "files as converted (name-matched) weights")
+        raise UserError(
+            f"output {args.output} must end in .pkl: Detectron2 reads only .pkl "
+            "files as converted (name-matched) weights"
+        )
     trunk, mapping = convert(args.input)
     print(f"input format: {trunk.format}")
     if args.report:

@@ -11,7 +11,9 @@ NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
 
 def train_transform(crop_size=224):
-    return T.Compose([T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(), NORMALIZE])
+    return T.Compose(
+        [T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(), NORMALIZE]
+    )
 
 
 def val_transform(crop_size=224, resize=256):
@@ -21,12 +23,17 @@ def val_transform(crop_size=224, resize=256):
 def _image_folder(root, split, transform):
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise UserError(f"{path} is not a folder: the data dir must hold train/ and val/, one sub-folder per class")
+        raise UserError(
+            f"{path} is not a folder: the data dir must hold train/ and val/, "
+            "one sub-folder per class"
+        )
     try:
         return datasets.ImageFolder(path, transform)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         reason = str(e).strip().splitlines()[0]
-        raise UserError(f"{path} is not an ImageFolder (one sub-folder of images per class): {reason}") from None
+        raise UserError(
+            f"{path} is not an ImageFolder (one sub-folder of images per class): {reason}"
+        ) from None
 
 
 def build_datasets(root, crop_size=224, resize=256):
@@ -37,5 +44,7 @@ def build_datasets(root, crop_size=224, resize=256):
     val = _image_folder(root, "val", val_transform(crop_size, resize))
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
-        raise UserError(f"train/ and val/ of {root} have different classes (e.g. {', '.join(only[:3])})")
+        raise UserError(
+            f"train/ and val/ of {root} have different classes (e.g. {', '.join(only[:3])})"
+        )
     return train, val

@@ -55,6 +55,8 @@ def evaluate(model, loader, device, amp=False):
             output = model(images)
         acc1, acc5 = accuracy(output.float(), target, topk=(1, 5))
         n = target.shape[0]
-        totals += torch.stack([acc1 * n / 100, acc5 * n / 100, torch.tensor(n, device=device)]).double()
+        totals += torch.stack(
+            [acc1 * n / 100, acc5 * n / 100, torch.tensor(n, device=device)]
+        ).double()
     hits1, hits5, count = all_gather_cat(totals[None]).sum(0).round().tolist()
     return 100.0 * hits1 / count, 100.0 * hits5 / count

@@ -17,10 +17,14 @@ _QUERY_PREFIXES = ("module.encoder_q.", "encoder_q.")
 
 def _state_dict_of(checkpoint, path):
     state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, dict) or not state or not all(
-        isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
     ):
-        raise UserError(f"{path} holds no state_dict of tensors (expected a MoCo or torchvision checkpoint)")
+        raise UserError(
+            f"{path} holds no state_dict of tensors (expected a MoCo or torchvision checkpoint)"
+        )
     return state
 
 
@@ -31,8 +35,9 @@ def backbone_state(checkpoint, path="checkpoint"):
     if prefix is None:  # a plain (possibly DDP-wrapped) torchvision state_dict
         prefix = "module." if all(k.startswith("module.") for k in state) else ""
     backbone = {
-        k[len(prefix):]: v for k, v in state.items()
-        if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")
+        k[len(prefix) :]: v
+        for k, v in state.items()
+        if k.startswith(prefix) and not k[len(prefix) :].startswith("fc.")
     }
     if not backbone:
         raise UserError(f"{path} has no backbone weights (only a head?)")
@@ -52,7 +57,7 @@ def _listed(keys, limit=4):
 
 
 def load_pretrained(model, path, arch):
-    """Load the backbone of ``path`` into ``model``; only ``fc.weight``/``fc.bias`` may stay missing.
+    """Load the backbone of ``path`` into ``model``; only ``fc.*`` may stay missing.
 
     Raises a :class:`UserError` naming the offending keys (or the arch) otherwise, so a
     checkpoint that does not fit never trains a linear layer on random features.
@@ -83,11 +88,12 @@ def load_pretrained(model, path, arch):
 
 
 def check_backbone_unchanged(model, path):
-    """Compare every backbone tensor (BN running stats included) with the file: the freeze worked."""
+    """Compare every backbone tensor (BN running stats too) with the file: the freeze worked."""
     pretrained = backbone_state(load_checkpoint(path), path)
     current = model.state_dict()
     changed = [k for k, v in pretrained.items() if not torch.equal(current[k].cpu(), v)]
     if changed:
         raise RuntimeError(
-            f"backbone changed during linear classification: {_listed(changed)}; the freeze is broken"
+            f"backbone changed during linear classification: {_listed(changed)}; "
+            "the freeze is broken"
         )

@@ -6,13 +6,14 @@ import torchvision.models as models
 from moco_d2.errors import UserError
 
 ARCHS = sorted(
-    name for name in models.__dict__
+    name
+    for name in models.__dict__
     if name.startswith(("resnet", "resnext", "wide_resnet")) and callable(models.__dict__[name])
 )
 
 
 def build_model(arch, num_classes):
-    """torchvision ``arch`` with every parameter frozen except a new fc (N(0, 0.01) weight, 0 bias)."""
+    """torchvision ``arch``, every parameter frozen but a new fc (N(0, 0.01) weight, 0 bias)."""
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     model = models.__dict__[arch](num_classes=num_classes)

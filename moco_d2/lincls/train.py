@@ -16,7 +16,12 @@ from moco_d2.lincls.engine import bf16_supported, evaluate, train_one_epoch
 from moco_d2.lincls.loading import check_backbone_unchanged, load_pretrained
 from moco_d2.lincls.model import build_model, build_optimizer, unwrap
 from moco_d2.training.checkpoint import (
-    add_module_prefix, get_rng_state, load_checkpoint, seed_all, set_rng_state, strip_module_prefix,
+    add_module_prefix,
+    get_rng_state,
+    load_checkpoint,
+    seed_all,
+    set_rng_state,
+    strip_module_prefix,
 )
 from moco_d2.training.distributed import barrier, cleanup, init_process, is_main_process
 from moco_d2.training.schedule import adjust_learning_rate
@@ -56,11 +61,24 @@ def _loaders(train_set, val_set, args):
     workers = (args.workers + args.world_size - 1) // args.world_size
     sampler = DistributedSampler(train_set) if args.distributed else None
     # Val: a strided shard per process, no padding, so the summed counts are exact.
-    val_shard = Subset(val_set, range(args.rank, len(val_set), args.world_size)) if args.distributed else val_set
+    val_shard = (
+        Subset(val_set, range(args.rank, len(val_set), args.world_size))
+        if args.distributed
+        else val_set
+    )
     pin = torch.cuda.is_available()
-    train_loader = DataLoader(train_set, per_process, shuffle=sampler is None, sampler=sampler,
-                              num_workers=workers, pin_memory=pin, drop_last=False)
-    val_loader = DataLoader(val_shard, per_process, shuffle=False, num_workers=workers, pin_memory=pin)
+    train_loader = DataLoader(
+        train_set,
+        per_process,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        drop_last=False,
+    )
+    val_loader = DataLoader(
+        val_shard, per_process, shuffle=False, num_workers=workers, pin_memory=pin
+    )
     return train_loader, val_loader, sampler
 
 
@@ -68,13 +86,17 @@ def _load_resume(path, model, args):
     """Load the model weights of a checkpoint of this tool; return the checkpoint for the rest."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("arch") != args.arch:
-        raise UserError(f"--resume {path} is a {checkpoint.get('arch')} run, but -a/--arch is {args.arch}")
+        raise UserError(
+            f"--resume {path} is a {checkpoint.get('arch')} run, but -a/--arch is {args.arch}"
+        )
     state = checkpoint.get("state_dict")
     state = strip_module_prefix(state) if isinstance(state, dict) else {}
     own = model.state_dict()
     if set(state) != set(own) or any(state[k].shape != v.shape for k, v in own.items()):
-        raise UserError(f"--resume {path} is not a tools/lincls.py checkpoint of {args.arch} "
-                        f"with {model.fc.out_features} classes")
+        raise UserError(
+            f"--resume {path} is not a tools/lincls.py checkpoint of {args.arch} "
+            f"with {model.fc.out_features} classes"
+        )
     model.load_state_dict(state)
     return checkpoint
 
@@ -84,7 +106,11 @@ def _restore(checkpoint, optimizer):
     optimizer.load_state_dict(checkpoint["optimizer"])
     if "rng" in checkpoint:
         set_rng_state(checkpoint["rng"])
-    return checkpoint["epoch"], checkpoint.get("best_acc1", 0.0), list(checkpoint.get("history", []))
+    return (
+        checkpoint["epoch"],
+        checkpoint.get("best_acc1", 0.0),
+        list(checkpoint.get("history", [])),
+    )
 
 
 def _summary_writer(args):
@@ -105,7 +131,9 @@ def _run(device, args, prepared):
     args.amp = amp
     model.to(device)
     if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
     start_epoch, best_acc1, history = args.start_epoch, 0.0, []
     if resumed is not None:
@@ -120,13 +148,35 @@ def _run(device, args, prepared):
             print(f"val: top-1 {acc1:.2f}  top-5 {acc5:.2f}")
             _write_results(args, {"resume": args.resume, "acc1": acc1, "acc5": acc5}, EVALUATION)
         return
-    _fit(model, optimizer, train_loader, val_loader, sampler, device, start_epoch, best_acc1, history, args)
+    _fit(
+        model,
+        optimizer,
+        train_loader,
+        val_loader,
+        sampler,
+        device,
+        start_epoch,
+        best_acc1,
+        history,
+        args,
+    )
     barrier()
     if is_main_process():
         _finish(model, history, args)
 
 
-def _fit(model, optimizer, train_loader, val_loader, sampler, device, start_epoch, best_acc1, history, args):
+def _fit(
+    model,
+    optimizer,
+    train_loader,
+    val_loader,
+    sampler,
+    device,
+    start_epoch,
+    best_acc1,
+    history,
+    args,
+):
     """The epochs: train the fc, evaluate, log to TensorBoard, checkpoint (main process writes)."""
     criterion = nn.CrossEntropyLoss()
     writer = _summary_writer(args) if is_main_process() else None
@@ -134,17 +184,29 @@ def _fit(model, optimizer, train_loader, val_loader, sampler, device, start_epoc
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, epoch, args)
-        loss, train_acc1 = train_one_epoch(model, train_loader, criterion, optimizer, device, epoch, args)
+        loss, train_acc1 = train_one_epoch(
+            model, train_loader, criterion, optimizer, device, epoch, args
+        )
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
         is_best = acc1 > best_acc1 or not history
         best_acc1 = max(acc1, best_acc1)
         # train_loss/train_acc1 are the main process's share; acc1/acc5 cover the whole val set.
-        history.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_acc1": train_acc1,
-                        "acc1": acc1, "acc5": acc5})
+        history.append(
+            {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": loss,
+                "train_acc1": train_acc1,
+                "acc1": acc1,
+                "acc5": acc5,
+            }
+        )
         if writer is None:
             continue
-        print(f"epoch {epoch}: lr {lr:g}  loss {loss:.4f}  val top-1 {acc1:.2f}  top-5 {acc5:.2f}"
-              f"  (best {best_acc1:.2f})")
+        print(
+            f"epoch {epoch}: lr {lr:g}  loss {loss:.4f}  val top-1 {acc1:.2f}  top-5 {acc5:.2f}"
+            f"  (best {best_acc1:.2f})"
+        )
         for name, value in history[-1].items():
             if name != "epoch":
                 writer.add_scalar(name, value, epoch)
@@ -161,20 +223,29 @@ def _finish(model, history, args):
         print(f"sanity check passed: backbone weights equal {args.pretrained}")
     best = max(history, key=lambda h: h["acc1"]) if history else {}
     last = history[-1] if history else {}
-    _write_results(args, {
-        "best_acc1": best.get("acc1"), "best_epoch": best.get("epoch"),
-        "acc1": last.get("acc1"), "acc5": last.get("acc5"),
-        "backbone_unchanged": True if args.pretrained else None, "history": history,
-    })
+    _write_results(
+        args,
+        {
+            "best_acc1": best.get("acc1"),
+            "best_epoch": best.get("epoch"),
+            "acc1": last.get("acc1"),
+            "acc5": last.get("acc5"),
+            "backbone_unchanged": True if args.pretrained else None,
+            "history": history,
+        },
+    )
 
 
 def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
     """The latest state (for --resume) and a copy as the best one; both writes are atomic."""
     state = {
-        "epoch": epoch + 1, "arch": args.arch,
+        "epoch": epoch + 1,
+        "arch": args.arch,
         "state_dict": add_module_prefix(unwrap(model).state_dict()),
-        "optimizer": optimizer.state_dict(), "best_acc1": best_acc1,
-        "history": history, "rng": get_rng_state(),
+        "optimizer": optimizer.state_dict(),
+        "best_acc1": best_acc1,
+        "history": history,
+        "rng": get_rng_state(),
     }
     last = os.path.join(args.output_dir, LAST_CHECKPOINT)
     atomic_torch_save(state, last)
@@ -184,7 +255,15 @@ def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
 
 
 def _write_results(args, results, name=RESULTS):
-    meta = {"arch": args.arch, "pretrained": args.pretrained or None, "data": args.data,
-            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "amp": args.amp}
-    atomic_write_text(json.dumps({**meta, **results}, indent=2) + "\n",
-                      os.path.join(args.output_dir, name))
+    meta = {
+        "arch": args.arch,
+        "pretrained": args.pretrained or None,
+        "data": args.data,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "amp": args.amp,
+    }
+    atomic_write_text(
+        json.dumps({**meta, **results}, indent=2) + "\n", os.path.join(args.output_dir, name)
+    )

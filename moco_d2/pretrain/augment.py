@@ -48,12 +48,14 @@ def moco_augmentation(aug_plus=True, crop_size=224):
 
 def eval_transform(crop_size=224):
     """Resize(256/224·crop)+CenterCrop(crop): the evaluation view (kNN monitor)."""
-    return transforms.Compose([
-        transforms.Resize(round(crop_size * 256 / 224)),
-        transforms.CenterCrop(crop_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(round(crop_size * 256 / 224)),
+            transforms.CenterCrop(crop_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
 
 
 class TwoCropsTransform:

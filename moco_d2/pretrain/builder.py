@@ -1,4 +1,4 @@
-"""The MoCo model: query/key encoders, momentum update, queue, InfoNCE logits (released semantics)."""
+"""The MoCo model: query/key encoders, momentum update, queue, InfoNCE logits (as released)."""
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,9 @@ SHUFFLE_MODES = ("auto", "ddp", "local", "none")
 def projection_head(in_features, dim, mlp):
     """MoCo v2 MLP (Linear→ReLU→Linear) or the v1 linear head; names fc.0/fc.2 or fc as released."""
     if mlp:
-        return nn.Sequential(nn.Linear(in_features, in_features), nn.ReLU(inplace=True),
-                             nn.Linear(in_features, dim))
+        return nn.Sequential(
+            nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, dim)
+        )
     return nn.Linear(in_features, dim)
 
 
@@ -37,8 +38,9 @@ class MoCo(nn.Module):
     group is running, else ``local``.
     """
 
-    def __init__(self, base_encoder, dim=128, K=65536, m=0.999, T=0.2, mlp=True,
-                 bn_splits=1, shuffle="auto"):
+    def __init__(
+        self, base_encoder, dim=128, K=65536, m=0.999, T=0.2, mlp=True, bn_splits=1, shuffle="auto"
+    ):
         super().__init__()
         if shuffle not in SHUFFLE_MODES:
             raise ValueError(f"shuffle must be one of {SHUFFLE_MODES}, got {shuffle!r}")
@@ -65,8 +67,10 @@ class MoCo(nn.Module):
         batch = keys.shape[0]
         ptr = int(self.queue_ptr)
         if self.K % batch:
-            raise ValueError(f"queue size K={self.K} must be a multiple of the global batch {batch}")
-        self.queue[:, ptr:ptr + batch] = keys.T.to(self.queue.dtype)
+            raise ValueError(
+                f"queue size K={self.K} must be a multiple of the global batch {batch}"
+            )
+        self.queue[:, ptr : ptr + batch] = keys.T.to(self.queue.dtype)
         self.queue_ptr[0] = (ptr + batch) % self.K
 
     def _shuffle_mode(self):
@@ -79,10 +83,14 @@ class MoCo(nn.Module):
         mode = self._shuffle_mode()
         if mode == "ddp":
             im_k, idx_unshuffle = shuffle.batch_shuffle_ddp(im_k)
-            return shuffle.batch_unshuffle_ddp(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
+            return shuffle.batch_unshuffle_ddp(
+                F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle
+            )
         if mode == "local":
             im_k, idx_unshuffle = shuffle.batch_shuffle_local(im_k)
-            return shuffle.batch_unshuffle_local(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
+            return shuffle.batch_unshuffle_local(
+                F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle
+            )
         return F.normalize(self.encoder_k(im_k), dim=1)
 
     def forward(self, im_q, im_k):

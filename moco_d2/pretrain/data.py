@@ -39,8 +39,11 @@ def scan_image_folder(root):
     for folder, index in folders:
         for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
             dirnames.sort()
-            samples.extend((os.path.join(dirpath, f), index) for f in sorted(filenames)
-                           if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+            samples.extend(
+                (os.path.join(dirpath, f), index)
+                for f in sorted(filenames)
+                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+            )
     if not samples:
         raise UserError(f"no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) found under {root}")
     return samples, classes or [os.path.basename(os.path.normpath(root))]
@@ -78,8 +81,10 @@ class TolerantImageFolder(Dataset):
             if self.transform is not None:
                 image = self.transform(image)
             return image, target, skipped
-        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
-                           f"{self.samples[index][0]}: is {self.root} an image folder?")
+        raise RuntimeError(
+            f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
+            f"{self.samples[index][0]}: is {self.root} an image folder?"
+        )
 
 
 _SHAPES = ("disc", "square", "stripes", "triangle", "ring", "cross", "checker", "diamond")

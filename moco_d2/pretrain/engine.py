@@ -36,8 +36,18 @@ def _all_finite(loss):
     return bool(finite.item())
 
 
-def train_one_epoch(model, loader, optimizer, epoch, device, lr, amp=False, writer=None,
-                    print_freq=10, show_progress=True):
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    epoch,
+    device,
+    lr,
+    amp=False,
+    writer=None,
+    print_freq=10,
+    show_progress=True,
+):
     """Train for one pass over ``loader``; return the epoch's mean loss, acc1, img/s, unreadable."""
     model.train()
     losses = AverageMeter("loss", ":.4f")
@@ -46,8 +56,14 @@ def train_one_epoch(model, loader, optimizer, epoch, device, lr, amp=False, writ
     unreadable = 0
     world = get_world_size()
     iters = len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch}", total=iters, disable=not show_progress,
-               dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}",
+        total=iters,
+        disable=not show_progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     for i, (images, _, skipped) in enumerate(bar):
         unreadable += int(skipped.sum())
         im_q = images[0].to(device, non_blocking=True)
@@ -58,7 +74,8 @@ def train_one_epoch(model, loader, optimizer, epoch, device, lr, amp=False, writ
         if not _all_finite(loss):
             raise TrainingDiverged(
                 f"non-finite loss ({loss.item()}) at epoch {epoch}, iteration {i}, lr {lr:.4g}: "
-                "lower --lr, check the data, or try without --amp; the last checkpoint is intact")
+                "lower --lr, check the data, or try without --amp; the last checkpoint is intact"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -67,7 +84,9 @@ def train_one_epoch(model, loader, optimizer, epoch, device, lr, amp=False, writ
         losses.update(loss.item(), batch)
         top1.update(accuracy(logits, labels)[0].item(), batch)
         speed.update(batch * world)
-        bar.set_postfix(loss=f"{losses.avg:.4f}", lr=f"{lr:.4g}", img_s=f"{speed.rate:.1f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{losses.avg:.4f}", lr=f"{lr:.4g}", img_s=f"{speed.rate:.1f}", refresh=False
+        )
         if writer is not None and (i % print_freq == 0 or i == iters - 1):
             step = epoch * iters + i
             writer.add_scalar("train/loss", loss.item(), step)

@@ -20,7 +20,9 @@ class KNNMonitor:
     def __init__(self, root, crop_size=224, batch_size=64, workers=0, k=200, t=0.1):
         for split in ("train", "val"):
             if not os.path.isdir(os.path.join(root, split)):
-                raise UserError(f"--knn-data {root}: expected labelled folders {root}/train and {root}/val")
+                raise UserError(
+                    f"--knn-data {root}: expected labelled folders {root}/train and {root}/val"
+                )
         transform = eval_transform(crop_size)
         self.train = TolerantImageFolder(os.path.join(root, "train"), transform)
         self.val = TolerantImageFolder(os.path.join(root, "val"), transform)
@@ -32,7 +34,9 @@ class KNNMonitor:
         self.t = t
 
     def _features(self, encoder, dataset, device):
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers)
+        loader = DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers
+        )
         feats, labels = [], []
         for images, targets, _ in loader:
             feats.append(F.normalize(encoder(images.to(device)).float(), dim=1))

@@ -6,7 +6,6 @@ import sys
 
 from tqdm import tqdm
 
-
 LOGGER = "moco_d2.pretrain"
 
 
@@ -19,7 +18,7 @@ class TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(output_dir, is_main):
-    """Attach handlers to the ``moco_d2.pretrain`` logger; return them so the caller can detach them.
+    """Attach handlers to the ``moco_d2.pretrain`` logger; return them for the caller to detach.
 
     The main process logs INFO to the console and appends to ``output_dir/log.txt``; other ranks
     only print warnings.

@@ -23,7 +23,7 @@ from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
 from moco_d2.pretrain.engine import train_one_epoch
 from moco_d2.pretrain.logs import setup_logging, teardown_logging
 from moco_d2.training import checkpoint as ckpt
-from moco_d2.training.distributed import (add_distributed_arguments, cleanup, init_process, launch)
+from moco_d2.training.distributed import add_distributed_arguments, cleanup, init_process, launch
 from moco_d2.training.schedule import adjust_learning_rate
 
 logger = logging.getLogger("moco_d2.pretrain")
@@ -49,51 +49,133 @@ def model_names():
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="pretrain_moco.py", description="MoCo v2 (default) / v1 pretraining on an image folder.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", metavar="DIR", help="dataset root: DIR/train (ImageNet layout) or DIR itself")
-    p.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", choices=model_names(),
-                   help="torchvision model (default: resnet50)")
-    p.add_argument("-j", "--workers", default=min(32, os.cpu_count() or 1), type=int, metavar="N",
-                   help="data loading workers per process")
+        prog="pretrain_moco.py",
+        description="MoCo v2 (default) / v1 pretraining on an image folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "data", metavar="DIR", help="dataset root: DIR/train (ImageNet layout) or DIR itself"
+    )
+    p.add_argument(
+        "-a",
+        "--arch",
+        metavar="ARCH",
+        default="resnet50",
+        choices=model_names(),
+        help="torchvision model (default: resnet50)",
+    )
+    p.add_argument(
+        "-j",
+        "--workers",
+        default=min(32, os.cpu_count() or 1),
+        type=int,
+        metavar="N",
+        help="data loading workers per process",
+    )
     p.add_argument("--epochs", default=200, type=int, metavar="N")
-    p.add_argument("--start-epoch", default=0, type=int, metavar="N",
-                   help="first epoch (taken from the checkpoint with --resume)")
-    p.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                   help="batch of one node, split over its processes (default: 256)")
-    p.add_argument("--lr", "--learning-rate", default=0.03, type=float, metavar="LR", dest="lr",
-                   help="initial learning rate for -b (0.03 for 256)")
-    p.add_argument("--schedule", default=[120, 160], nargs="*", type=int,
-                   help="epochs at which lr is multiplied by 0.1 (ignored with --cos)")
+    p.add_argument(
+        "--start-epoch",
+        default=0,
+        type=int,
+        metavar="N",
+        help="first epoch (taken from the checkpoint with --resume)",
+    )
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        default=256,
+        type=int,
+        metavar="N",
+        help="batch of one node, split over its processes (default: 256)",
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        default=0.03,
+        type=float,
+        metavar="LR",
+        dest="lr",
+        help="initial learning rate for -b (0.03 for 256)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=[120, 160],
+        nargs="*",
+        type=int,
+        help="epochs at which lr is multiplied by 0.1 (ignored with --cos)",
+    )
     p.add_argument("--momentum", default=0.9, type=float, metavar="M")
-    p.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
-    p.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
-                   help="TensorBoard scalars every N iterations")
-    p.add_argument("--resume", default="", type=str, metavar="PATH",
-                   help="checkpoint to resume from, or a folder (its latest checkpoint)")
-    p.add_argument("--seed", default=None, type=int,
-                   help="seed for exact, resumable runs (default: drawn at random and logged)")
+    p.add_argument(
+        "--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay"
+    )
+    p.add_argument(
+        "-p",
+        "--print-freq",
+        default=10,
+        type=int,
+        metavar="N",
+        help="TensorBoard scalars every N iterations",
+    )
+    p.add_argument(
+        "--resume",
+        default="",
+        type=str,
+        metavar="PATH",
+        help="checkpoint to resume from, or a folder (its latest checkpoint)",
+    )
+    p.add_argument(
+        "--seed",
+        default=None,
+        type=int,
+        help="seed for exact, resumable runs (default: drawn at random and logged)",
+    )
     add_distributed_arguments(p)
     moco = p.add_argument_group("moco")
     moco.add_argument("--moco-dim", default=128, type=int, help="feature dimension (default: 128)")
     moco.add_argument("--moco-k", default=65536, type=int, help="queue size (default: 65536)")
-    moco.add_argument("--moco-m", default=0.999, type=float, help="key encoder momentum (default: 0.999)")
-    moco.add_argument("--moco-t", default=0.2, type=float, help="softmax temperature (v2 0.2, v1 0.07)")
-    moco.add_argument("--mlp", default=True, action=argparse.BooleanOptionalAction, help="MLP head (v2)")
-    moco.add_argument("--aug-plus", default=True, action=argparse.BooleanOptionalAction,
-                      help="v2 augmentation with blur")
-    moco.add_argument("--cos", default=True, action=argparse.BooleanOptionalAction, help="cosine lr schedule")
+    moco.add_argument(
+        "--moco-m", default=0.999, type=float, help="key encoder momentum (default: 0.999)"
+    )
+    moco.add_argument(
+        "--moco-t", default=0.2, type=float, help="softmax temperature (v2 0.2, v1 0.07)"
+    )
+    moco.add_argument(
+        "--mlp", default=True, action=argparse.BooleanOptionalAction, help="MLP head (v2)"
+    )
+    moco.add_argument(
+        "--aug-plus",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="v2 augmentation with blur",
+    )
+    moco.add_argument(
+        "--cos", default=True, action=argparse.BooleanOptionalAction, help="cosine lr schedule"
+    )
     extra = p.add_argument_group("this tool")
-    extra.add_argument("--output-dir", default="output/moco_pretrain",
-                       help="checkpoints, log.txt and TensorBoard events (tb/)")
-    extra.add_argument("--bn-splits", default=None, type=int,
-                       help="SplitBatchNorm groups per process (default: 8-ish with one process, "
-                            "1 when distributed; see below)")
+    extra.add_argument(
+        "--output-dir",
+        default="output/moco_pretrain",
+        help="checkpoints, log.txt and TensorBoard events (tb/)",
+    )
+    extra.add_argument(
+        "--bn-splits",
+        default=None,
+        type=int,
+        help="SplitBatchNorm groups per process (default: 8-ish with one process, "
+        "1 when distributed; see below)",
+    )
     extra.add_argument("--crop-size", default=224, type=int, help="training crop (default: 224)")
     extra.add_argument("--amp", action="store_true", help="bf16 autocast where supported")
-    extra.add_argument("--knn-data", default=None, metavar="DIR",
-                       help="kNN monitor on DIR/train (bank) and DIR/val (queries), labelled folders")
-    extra.add_argument("--knn-every", default=5, type=int, metavar="N", help="kNN monitor every N epochs")
+    extra.add_argument(
+        "--knn-data",
+        default=None,
+        metavar="DIR",
+        help="kNN monitor on DIR/train (bank) and DIR/val (queries), labelled folders",
+    )
+    extra.add_argument(
+        "--knn-every", default=5, type=int, metavar="N", help="kNN monitor every N epochs"
+    )
     extra.add_argument("--knn-k", default=200, type=int)
     extra.add_argument("--knn-t", default=0.1, type=float)
     return p
@@ -101,7 +183,15 @@ def build_parser():
 
 def parse_args(argv):
     args = build_parser().parse_args(argv)
-    for name in ("epochs", "batch_size", "moco_dim", "moco_k", "crop_size", "print_freq", "knn_every"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "moco_dim",
+        "moco_k",
+        "crop_size",
+        "print_freq",
+        "knn_every",
+    ):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
@@ -136,11 +226,15 @@ def resolve_bn_splits(requested, batch, distributed):
     ``batch`` into groups of at least 2 images."""
     if requested is not None:
         if batch % requested:
-            raise UserError(f"--bn-splits {requested} does not divide the per-process batch {batch}")
+            raise UserError(
+                f"--bn-splits {requested} does not divide the per-process batch {batch}"
+            )
         return requested
     if distributed:
         return 1
-    return max(s for s in range(1, DEFAULT_BN_SPLITS + 1) if batch % s == 0 and (batch // s >= 2 or s == 1))
+    return max(
+        s for s in range(1, DEFAULT_BN_SPLITS + 1) if batch % s == 0 and (batch // s >= 2 or s == 1)
+    )
 
 
 def procs_per_node(args):
@@ -170,36 +264,61 @@ class Pretrainer:
         nodes_batch = args.batch_size
         per_node = procs_per_node(args)
         if nodes_batch % per_node:
-            raise UserError(f"-b {nodes_batch} is not divisible by the {per_node} processes per node")
+            raise UserError(
+                f"-b {nodes_batch} is not divisible by the {per_node} processes per node"
+            )
         self.batch = nodes_batch // per_node
         self.global_batch = self.batch * self.world
         if args.moco_k % self.global_batch:
-            raise UserError(f"--moco-k {args.moco_k} must be a multiple of the global batch {self.global_batch}")
+            raise UserError(
+                f"--moco-k {args.moco_k} must be a multiple of the global batch {self.global_batch}"
+            )
         self.bn_splits = resolve_bn_splits(args.bn_splits, self.batch, args.distributed)
 
         train_dir = resolve_train_dir(args.data)
         transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
         self.dataset = TolerantImageFolder(train_dir, transform)
         if len(self.dataset) < self.global_batch:
-            raise UserError(f"{train_dir} has {len(self.dataset)} images, fewer than one global batch "
-                            f"of {self.global_batch}")
-        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
-                                          shuffle=True, seed=self.seed)
-        self.loader = DataLoader(self.dataset, batch_size=self.batch, sampler=self.sampler,
-                                 num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+            raise UserError(
+                f"{train_dir} has {len(self.dataset)} images, fewer than one global batch "
+                f"of {self.global_batch}"
+            )
+        self.sampler = DistributedSampler(
+            self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.seed
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+        )
 
         ckpt.seed_all(self.seed)
-        self.model = MoCo(torchvision.models.__dict__[args.arch], dim=args.moco_dim, K=args.moco_k,
-                          m=args.moco_m, T=args.moco_t, mlp=args.mlp, bn_splits=self.bn_splits).to(device)
-        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], args.lr,
-                                         momentum=args.momentum, weight_decay=args.weight_decay)
+        self.model = MoCo(
+            torchvision.models.__dict__[args.arch],
+            dim=args.moco_dim,
+            K=args.moco_k,
+            m=args.moco_m,
+            T=args.moco_t,
+            mlp=args.mlp,
+            bn_splits=self.bn_splits,
+        ).to(device)
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.model.parameters() if p.requires_grad],
+            args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+        )
         self.start_epoch = args.start_epoch
         if self.resume_state is not None:
             self._restore(self.resume_state)
         self.train_model = self.model
         if args.distributed:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device] if device.type == "cuda" else None)
+                self.model, device_ids=[device] if device.type == "cuda" else None
+            )
         self.writer = self._tensorboard() if self.is_main else None
         self.knn = self._knn_monitor() if self.is_main and args.knn_data else None
 
@@ -215,9 +334,13 @@ class Pretrainer:
         state = ckpt.load_checkpoint(path)
         missing = [k for k in ("epoch", "arch", "state_dict", "optimizer") if k not in state]
         if missing:
-            raise UserError(f"--resume {path}: not a MoCo pretraining checkpoint (no {', '.join(missing)})")
+            raise UserError(
+                f"--resume {path}: not a MoCo pretraining checkpoint (no {', '.join(missing)})"
+            )
         if state["arch"] != self.args.arch:
-            raise UserError(f"--resume {path}: checkpoint is {state['arch']}, but -a {self.args.arch}")
+            raise UserError(
+                f"--resume {path}: checkpoint is {state['arch']}, but -a {self.args.arch}"
+            )
         self.resume_path = path
         return state
 
@@ -238,8 +361,10 @@ class Pretrainer:
             self.model.load_state_dict(ckpt.strip_module_prefix(state["state_dict"]))
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"--resume {self.resume_path}: does not match this model "
-                            f"(--moco-* / --mlp / -a flags?): {str(e).splitlines()[0]}")
+            raise UserError(
+                f"--resume {self.resume_path}: does not match this model "
+                f"(--moco-* / --mlp / -a flags?): {str(e).splitlines()[0]}"
+            ) from None
         if "rng" in state:
             ckpt.set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"])
@@ -254,7 +379,9 @@ class Pretrainer:
         from moco_d2.pretrain.knn import KNNMonitor
 
         a = self.args
-        return KNNMonitor(a.knn_data, a.crop_size, batch_size=self.batch, workers=a.workers, k=a.knn_k, t=a.knn_t)
+        return KNNMonitor(
+            a.knn_data, a.crop_size, batch_size=self.batch, workers=a.workers, k=a.knn_k, t=a.knn_t
+        )
 
     def checkpoint_state(self, epoch, lr):
         a = self.args
@@ -266,20 +393,46 @@ class Pretrainer:
             "seed": self.seed,
             "lr": lr,
             "rng": ckpt.get_rng_state(),
-            "moco": {"dim": a.moco_dim, "K": a.moco_k, "m": a.moco_m, "T": a.moco_t, "mlp": a.mlp,
-                     "aug_plus": a.aug_plus, "cos": a.cos, "bn_splits": self.bn_splits,
-                     "global_batch": self.global_batch},
+            "moco": {
+                "dim": a.moco_dim,
+                "K": a.moco_k,
+                "m": a.moco_m,
+                "T": a.moco_t,
+                "mlp": a.mlp,
+                "aug_plus": a.aug_plus,
+                "cos": a.cos,
+                "bn_splits": self.bn_splits,
+                "global_batch": self.global_batch,
+            },
         }
 
     def run(self):
         a = self.args
-        logger.info("MoCo %s: arch %s, %d images, batch %d per process x %d processes, bn-splits %d, "
-                    "K %d, m %g, T %g, mlp %s, aug+ %s, cos %s, lr %g, seed %d, device %s",
-                    "v2" if a.mlp and a.aug_plus else "v1-style", a.arch, len(self.dataset), self.batch,
-                    self.world, self.bn_splits, a.moco_k, a.moco_m, a.moco_t, a.mlp, a.aug_plus, a.cos,
-                    a.lr, self.seed, self.device)
+        logger.info(
+            "MoCo %s: arch %s, %d images, batch %d per process x %d processes, bn-splits %d, "
+            "K %d, m %g, T %g, mlp %s, aug+ %s, cos %s, lr %g, seed %d, device %s",
+            "v2" if a.mlp and a.aug_plus else "v1-style",
+            a.arch,
+            len(self.dataset),
+            self.batch,
+            self.world,
+            self.bn_splits,
+            a.moco_k,
+            a.moco_m,
+            a.moco_t,
+            a.mlp,
+            a.aug_plus,
+            a.cos,
+            a.lr,
+            self.seed,
+            self.device,
+        )
         if self.is_main:
-            config = {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+            config = {
+                k: v
+                for k, v in vars(a).items()
+                if isinstance(v, (int, float, str, bool, list, type(None)))
+            }
             with open(os.path.join(a.output_dir, "args.json"), "w") as f:
                 json.dump(dict(config, seed=self.seed, bn_splits=self.bn_splits), f, indent=2)
         try:
@@ -293,15 +446,35 @@ class Pretrainer:
             ckpt.seed_all(epoch_seed(self.seed, epoch, self.rank))
             self.sampler.set_epoch(epoch)
             lr = adjust_learning_rate(self.optimizer, epoch, a)
-            stats = train_one_epoch(self.train_model, self.loader, self.optimizer, epoch, self.device, lr,
-                                    amp=a.amp, writer=self.writer, print_freq=a.print_freq,
-                                    show_progress=self.is_main)
-            logger.info("epoch %d/%d: loss %.4f, acc1 %.2f, lr %.4g, %.1f img/s", epoch, a.epochs,
-                        stats["loss"], stats["acc1"], lr, stats["img_per_s"])
+            stats = train_one_epoch(
+                self.train_model,
+                self.loader,
+                self.optimizer,
+                epoch,
+                self.device,
+                lr,
+                amp=a.amp,
+                writer=self.writer,
+                print_freq=a.print_freq,
+                show_progress=self.is_main,
+            )
+            logger.info(
+                "epoch %d/%d: loss %.4f, acc1 %.2f, lr %.4g, %.1f img/s",
+                epoch,
+                a.epochs,
+                stats["loss"],
+                stats["acc1"],
+                lr,
+                stats["img_per_s"],
+            )
             if stats["unreadable"]:
-                logger.warning("epoch %d: %d unreadable images were replaced by the next readable one "
-                               "(paths above in the log); the epoch kept its %d iterations",
-                               epoch, stats["unreadable"], len(self.loader))
+                logger.warning(
+                    "epoch %d: %d unreadable images were replaced by the next readable one "
+                    "(paths above in the log); the epoch kept its %d iterations",
+                    epoch,
+                    stats["unreadable"],
+                    len(self.loader),
+                )
             if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
                 top1 = self.knn.evaluate(self.model.encoder_q, self.device)
                 logger.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)

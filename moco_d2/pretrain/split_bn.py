@@ -36,10 +36,14 @@ class SplitBatchNorm(nn.BatchNorm2d):
             if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
                 momentum = 1.0 / float(self.num_batches_tracked)
         out = F.batch_norm(
-            grouped, running_mean, running_var,
+            grouped,
+            running_mean,
+            running_var,
             self.weight.repeat(s) if self.affine else None,
             self.bias.repeat(s) if self.affine else None,
-            True, momentum, self.eps,
+            True,
+            momentum,
+            self.eps,
         )
         if track:
             with torch.no_grad():
@@ -54,10 +58,15 @@ def convert_split_bn(module, num_splits):
         return module
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SplitBatchNorm):
         ref = module.weight if module.affine else module.running_mean
-        split = SplitBatchNorm(module.num_features, num_splits, eps=module.eps,
-                               momentum=module.momentum, affine=module.affine,
-                               track_running_stats=module.track_running_stats,
-                               device=None if ref is None else ref.device)
+        split = SplitBatchNorm(
+            module.num_features,
+            num_splits,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            device=None if ref is None else ref.device,
+        )
         split.load_state_dict(module.state_dict())
         return split
     for name, child in module.named_children():

@@ -50,7 +50,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0])
+        raise UserError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint
@@ -62,7 +64,7 @@ def add_module_prefix(state_dict):
 
 
 def strip_module_prefix(state_dict):
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
 def get_rng_state():
@@ -70,8 +72,13 @@ def get_rng_state():
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -81,10 +88,21 @@ def set_rng_state(state):
     """Restore what :func:`get_rng_state` returned (CUDA states only where devices match)."""
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if (
+        state["cuda"]
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -25,27 +25,51 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 def add_distributed_arguments(parser):
     """The released launch flags plus ``--device`` and ``--nproc-per-node``."""
     group = parser.add_argument_group("distributed")
-    group.add_argument("--world-size", default=-1, type=int,
-                       help="number of nodes with --multiprocessing-distributed, else number of "
-                            "processes (default: from torchrun, or 1)")
-    group.add_argument("--rank", default=-1, type=int,
-                       help="node rank with --multiprocessing-distributed, else process rank")
-    group.add_argument("--dist-url", default="env://", type=str,
-                       help="init method, e.g. tcp://HOST:PORT (default env://, as torchrun sets)")
-    group.add_argument("--dist-backend", default=None, choices=["nccl", "gloo"],
-                       help="default: nccl on GPU, gloo on CPU")
-    group.add_argument("--multiprocessing-distributed", action="store_true",
-                       help="spawn one process per GPU on this node (the released 8-GPU launch)")
-    group.add_argument("--nproc-per-node", default=None, type=int,
-                       help="processes spawned by --multiprocessing-distributed "
-                            "(default: number of GPUs, 1 on CPU)")
-    group.add_argument("--device", default="auto",
-                       help="auto (GPU when available), cpu, cuda or cuda:N")
+    group.add_argument(
+        "--world-size",
+        default=-1,
+        type=int,
+        help="number of nodes with --multiprocessing-distributed, else number of "
+        "processes (default: from torchrun, or 1)",
+    )
+    group.add_argument(
+        "--rank",
+        default=-1,
+        type=int,
+        help="node rank with --multiprocessing-distributed, else process rank",
+    )
+    group.add_argument(
+        "--dist-url",
+        default="env://",
+        type=str,
+        help="init method, e.g. tcp://HOST:PORT (default env://, as torchrun sets)",
+    )
+    group.add_argument(
+        "--dist-backend",
+        default=None,
+        choices=["nccl", "gloo"],
+        help="default: nccl on GPU, gloo on CPU",
+    )
+    group.add_argument(
+        "--multiprocessing-distributed",
+        action="store_true",
+        help="spawn one process per GPU on this node (the released 8-GPU launch)",
+    )
+    group.add_argument(
+        "--nproc-per-node",
+        default=None,
+        type=int,
+        help="processes spawned by --multiprocessing-distributed "
+        "(default: number of GPUs, 1 on CPU)",
+    )
+    group.add_argument(
+        "--device", default="auto", help="auto (GPU when available), cpu, cuda or cuda:N"
+    )
     return group
 
 
 def launch(worker, args):
-    """Run ``worker(local_rank, args)`` here, or in spawned processes with --multiprocessing-distributed.
+    """Run ``worker(local_rank, args)`` here, or spawned with --multiprocessing-distributed.
 
     ``worker`` must be a module-level function; it should call :func:`init_process` first.
     """
@@ -61,7 +85,9 @@ def launch(worker, args):
         args.distributed = True
         if args.dist_url == "env://" and "MASTER_ADDR" not in os.environ:
             if nodes > 1:
-                raise UserError("multi-node --multiprocessing-distributed needs --dist-url tcp://HOST:PORT")
+                raise UserError(
+                    "multi-node --multiprocessing-distributed needs --dist-url tcp://HOST:PORT"
+                )
             args.dist_url = f"tcp://127.0.0.1:{free_port()}"
         mp.spawn(_spawned, nprocs=nprocs, args=(worker, args))
         return None
@@ -95,10 +121,13 @@ def init_process(local_rank, args):
     if backend == "nccl" and device.type != "cuda":
         raise UserError("--dist-backend nccl needs GPUs; use gloo on CPU")
     if args.dist_url == "env://" and "MASTER_ADDR" not in os.environ:
-        raise UserError("--dist-url env:// needs MASTER_ADDR/MASTER_PORT (torchrun sets them); "
-                        "or pass --dist-url tcp://HOST:PORT")
-    dist.init_process_group(backend=backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+        raise UserError(
+            "--dist-url env:// needs MASTER_ADDR/MASTER_PORT (torchrun sets them); "
+            "or pass --dist-url tcp://HOST:PORT"
+        )
+    dist.init_process_group(
+        backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
+    )
     return device
 
 

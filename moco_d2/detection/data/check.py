@@ -2,8 +2,14 @@
 
 import os
 
-from moco_d2.data.voc import (CLASS_NAMES, SPLITS, annotation_file, image_file, parse_annotation,
-                              read_split)
+from moco_d2.detection.data.voc import (
+    CLASS_NAMES,
+    SPLITS,
+    annotation_file,
+    image_file,
+    parse_annotation,
+    read_split,
+)
 from moco_d2.errors import UserError
 
 # Image counts of the official releases (SPEC §4: 5,011 + 11,540 = 16,551 train; 4,952 test).
@@ -33,7 +39,14 @@ def check_voc_tree(root):
     rows = []
     for name, (folder, split, _year) in SPLITS.items():
         images, objects, problems = check_split(os.path.join(root, folder), split)
-        rows.append({"name": name, "dirname": os.path.join(root, folder), "images": images,
-                     "expected_images": EXPECTED_IMAGES[name], "objects": objects,
-                     "problems": problems})
+        rows.append(
+            {
+                "name": name,
+                "dirname": os.path.join(root, folder),
+                "images": images,
+                "expected_images": EXPECTED_IMAGES[name],
+                "objects": objects,
+                "problems": problems,
+            }
+        )
     return rows

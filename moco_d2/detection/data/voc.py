@@ -15,9 +15,26 @@ from detectron2.structures import BoxMode
 from moco_d2.errors import UserError
 
 CLASS_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 # name -> (folder under the datasets root, split, year); the splits the protocol uses.
@@ -27,8 +44,9 @@ SPLITS = {
     "voc_2007_test": ("VOC2007", "test", 2007),
 }
 
-_ROOT_HINT = ("set DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ "
-              "(datasets/README.md)")
+_ROOT_HINT = (
+    "set DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ (datasets/README.md)"
+)
 
 
 def datasets_root():
@@ -97,8 +115,10 @@ def parse_annotation(path, class_names):
     size = root.find("size")
     if size is None:
         raise UserError(f"malformed VOC annotation {path}: missing <size>")
-    record = {"height": _number(size, "height", path, int),
-              "width": _number(size, "width", path, int)}
+    record = {
+        "height": _number(size, "height", path, int),
+        "width": _number(size, "width", path, int),
+    }
     objects = []
     for obj in root.findall("object"):
         name = _text(obj, "name", path)
@@ -109,13 +129,15 @@ def parse_annotation(path, class_names):
             raise UserError(f"malformed VOC annotation {path}: <object> without <bndbox>")
         x0, y0, x1, y1 = (_number(box, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax"))
         difficult = obj.find("difficult")
-        objects.append({
-            "category_id": class_names.index(name),
-            # VOC boxes are 1-based inclusive pixel indices: (1, W) spans the image, i.e. (0, W).
-            "bbox": [x0 - 1.0, y0 - 1.0, x1, y1],
-            "bbox_mode": BoxMode.XYXY_ABS,
-            "difficult": int(difficult.text) if difficult is not None and difficult.text else 0,
-        })
+        objects.append(
+            {
+                "category_id": class_names.index(name),
+                # VOC boxes are 1-based inclusive pixel indices: (1, W) spans the image, (0, W).
+                "bbox": [x0 - 1.0, y0 - 1.0, x1, y1],
+                "bbox_mode": BoxMode.XYXY_ABS,
+                "difficult": int(difficult.text) if difficult is not None and difficult.text else 0,
+            }
+        )
     record["annotations"] = objects
     return record
 
@@ -141,7 +163,10 @@ def register_voc(name, dirname, split, year, class_names=CLASS_NAMES):
         MetadataCatalog.remove(name)  # metadata refuses to change a value once set
     DatasetCatalog.register(name, lambda: load_voc_instances(dirname, split, class_names))
     MetadataCatalog.get(name).set(
-        thing_classes=list(class_names), dirname=dirname, year=year, split=split,
+        thing_classes=list(class_names),
+        dirname=dirname,
+        year=year,
+        split=split,
         evaluator_type="pascal_voc",
     )
 

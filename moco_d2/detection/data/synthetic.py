@@ -10,14 +10,30 @@ import random
 
 from PIL import Image, ImageDraw
 
-from moco_d2.data.voc import CLASS_NAMES, annotation_file, image_file, split_file
+from moco_d2.detection.data.voc import CLASS_NAMES, annotation_file, image_file, split_file
 
 # Saturated colours far apart from each other and from the background.
 _COLOURS = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (245, 130, 48), (0, 0, 128), (128, 0, 0),
-    (170, 255, 195), (128, 128, 0), (0, 128, 128), (250, 190, 212), (220, 190, 255),
-    (255, 250, 200), (170, 110, 40), (0, 0, 0), (255, 255, 255), (210, 245, 60),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (245, 130, 48),
+    (0, 0, 128),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (0, 128, 128),
+    (250, 190, 212),
+    (220, 190, 255),
+    (255, 250, 200),
+    (170, 110, 40),
+    (0, 0, 0),
+    (255, 255, 255),
+    (210, 245, 60),
 ]
 _SHAPES = ("rectangle", "ellipse", "triangle")
 _BACKGROUND = (128, 128, 128)
@@ -85,8 +101,9 @@ def _write_split(rng, dirname, split, fileids, size, num_classes, max_objects):
         f.writelines(fileid + "\n" for fileid in fileids)
 
 
-def make_synthetic_voc(root, num_train=64, num_test=16, image_size=128, seed=0,
-                       num_classes_used=4, max_objects=2):
+def make_synthetic_voc(
+    root, num_train=64, num_test=16, image_size=128, seed=0, num_classes_used=4, max_objects=2
+):
     """Write ``VOC2007/`` (trainval, test) and ``VOC2012/`` (trainval) under ``root``.
 
     The ``num_train`` training images are split between VOC2007 and VOC2012 trainval (both
@@ -109,12 +126,21 @@ def make_synthetic_voc(root, num_train=64, num_test=16, image_size=128, seed=0,
     n2007 = num_train - num_train // 2
     plan = {
         "voc_2007_trainval": ("VOC2007", "trainval", [f"{i:06d}" for i in range(n2007)]),
-        "voc_2012_trainval": ("VOC2012", "trainval",
-                              [f"2012_{i:06d}" for i in range(num_train - n2007)]),
-        "voc_2007_test": ("VOC2007", "test",
-                          [f"{i:06d}" for i in range(n2007, n2007 + num_test)]),
+        "voc_2012_trainval": (
+            "VOC2012",
+            "trainval",
+            [f"2012_{i:06d}" for i in range(num_train - n2007)],
+        ),
+        "voc_2007_test": ("VOC2007", "test", [f"{i:06d}" for i in range(n2007, n2007 + num_test)]),
     }
     for folder, split, fileids in plan.values():
-        _write_split(rng, os.path.join(root, folder), split, fileids, image_size,
-                     num_classes_used, max_objects)
+        _write_split(
+            rng,
+            os.path.join(root, folder),
+            split,
+            fileids,
+            image_size,
+            num_classes_used,
+            max_objects,
+        )
     return {name: len(fileids) for name, (_, _, fileids) in plan.items()}

@@ -14,12 +14,12 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from moco_d2.checkpoint import BackboneCheckingCheckpointer
-from moco_d2.data.voc import check_split_files
+from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.detection.data.voc import check_split_files
+from moco_d2.detection.launch import launch
+from moco_d2.detection.norm import resolve_sync_bn
+from moco_d2.detection.trainer import Trainer
 from moco_d2.errors import UserError
-from moco_d2.transfer.launch import launch
-from moco_d2.transfer.norm import resolve_sync_bn
-from moco_d2.transfer.trainer import Trainer
 
 
 def load_config(args):
@@ -43,11 +43,14 @@ def check_inputs(cfg, args):
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     weights = cfg.MODEL.WEIGHTS
     if weights and not resuming and "://" not in weights and not os.path.isfile(weights):
-        raise UserError(f"MODEL.WEIGHTS file not found: {weights!r} (convert a pretraining "
-                        "checkpoint with tools/convert-to-d2.py; MODEL.WEIGHTS \"\" trains from "
-                        "random initialization on purpose)")
-    check_split_files(cfg.DATASETS.TEST if args.eval_only else
-                      cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+        raise UserError(
+            f"MODEL.WEIGHTS file not found: {weights!r} (convert a pretraining "
+            'checkpoint with tools/convert-to-d2.py; MODEL.WEIGHTS "" trains from '
+            "random initialization on purpose)"
+        )
+    check_split_files(
+        cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    )
 
 
 def setup(args):
@@ -66,7 +69,8 @@ def run(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         BackboneCheckingCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -78,6 +82,13 @@ def main(argv):
     cfg = load_config(args)
     check_inputs(cfg, args)
     device = torch.device(cfg.MODEL.DEVICE).type
-    launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), device=device)
+    launch(
+        run,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=device,
+    )
     return 0

@@ -126,8 +126,10 @@ def patch_numpy_alias_users():
 
     patched = []
     # Both are looked up as module globals at call time, so replacing the attribute suffices.
-    for module, name in ((pascal_voc, "load_voc_instances"),
-                         (build, "print_instances_class_histogram")):
+    for module, name in (
+        (pascal_voc, "load_voc_instances"),
+        (build, "print_instances_class_histogram"),
+    ):
         if wrap_with_numpy_aliases(module, name):
             patched.append(f"{module.__name__}.{name}")
     return patched
@@ -143,9 +145,10 @@ def provide_pkg_resources_to_model_zoo():
     The stand-in (only ``resource_filename``) is visible while model_zoo is imported and
     removed right after, so no other library mistakes it for the real module.
     """
-    if "detectron2.model_zoo.model_zoo" in sys.modules or importlib.util.find_spec(
-        "pkg_resources"
-    ) is not None:
+    if (
+        "detectron2.model_zoo.model_zoo" in sys.modules
+        or importlib.util.find_spec("pkg_resources") is not None
+    ):
         return False
     stand_in = types.ModuleType("pkg_resources")
     stand_in.resource_filename = _resource_filename

@@ -17,30 +17,65 @@ from detectron2.utils import comm
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
-def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
-           dist_url=None, args=(), device="cuda", timeout=DEFAULT_TIMEOUT):
+def launch(
+    main_func,
+    num_processes_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    device="cuda",
+    timeout=DEFAULT_TIMEOUT,
+):
     """Run ``main_func(*args)`` in each process; GPU runs go to detectron2's launch."""
     world_size = num_machines * num_processes_per_machine
     if device != "cpu" or world_size == 1:
-        return d2_launch(main_func, num_processes_per_machine, num_machines=num_machines,
-                         machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
+        return d2_launch(
+            main_func,
+            num_processes_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+            timeout=timeout,
+        )
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError("dist_url=auto needs a single machine")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, daemon=False,
-             args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url,
-                   args, timeout))
+    mp.spawn(
+        _cpu_worker,
+        nprocs=num_processes_per_machine,
+        daemon=False,
+        args=(
+            main_func,
+            world_size,
+            num_processes_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        ),
+    )
 
 
-def _cpu_worker(local_rank, main_func, world_size, num_processes_per_machine, machine_rank,
-                dist_url, args, timeout):
+def _cpu_worker(
+    local_rank,
+    main_func,
+    world_size,
+    num_processes_per_machine,
+    machine_rank,
+    dist_url,
+    args,
+    timeout,
+):
     rank = machine_rank * num_processes_per_machine + local_rank
     # N processes with one thread per core each would oversubscribe the CPU.
     torch.set_num_threads(max(1, torch.get_num_threads() // num_processes_per_machine))
     try:
-        dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank,
-                                timeout=timeout)
+        dist.init_process_group(
+            "gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
+        )
     except Exception:
         logging.getLogger(__name__).error("Process group URL: %s", dist_url)
         raise

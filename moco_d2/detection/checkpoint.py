@@ -33,8 +33,10 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
 
     def load(self, path, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
-            raise UserError(f"weights file not found: {path} (convert a pretraining checkpoint "
-                            "with tools/convert-to-d2.py; MODEL.WEIGHTS \"\" means random init)")
+            raise UserError(
+                f"weights file not found: {path} (convert a pretraining checkpoint "
+                'with tools/convert-to-d2.py; MODEL.WEIGHTS "" means random init)'
+            )
         self._path = path
         return super().load(path, *args, **kwargs)
 
@@ -47,7 +49,8 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
                 f"{self._path} left {len(missing)} backbone tensors of the model unloaded "
                 f"(missing, or of another shape, in the file): {shown}; convert pretraining "
                 "checkpoints with tools/convert-to-d2.py and check MODEL.RESNETS (DEPTH 50, "
-                "STRIDE_IN_1X1 False)")
+                "STRIDE_IN_1X1 False)"
+            )
         self.not_loaded = list(incompatible.missing_keys)
         return incompatible
 

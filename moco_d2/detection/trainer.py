@@ -12,7 +12,7 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from moco_d2.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_write_text
 
@@ -69,8 +69,10 @@ class Trainer(DefaultTrainer):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
-        raise UserError(f"no evaluator for test dataset {dataset_name!r}: its metadata "
-                        f"evaluator_type is {evaluator_type!r}, this tool evaluates 'pascal_voc'")
+        raise UserError(
+            f"no evaluator for test dataset {dataset_name!r}: its metadata "
+            f"evaluator_type is {evaluator_type!r}, this tool evaluates 'pascal_voc'"
+        )
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -85,8 +87,10 @@ class Trainer(DefaultTrainer):
 
 def box_metrics(results):
     """``{dataset: {"AP", "AP50", "AP75"}}`` from the evaluators' ``{dataset: {"bbox": ...}}``."""
-    return {name: {key: float(res["bbox"][key]) for key in METRIC_NAMES}
-            for name, res in results.items()}
+    return {
+        name: {key: float(res["bbox"][key]) for key in METRIC_NAMES}
+        for name, res in results.items()
+    }
 
 
 def write_metrics(results, output_dir):

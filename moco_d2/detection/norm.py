@@ -19,6 +19,9 @@ def resolve_sync_bn(cfg):
     on_cpu = torch.device(cfg.MODEL.DEVICE).type == "cpu"
     if cfg.MODEL.RESNETS.NORM == "SyncBN" and on_cpu and comm.get_world_size() > 1:
         cfg.MODEL.RESNETS.NORM = "naiveSyncBN"
-        logger.info("MODEL.RESNETS.NORM: SyncBN -> naiveSyncBN (torch's SyncBatchNorm needs "
-                    "CUDA in multi-process runs; %d CPU processes)", comm.get_world_size())
+        logger.info(
+            "MODEL.RESNETS.NORM: SyncBN -> naiveSyncBN (torch's SyncBatchNorm needs "
+            "CUDA in multi-process runs; %d CPU processes)",
+            comm.get_world_size(),
+        )
     return cfg
