@@ -10,8 +10,9 @@ from PIL import Image
 
 from moco_d2.cli import run_tool
 from moco_d2.lincls.engine import evaluate
-from moco_d2.lincls.main import main
+from moco_d2.lincls.main import main, parse_args
 from moco_d2.lincls.model import build_model, build_optimizer
+from moco_d2.lincls.train import _loaders
 from moco_d2.training.meters import accuracy
 
 COLORS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
@@ -106,6 +107,7 @@ def test_one_epoch_trains_only_the_fc(data, pretrained, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["backbone_unchanged"] is True and len(results["history"]) == 1
     assert (out / "model_best.pth.tar").is_file() and os.listdir(out / "tb")
+    assert "sanity check passed" in (out / "log.txt").read_text()
 
 
 def test_linearly_separable_toy_set_reaches_100_percent(data, pretrained, tmp_path):
@@ -223,3 +225,49 @@ def test_checkpoint_of_another_arch(data, pretrained, tmp_path, capsys):
         f"error: {pretrained} is a resnet18 checkpoint, but -a/--arch is resnet34"
     ]
     assert not os.listdir(tmp_path)  # nothing written before the input was checked
+
+
+@pytest.mark.parametrize(
+    "launch, procs",
+    [([], 1), (["--multiprocessing-distributed", "--nproc-per-node", "2", "--world-size", "3"], 2)],
+)
+def test_batch_is_per_node_and_workers_per_process(data, launch, procs):
+    """As in the released main_lincls.py: -b 8 is split over the node's processes (not over all
+    nodes' processes), and every process gets -j 2 workers."""
+    args = parse_args([str(data), *SMALL, "-j", "2", *launch])
+    args.world_size, args.rank, args.distributed = 3 * procs, 0, False
+    train_loader, val_loader, _ = _loaders(data_set(data), data_set(data), args)
+    assert (train_loader.batch_size, val_loader.batch_size) == (8 // procs, 8 // procs)
+    assert (train_loader.num_workers, val_loader.num_workers) == (2, 2)
+
+
+def test_two_processes_on_cpu(data, pretrained, tmp_path):
+    argv = [str(data), *SMALL, "--pretrained", pretrained, "--epochs", "1", "--lr", "0.05"]
+    launch = ["--multiprocessing-distributed", "--nproc-per-node", "2"]
+    main([*argv, *launch, "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["backbone_unchanged"] is True and len(results["history"]) == 1
+    assert results["batch_size"] == 8 and 0 <= results["acc1"] <= 100
+
+
+def data_set(root):
+    return torchvision.datasets.ImageFolder(str(root / "train"))
+
+
+def test_batch_not_divisible_by_the_processes_of_a_node(data, capsys):
+    argv = [str(data), *SMALL, "--multiprocessing-distributed", "--nproc-per-node", "3"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err == [
+        "error: -b 8 (the batch of one node) is not divisible by its 3 processes"
+    ]
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("-b", "0", "an integer >= 1"), ("-j", "-1", "an integer >= 0"), ("--lr", "0", "> 0")],
+)
+def test_flag_values_are_checked_by_their_types(data, flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(data), *SMALL, flag, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and flag in last and expected in last and value in last

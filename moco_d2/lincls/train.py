@@ -1,13 +1,16 @@
 """The linear-classification run: data, frozen model, epochs, checkpoints, final JSON."""
 
+import argparse
 import json
+import logging
 import os
 import shutil
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from moco_d2.errors import UserError
@@ -23,7 +26,23 @@ from moco_d2.training.checkpoint import (
     set_rng_state,
     strip_module_prefix,
 )
-from moco_d2.training.distributed import barrier, cleanup, init_process, is_main_process
+from moco_d2.training.cli_args import per_process_batch
+from moco_d2.training.distributed import (
+    barrier,
+    cleanup,
+    init_process,
+    is_main_process,
+    procs_per_node,
+)
+from moco_d2.training.logs import (
+    ACC1,
+    ACC5,
+    LR,
+    TRAIN_ACC1,
+    TRAIN_LOSS,
+    setup_logging,
+    teardown_logging,
+)
 from moco_d2.training.schedule import adjust_learning_rate
 from moco_d2.utils.fileio import atomic_path, atomic_torch_save, atomic_write_text
 
@@ -32,8 +51,12 @@ BEST_CHECKPOINT = "model_best.pth.tar"
 RESULTS = "results.json"
 EVALUATION = "evaluation.json"  # -e/--evaluate: kept apart so it never replaces a run's results
 
+logger = logging.getLogger("moco_d2.lincls")
 
-def prepare(args):
+Prepared = tuple[Dataset, Dataset, nn.Module, dict | None]
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
     """Datasets, the model with its pretrained (or resumed) weights, and the --resume checkpoint.
 
     Everything a user's input can break happens here, once before any process is spawned, so
@@ -47,18 +70,26 @@ def prepare(args):
     return train_set, val_set, model, resumed
 
 
-def worker(local_rank, args, prepared=None):
+def worker(
+    local_rank: int | None, args: argparse.Namespace, prepared: Prepared | None = None
+) -> None:
     """One process of the run (see :func:`moco_d2.training.distributed.launch`)."""
     device = init_process(local_rank, args)
+    is_main = args.rank == 0
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    handlers = setup_logging(args.output_dir if is_main else None, is_main)
     try:
-        return _run(device, args, prepared or prepare(args))
+        _run(device, args, prepared or prepare(args))
     finally:
+        teardown_logging(handlers)
         cleanup()
 
 
 def _loaders(train_set, val_set, args):
-    per_process = max(args.batch_size // args.world_size, 1)
-    workers = (args.workers + args.world_size - 1) // args.world_size
+    # -b is one node's batch, -j each process's workers, as in the released main_lincls.py.
+    per_process = per_process_batch(args.batch_size, procs_per_node(args))
+    workers = args.workers
     sampler = DistributedSampler(train_set) if args.distributed else None
     # Val: a strided shard per process, no padding, so the summed counts are exact.
     val_shard = (
@@ -126,8 +157,8 @@ def _run(device, args, prepared):
         torch.backends.cudnn.benchmark = True
     train_set, val_set, model, resumed = prepared
     amp = args.amp and bf16_supported(device)
-    if args.amp and not amp and is_main_process():
-        print(f"--amp: {device} has no bf16 support; running in fp32")
+    if args.amp and not amp:
+        logger.warning("--amp: %s has no bf16 support; running in fp32", device)
     args.amp = amp
     model.to(device)
     if args.distributed:
@@ -139,14 +170,12 @@ def _run(device, args, prepared):
     if resumed is not None:
         start_epoch, best_acc1, history = _restore(resumed, optimizer)
     train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
 
     if args.evaluate:
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
         if is_main_process():
-            print(f"val: top-1 {acc1:.2f}  top-5 {acc5:.2f}")
-            _write_results(args, {"resume": args.resume, "acc1": acc1, "acc5": acc5}, EVALUATION)
+            logger.info("val: top-1 %.2f  top-5 %.2f", acc1, acc5)
+            _write_results(args, {"resume": args.resume, ACC1: acc1, ACC5: acc5}, EVALUATION)
         return
     _fit(
         model,
@@ -194,18 +223,23 @@ def _fit(
         history.append(
             {
                 "epoch": epoch,
-                "lr": lr,
-                "train_loss": loss,
-                "train_acc1": train_acc1,
-                "acc1": acc1,
-                "acc5": acc5,
+                LR: lr,
+                TRAIN_LOSS: loss,
+                TRAIN_ACC1: train_acc1,
+                ACC1: acc1,
+                ACC5: acc5,
             }
         )
         if writer is None:
             continue
-        print(
-            f"epoch {epoch}: lr {lr:g}  loss {loss:.4f}  val top-1 {acc1:.2f}  top-5 {acc5:.2f}"
-            f"  (best {best_acc1:.2f})"
+        logger.info(
+            "epoch %d: lr %g  loss %.4f  val top-1 %.2f  top-5 %.2f  (best %.2f)",
+            epoch,
+            lr,
+            loss,
+            acc1,
+            acc5,
+            best_acc1,
         )
         for name, value in history[-1].items():
             if name != "epoch":
@@ -220,16 +254,16 @@ def _finish(model, history, args):
     """The sanity check that the backbone is the pretrained one, then results.json."""
     if args.pretrained:
         check_backbone_unchanged(unwrap(model), args.pretrained)
-        print(f"sanity check passed: backbone weights equal {args.pretrained}")
-    best = max(history, key=lambda h: h["acc1"]) if history else {}
+        logger.info("sanity check passed: backbone weights equal %s", args.pretrained)
+    best = max(history, key=lambda h: h[ACC1]) if history else {}
     last = history[-1] if history else {}
     _write_results(
         args,
         {
-            "best_acc1": best.get("acc1"),
+            "best_acc1": best.get(ACC1),
             "best_epoch": best.get("epoch"),
-            "acc1": last.get("acc1"),
-            "acc5": last.get("acc5"),
+            ACC1: last.get(ACC1),
+            ACC5: last.get(ACC5),
             "backbone_unchanged": True if args.pretrained else None,
             "history": history,
         },
@@ -254,7 +288,7 @@ def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
             shutil.copyfile(last, tmp)
 
 
-def _write_results(args, results, name=RESULTS):
+def _write_results(args: argparse.Namespace, results: dict[str, Any], name: str = RESULTS) -> None:
     meta = {
         "arch": args.arch,
         "pretrained": args.pretrained or None,

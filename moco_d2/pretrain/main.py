@@ -21,9 +21,15 @@ from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
 from moco_d2.pretrain.builder import MoCo
 from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
 from moco_d2.pretrain.engine import train_one_epoch
-from moco_d2.pretrain.logs import setup_logging, teardown_logging
 from moco_d2.training import checkpoint as ckpt
+from moco_d2.training.cli_args import (
+    add_training_arguments,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from moco_d2.training.distributed import add_distributed_arguments, cleanup, init_process, launch
+from moco_d2.training.logs import setup_logging, teardown_logging
 from moco_d2.training.schedule import adjust_learning_rate
 
 logger = logging.getLogger("moco_d2.pretrain")
@@ -38,8 +44,9 @@ are shuffled inside the process, which emulates that many GPUs. The default pick
 number of groups <= 8 that divides the batch with at least 2 images per group; --bn-splits 1
 turns the emulation off.
 
--b is the batch of one node (all its processes), as in the released code; --lr is for that
-batch: scale it linearly (0.03 per 256 images).
+-b is the batch of one node, split evenly over its processes, and -j the data-loading workers of
+each process, as in the released code; --lr is for that batch: scale it linearly (0.03 per 256
+images).
 """
 
 
@@ -47,7 +54,7 @@ def model_names():
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_moco.py",
         description="MoCo v2 (default) / v1 pretraining on an image folder.",
@@ -57,88 +64,34 @@ def build_parser():
     p.add_argument(
         "data", metavar="DIR", help="dataset root: DIR/train (ImageNet layout) or DIR itself"
     )
-    p.add_argument(
-        "-a",
-        "--arch",
-        metavar="ARCH",
-        default="resnet50",
-        choices=model_names(),
-        help="torchvision model (default: resnet50)",
-    )
-    p.add_argument(
-        "-j",
-        "--workers",
-        default=min(32, os.cpu_count() or 1),
-        type=int,
-        metavar="N",
-        help="data loading workers per process",
-    )
-    p.add_argument("--epochs", default=200, type=int, metavar="N")
-    p.add_argument(
-        "--start-epoch",
-        default=0,
-        type=int,
-        metavar="N",
-        help="first epoch (taken from the checkpoint with --resume)",
-    )
-    p.add_argument(
-        "-b",
-        "--batch-size",
-        default=256,
-        type=int,
-        metavar="N",
-        help="batch of one node, split over its processes (default: 256)",
-    )
-    p.add_argument(
-        "--lr",
-        "--learning-rate",
-        default=0.03,
-        type=float,
-        metavar="LR",
-        dest="lr",
-        help="initial learning rate for -b (0.03 for 256)",
-    )
-    p.add_argument(
-        "--schedule",
-        default=[120, 160],
-        nargs="*",
-        type=int,
-        help="epochs at which lr is multiplied by 0.1 (ignored with --cos)",
-    )
-    p.add_argument("--momentum", default=0.9, type=float, metavar="M")
-    p.add_argument(
-        "--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay"
-    )
-    p.add_argument(
-        "-p",
-        "--print-freq",
-        default=10,
-        type=int,
-        metavar="N",
-        help="TensorBoard scalars every N iterations",
-    )
-    p.add_argument(
-        "--resume",
-        default="",
-        type=str,
-        metavar="PATH",
-        help="checkpoint to resume from, or a folder (its latest checkpoint)",
-    )
-    p.add_argument(
-        "--seed",
-        default=None,
-        type=int,
-        help="seed for exact, resumable runs (default: drawn at random and logged)",
+    add_training_arguments(
+        p,
+        arch_choices=model_names(),
+        epochs=200,
+        lr=0.03,
+        lr_help="initial learning rate for -b (default: 0.03, for 256 images)",
+        schedule=(120, 160),
+        weight_decay=1e-4,
+        print_freq_help="TensorBoard scalars every N iterations (default: 10)",
+        resume_help="checkpoint to resume from, or a folder (its latest checkpoint)",
+        seed_help="seed for exact, resumable runs (default: drawn at random and logged)",
     )
     add_distributed_arguments(p)
     moco = p.add_argument_group("moco")
-    moco.add_argument("--moco-dim", default=128, type=int, help="feature dimension (default: 128)")
-    moco.add_argument("--moco-k", default=65536, type=int, help="queue size (default: 65536)")
     moco.add_argument(
-        "--moco-m", default=0.999, type=float, help="key encoder momentum (default: 0.999)"
+        "--moco-dim", default=128, type=positive_int, help="feature dimension (default: 128)"
     )
     moco.add_argument(
-        "--moco-t", default=0.2, type=float, help="softmax temperature (v2 0.2, v1 0.07)"
+        "--moco-k", default=65536, type=positive_int, help="queue size (default: 65536)"
+    )
+    moco.add_argument(
+        "--moco-m",
+        default=0.999,
+        type=non_negative_float,
+        help="key encoder momentum (default: 0.999)",
+    )
+    moco.add_argument(
+        "--moco-t", default=0.2, type=positive_float, help="softmax temperature (v2 0.2, v1 0.07)"
     )
     moco.add_argument(
         "--mlp", default=True, action=argparse.BooleanOptionalAction, help="MLP head (v2)"
@@ -161,11 +114,13 @@ def build_parser():
     extra.add_argument(
         "--bn-splits",
         default=None,
-        type=int,
+        type=positive_int,
         help="SplitBatchNorm groups per process (default: 8-ish with one process, "
         "1 when distributed; see below)",
     )
-    extra.add_argument("--crop-size", default=224, type=int, help="training crop (default: 224)")
+    extra.add_argument(
+        "--crop-size", default=224, type=positive_int, help="training crop (default: 224)"
+    )
     extra.add_argument("--amp", action="store_true", help="bf16 autocast where supported")
     extra.add_argument(
         "--knn-data",
@@ -174,30 +129,16 @@ def build_parser():
         help="kNN monitor on DIR/train (bank) and DIR/val (queries), labelled folders",
     )
     extra.add_argument(
-        "--knn-every", default=5, type=int, metavar="N", help="kNN monitor every N epochs"
+        "--knn-every", default=5, type=positive_int, metavar="N", help="kNN monitor every N epochs"
     )
-    extra.add_argument("--knn-k", default=200, type=int)
-    extra.add_argument("--knn-t", default=0.1, type=float)
+    extra.add_argument("--knn-k", default=200, type=positive_int)
+    extra.add_argument("--knn-t", default=0.1, type=positive_float)
     return p
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Flags checked by their types; the data folder checked here, before any process starts."""
     args = build_parser().parse_args(argv)
-    for name in (
-        "epochs",
-        "batch_size",
-        "moco_dim",
-        "moco_k",
-        "crop_size",
-        "print_freq",
-        "knn_every",
-    ):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.bn_splits is not None and args.bn_splits < 1:
-        raise UserError(f"--bn-splits must be >= 1, got {args.bn_splits}")
     resolve_train_dir(args.data)
     return args
 

@@ -10,19 +10,23 @@ Three ways to launch, as in the released MoCo code plus torchrun:
 The backend defaults to NCCL on GPU and gloo on CPU.
 """
 
+import argparse
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_d2.errors import UserError
+from moco_d2.training.cli_args import positive_int
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def add_distributed_arguments(parser):
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The released launch flags plus ``--device`` and ``--nproc-per-node``."""
     group = parser.add_argument_group("distributed")
     group.add_argument(
@@ -58,7 +62,7 @@ def add_distributed_arguments(parser):
     group.add_argument(
         "--nproc-per-node",
         default=None,
-        type=int,
+        type=positive_int,
         help="processes spawned by --multiprocessing-distributed "
         "(default: number of GPUs, 1 on CPU)",
     )
@@ -68,14 +72,15 @@ def add_distributed_arguments(parser):
     return group
 
 
-def launch(worker, args):
+def launch(
+    worker: Callable[[int | None, argparse.Namespace], Any], args: argparse.Namespace
+) -> Any:
     """Run ``worker(local_rank, args)`` here, or spawned with --multiprocessing-distributed.
 
     ``worker`` must be a module-level function; it should call :func:`init_process` first.
     """
-    use_cuda = _wants_cuda(args.device)
     if args.multiprocessing_distributed:
-        nprocs = args.nproc_per_node or (torch.cuda.device_count() if use_cuda else 1)
+        nprocs = procs_per_node(args)
         if nprocs < 1:
             raise UserError("--multiprocessing-distributed: no GPU found; pass --nproc-per-node")
         nodes = max(args.world_size, 1)
@@ -105,12 +110,24 @@ def launch(worker, args):
     return worker(local_rank, args)
 
 
-def _spawned(local_rank, worker, args):
+def procs_per_node(args: argparse.Namespace) -> int:
+    """Processes on this node, before or after :func:`launch`: those --multiprocessing-distributed
+    spawns, torchrun's LOCAL_WORLD_SIZE, or 1. ``-b`` is split over them."""
+    if args.multiprocessing_distributed:
+        if args.nproc_per_node:
+            return args.nproc_per_node
+        return torch.cuda.device_count() if _wants_cuda(args.device) else 1
+    if all(v in os.environ for v in _TORCHRUN_VARS):
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return 1
+
+
+def _spawned(local_rank: int, worker: Callable, args: argparse.Namespace) -> None:
     args.rank = args.node_rank * args.nproc_per_node + local_rank
     worker(local_rank, args)
 
 
-def init_process(local_rank, args):
+def init_process(local_rank: int | None, args: argparse.Namespace) -> torch.device:
     """Pick this process's device and join the process group when distributed; return the device."""
     device = resolve_device(args.device, local_rank)
     if device.type == "cuda":
@@ -131,7 +148,7 @@ def init_process(local_rank, args):
     return device
 
 
-def resolve_device(spec, local_rank=None):
+def resolve_device(spec: str | None, local_rank: int | None = None) -> torch.device:
     """``auto``/``cpu``/``cuda``/``cuda:N`` → torch.device; ``cuda`` picks the local rank's GPU."""
     spec = spec or "auto"
     if spec == "auto":
@@ -148,39 +165,39 @@ def resolve_device(spec, local_rank=None):
     return device
 
 
-def _wants_cuda(spec):
+def _wants_cuda(spec: str | None) -> bool:
     return (spec in (None, "auto") and torch.cuda.is_available()) or str(spec).startswith("cuda")
 
 
-def free_port():
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def is_distributed():
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def get_rank():
+def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def get_world_size():
+def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process():
+def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier():
+def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
 
 @torch.no_grad()
-def all_gather_cat(tensor):
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0 (no gradient), rank order."""
     if not is_distributed():
         return tensor
@@ -189,6 +206,6 @@ def all_gather_cat(tensor):
     return torch.cat(gathered, dim=0)
 
 
-def cleanup():
+def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
