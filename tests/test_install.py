@@ -1,5 +1,6 @@
 """The detectron2 install step: reports what is there, verifies what it downloads, fails clearly."""
 
+import importlib.util
 import io
 import os
 import subprocess
@@ -11,10 +12,16 @@ import pytest
 from moco_d2 import install_detectron2 as inst
 
 
-def test_reports_the_pure_python_sdist_install():
+def test_reports_the_installed_build():
+    """The pure-Python PyPI sdist, or an official build whose folder holds the compiled _C."""
+    folder = os.path.dirname(importlib.util.find_spec("detectron2").origin)
+    compiled = any(name.startswith("_C.") for name in os.listdir(folder))
     line = inst.describe()
-    assert line.startswith("detectron2 0.6 ")
-    assert "pb1-detectron2==0.6" in line and "no C++ ops" in line
+    assert line.startswith("detectron2 0.6 ") and line.endswith(f" at {folder}")
+    if compiled:
+        assert "(compiled build with C++ ops)" in line
+    else:
+        assert "pb1-detectron2==0.6" in line and "no C++ ops" in line
 
 
 def test_check_command_prints_version_and_source():
