@@ -173,3 +173,29 @@ def test_model_zoo_finds_its_configs_without_leaking_a_fake_pkg_resources():
     assert os.path.isfile(path) and path.endswith("Base-RCNN-C4.yaml")
     # Either the real pkg_resources is importable, or nothing claims to be it.
     assert "pkg_resources" not in sys.modules or importlib.util.find_spec("pkg_resources")
+
+
+def test_trainer_checkpoint_keeps_and_restores_sgd_momentum():
+    """A resumed run continues with the saved momentum on every detectron2 (0.6 drops it)."""
+    import torch
+    from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+
+    class Trainer(compat.InnerTrainerState, DefaultTrainer):
+        def __init__(self, model):  # only what state_dict/load_state_dict use
+            TrainerBase.__init__(self)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            self._trainer = SimpleTrainer(model, [], optimizer)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    trained = Trainer(model)
+    model(torch.randn(4, 3)).square().sum().backward()
+    trained._trainer.optimizer.step()
+    saved = trained.state_dict()
+    momentum = trained._trainer.optimizer.state[model.weight]["momentum_buffer"]
+    assert torch.equal(saved["_trainer"]["optimizer"]["state"][0]["momentum_buffer"], momentum)
+
+    resumed = Trainer(torch.nn.Linear(3, 2))
+    resumed.load_state_dict(saved)
+    restored = resumed._trainer.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert momentum.abs().sum() > 0 and torch.equal(restored, momentum)

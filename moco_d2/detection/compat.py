@@ -1,8 +1,11 @@
-"""The one place where detectron2 0.6 is made to work with today's numpy, Pillow and torch.
+"""The one place where detectron2 0.6 is made to work with today's numpy, Pillow and torch,
+and where its gaps against later detectron2 are filled.
 
 Each shim checks whether the library is already fine and then does nothing, so the same
 code runs on an official compiled detectron2 and on the pure-Python 0.6 package that
-:mod:`moco_d2.install_detectron2` installs. ``apply()`` runs on ``import moco_d2``.
+:mod:`moco_d2.install_detectron2` installs. ``apply()`` runs on ``import moco_d2.detection``;
+:class:`InnerTrainerState` and :func:`set_local_process_group` are used by the trainer and the
+CPU launcher. Dropping detectron2 0.6 means deleting this module and those two uses.
 """
 
 import contextlib
@@ -160,7 +163,44 @@ def provide_pkg_resources_to_model_zoo():
     return True
 
 
-def apply():
+class InnerTrainerState:
+    """Mixin for a DefaultTrainer: checkpoints keep the inner trainer (SGD momentum, AMP scaler).
+
+    detectron2 0.6 checkpoints only the iteration and the LR scheduler, so a resumed run
+    restarted SGD momentum from zero. Later detectron2 saves and restores ``_trainer`` itself;
+    there this mixin adds nothing.
+    """
+
+    def state_dict(self) -> dict:
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from detectron2.engine import DefaultTrainer
+
+        super().load_state_dict(state_dict)
+        if "load_state_dict" not in vars(DefaultTrainer):  # detectron2 0.6
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+def set_local_process_group(world_size: int, per_machine: int, machine_rank: int) -> None:
+    """Make the group of this machine's ranks, which comm.get_local_rank/size need (as d2's own
+    launch does). detectron2 0.6 has no helper for it; every rank must create every group."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if hasattr(comm, "create_local_process_group"):  # detectron2 after 0.6
+        comm.create_local_process_group(per_machine)
+        return
+    for i in range(world_size // per_machine):
+        group = dist.new_group(list(range(i * per_machine, (i + 1) * per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def apply() -> list[str]:
     """Apply every shim that is needed; return the names of those that changed something."""
     applied = []
     if install_compiled_ops_stand_in():

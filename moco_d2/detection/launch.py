@@ -14,6 +14,8 @@ from detectron2.engine import launch as d2_launch
 from detectron2.engine.launch import _find_free_port
 from detectron2.utils import comm
 
+from moco_d2.detection import compat
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
@@ -79,18 +81,6 @@ def _cpu_worker(
     except Exception:
         logging.getLogger(__name__).error("Process group URL: %s", dist_url)
         raise
-    _set_local_process_group(world_size, num_processes_per_machine, machine_rank)
+    compat.set_local_process_group(world_size, num_processes_per_machine, machine_rank)
     comm.synchronize()
     main_func(*args)
-
-
-def _set_local_process_group(world_size, num_processes_per_machine, machine_rank):
-    """comm.get_local_rank/size need the group of this machine's ranks, as d2's launch makes."""
-    if hasattr(comm, "create_local_process_group"):  # detectron2 after 0.6
-        comm.create_local_process_group(num_processes_per_machine)
-        return
-    for i in range(world_size // num_processes_per_machine):
-        ranks = list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine))
-        group = dist.new_group(ranks)  # every rank must take part in creating every group
-        if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group

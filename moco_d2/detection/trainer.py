@@ -12,6 +12,7 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from moco_d2.detection import compat
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_write_text
@@ -22,7 +23,7 @@ METRICS_FILE = "metrics_voc.json"
 METRIC_NAMES = ("AP", "AP50", "AP75")
 
 
-class Trainer(DefaultTrainer):
+class Trainer(compat.InnerTrainerState, DefaultTrainer):
     """DefaultTrainer that picks evaluators from dataset metadata, refuses weights that leave
     the backbone random, writes :data:`METRICS_FILE`, and also runs data-parallel on CPUs.
     """
@@ -51,17 +52,6 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
-
-    # detectron2 0.6 checkpoints only the iteration and the LR scheduler, so a resumed run
-    # restarted SGD momentum from zero; later detectron2 saves the inner trainer like this.
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
