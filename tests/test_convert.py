@@ -20,7 +20,7 @@ BN = ("weight", "bias", "running_mean", "running_var")
 
 
 def hand_table():
-    """torchvision name → Detectron2 name, written out from SPEC §3, not from moco_d2."""
+    """torchvision name → Detectron2 name, written by hand, not from moco_d2."""
     table = {"conv1.weight": "stem.conv1.weight"}
     table.update({f"bn1.{t}": f"stem.conv1.norm.{t}" for t in BN})
     for tv_stage, d2_stage, blocks in (

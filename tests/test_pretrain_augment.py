@@ -1,4 +1,4 @@
-"""Augmentations: every parameter of SPEC §1 (v2 aug+ and v1), the blur, the two views."""
+"""Augmentations: every parameter of the released code (v2 aug+ and v1), the blur, the two views."""
 
 import numpy as np
 import pytest

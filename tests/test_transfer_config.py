@@ -1,4 +1,4 @@
-"""The registered configs carry SPEC §4's protocol, and the ExtraNorm head is what it says."""
+"""The registered configs carry the MoCo papers' VOC protocol; the ExtraNorm head is as named."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def load(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS)
-def test_protocol_values_match_spec(path):
+def test_protocol_values_match_the_papers(path):
     cfg = load(path)
     m = cfg.MODEL
     assert m.META_ARCHITECTURE == "GeneralizedRCNN" and m.MASK_ON is False

@@ -1,6 +1,6 @@
 """Reading a pretraining checkpoint safely and finding the query-encoder trunk in it.
 
-Four layouts are accepted (SPEC §1/§3): the released MoCo checkpoint (``state_dict`` with
+Four layouts are accepted: the released MoCo checkpoint (``state_dict`` with
 ``module.encoder_q.*``), the same without ``module.``, a bare query-encoder state_dict, and
 a plain torchvision ResNet state_dict. Only the query encoder is kept; the projection head,
 the key encoder, the queue and BN batch counters are dropped on purpose.
@@ -18,7 +18,7 @@ from moco_d2.errors import UserError
 # Parts of a MoCo model that are not the query encoder, dropped on purpose.
 _MOCO_OTHERS = re.compile(r"encoder_k\..*|queue|queue_ptr")
 # Parts of an encoder that are not the trunk: the head (MoCo projection or ImageNet classifier)
-# and BN's batch counter, which the Detectron2 model neither needs nor gets (SPEC §3).
+# and BN's batch counter, which the Detectron2 model neither needs nor gets.
 _NOT_TRUNK = re.compile(r"fc\..*|.*\.num_batches_tracked")
 _IMAGENET_CLASSES = 1000
 

@@ -2,7 +2,7 @@
 
 Renaming by string replacement "converts" a ResNet-18 or a wrongly prefixed checkpoint
 without complaint; here every name is parsed, and the whole trunk must be present with the
-right shapes before anything is written (SPEC §3).
+right shapes before anything is written.
 """
 
 import re
@@ -51,7 +51,7 @@ def resnet50_shapes():
 
 
 def to_detectron2(name):
-    """Detectron2 ResNet name of a torchvision ResNet conv/BN tensor name (SPEC §3 renames)."""
+    """Detectron2 ResNet name of a torchvision ResNet conv/BN tensor name."""
     if name == "conv1.weight":
         return "stem.conv1.weight"
     if name.startswith("bn1."):

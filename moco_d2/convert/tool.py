@@ -25,7 +25,7 @@ def convert(input_path):
 
 
 def detectron2_weights(trunk, mapping):
-    """The pickle content Detectron2's DetectionCheckpointer reads (SPEC §3)."""
+    """The pickle content Detectron2's DetectionCheckpointer reads."""
     model = {d2: trunk.tensors[tv].detach().cpu().numpy() for tv, d2 in mapping.items()}
     return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
 

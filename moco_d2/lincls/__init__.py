@@ -1,4 +1,5 @@
-"""Linear classification on frozen features: the MoCo papers' ImageNet evaluation (SPEC §2).
+"""Linear classification on frozen features: the MoCo papers' ImageNet evaluation
+(arXiv 1911.05722, 2003.04297).
 
 Like :mod:`moco_d2.training`, it needs only torch and torchvision.
 """

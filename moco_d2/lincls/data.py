@@ -1,4 +1,5 @@
-"""ImageFolder train/ and val/ splits with the linear-classification transforms (SPEC §2)."""
+"""ImageFolder train/ and val/ splits with the linear-classification transforms of the
+released main_lincls.py."""
 
 import os
 

@@ -1,4 +1,5 @@
-"""MoCo augmentations (v2 "aug+" and v1) and the two-view wrapper, with SPEC §1's parameters."""
+"""MoCo augmentations (v2 "aug+" and v1) and the two-view wrapper, with the released
+main_moco.py parameters."""
 
 import torch
 from PIL import ImageFilter

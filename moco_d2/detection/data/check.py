@@ -12,7 +12,7 @@ from moco_d2.detection.data.voc import (
 )
 from moco_d2.errors import UserError
 
-# Image counts of the official releases (SPEC §4: 5,011 + 11,540 = 16,551 train; 4,952 test).
+# Image counts of the official releases (5,011 + 11,540 = 16,551 train; 4,952 test).
 EXPECTED_IMAGES = {"voc_2007_trainval": 5011, "voc_2012_trainval": 11540, "voc_2007_test": 4952}
 
 
