@@ -5,12 +5,15 @@ import pickle
 import pytest
 import torch
 import torchvision
+
+import moco_d2.detection  # noqa: F401  (compat shims and registrations must precede detectron2)
+
+# isort: split
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model, build_resnet_backbone
 
-import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.convert import tool
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, load_detectron2_weights
 from moco_d2.errors import UserError

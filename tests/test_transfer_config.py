@@ -2,6 +2,10 @@
 
 import pytest
 import torch
+
+import moco_d2.detection  # noqa: F401  (compat shims and registrations must precede detectron2)
+
+# isort: split
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
@@ -9,7 +13,6 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads, buil
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
-import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.detection.norm import resolve_sync_bn
 from moco_d2.detection.roi_heads import Res5ROIHeadsExtraNorm
 

@@ -4,11 +4,14 @@ import os
 import shutil
 
 import pytest
+
+import moco_d2.detection  # noqa: F401  (compat shims and registrations must precede detectron2)
+
+# isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image
 
-import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.detection.data import prepare_voc
 from moco_d2.detection.data.check import check_voc_tree
 from moco_d2.detection.data.synthetic import make_synthetic_voc

@@ -5,12 +5,15 @@ import json
 
 import pytest
 import torch
+
+import moco_d2.detection  # noqa: F401  (compat shims and registrations must precede detectron2)
+
+# isort: split
 from detectron2.config import get_cfg
 from detectron2.layers import get_norm
 from detectron2.utils import comm
 from transfer_tiny import TINY_OPTS
 
-import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.detection import train_net
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn

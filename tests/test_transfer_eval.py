@@ -6,13 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
+
+import moco_d2.detection  # noqa: F401  (compat shims and registrations must precede detectron2)
+
+# isort: split
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.detection.data.voc import CLASS_NAMES, register_all_voc, register_voc
 from moco_d2.detection.trainer import METRICS_FILE, Trainer
 from moco_d2.errors import UserError
