@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from moco_d2.errors import UserError
 
-DEFAULT_WORKERS = min(32, os.cpu_count() or 1)
+DEFAULT_WORKERS = min(32, os.cpu_count() or 1)  # the released 32, or fewer on a small machine
 
 
 def _checked(cast: Callable[[str], float], test: Callable[[float], bool], what: str):
@@ -65,7 +65,9 @@ def add_training_arguments(
         default=workers,
         type=non_negative_int,
         metavar="N",
-        help=f"data-loading workers per process (default: {workers})",
+        help="data-loading workers per process (default: min(32, CPU cores))"
+        if workers == DEFAULT_WORKERS
+        else f"data-loading workers per process (default: {workers})",
     )
     parser.add_argument(
         "--epochs",
