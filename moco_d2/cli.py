@@ -2,11 +2,12 @@
 
 import importlib
 import sys
+from typing import NoReturn
 
 from moco_d2.errors import DETECTRON2_MISSING, UserError
 
 
-def run_tool(module_name, argv=None):
+def run_tool(module_name: str, argv: list[str] | None = None) -> NoReturn:
     """Run ``module_name.main(argv)``; a :class:`UserError` becomes one line on stderr, exit 2."""
     try:
         module = importlib.import_module(module_name)

@@ -16,12 +16,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
 from moco_d2.detection.trainer import METRICS_FILE
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
+from moco_d2.training.logs import LOSS
 from moco_d2.utils.fileio import atomic_path, atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +32,11 @@ METRIC_NAMES = ("AP", "AP50", "AP75")
 RUNS = (("MoCo v2 (demo pretraining)", "moco"), ("random init (control)", "random"))
 
 
-def _stage(number, text):
+def _stage(number: int, text: str) -> None:
     print(f"\n=== [{number}/5] {text} ===", flush=True)
 
 
-def pretrain(data_dir, output_dir, args, device):
+def pretrain(data_dir: str, output_dir: str, args: argparse.Namespace, device: str) -> str:
     from moco_d2.pretrain import main as pretrain_main
 
     argv = [
@@ -73,7 +75,7 @@ def pretrain(data_dir, output_dir, args, device):
     return os.path.join(output_dir, f"checkpoint_{args.pretrain_epochs - 1:04d}.pth.tar")
 
 
-def convert(checkpoint, output):
+def convert(checkpoint: str, output: str) -> None:
     from moco_d2.convert import tool
 
     trunk, mapping = tool.convert(checkpoint)
@@ -81,7 +83,13 @@ def convert(checkpoint, output):
     print(f"converted {len(mapping)} trunk tensors ({trunk.format}) → {output}")
 
 
-def fine_tune(weights, output_dir, datasets_root, device, max_iter=None):
+def fine_tune(
+    weights: str,
+    output_dir: str,
+    datasets_root: str,
+    device: str,
+    max_iter: int | None = None,
+) -> dict[str, float]:
     """One train_net run in its own process, as a user would launch it; returns its metrics."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root)
     command = [
@@ -120,9 +128,10 @@ def _pretrain_losses(pretrain_dir):
 
     events = EventAccumulator(os.path.join(pretrain_dir, "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    if "train/loss" not in events.Tags().get("scalars", []):
+    tag = f"train/{LOSS}"  # as moco_d2.pretrain.engine writes it
+    if tag not in events.Tags().get("scalars", []):
         return [], []
-    scalars = events.Scalars("train/loss")
+    scalars = events.Scalars(tag)
     return [s.step for s in scalars], [s.value for s in scalars]
 
 
@@ -137,7 +146,7 @@ def _detection_losses(run_dir):
     return iterations, losses
 
 
-def plot(path, pretrain_dir, run_dirs, results, moco_k):
+def plot(path: str, pretrain_dir: str, run_dirs: Sequence[str], results: dict, moco_k: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +177,7 @@ def plot(path, pretrain_dir, run_dirs, results, moco_k):
     plt.close(fig)
 
 
-def table(results):
+def table(results: dict) -> str:
     lines = ["| initialization | AP | AP50 | AP75 |", "|---|---|---|---|"]
     for label, key in RUNS:
         lines.append(
@@ -183,7 +192,7 @@ def table(results):
     return "\n".join(lines)
 
 
-def report(results, settings, minutes):
+def report(results: dict, settings: dict, minutes: float) -> str:
     return f"""# moco-d2 demo report
 
 {table(results)}
@@ -210,7 +219,7 @@ Device: {settings["device"]}. Total time: {minutes:.1f} min.
 """
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
@@ -234,7 +243,7 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     from moco_d2.detection.data.synthetic import make_synthetic_voc
     from moco_d2.pretrain.data import make_synthetic_image_folder
 

@@ -60,7 +60,7 @@ class InstallError(RuntimeError):
     pass
 
 
-def describe():
+def describe() -> str | None:
     """One line: which detectron2 is importable, its version and source, or None."""
     spec = importlib.util.find_spec("detectron2")
     if spec is None:
@@ -85,7 +85,7 @@ def describe():
     return f"detectron2 {detectron2.__version__} ({source}) at {location}"
 
 
-def _sha256(path):
+def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -93,7 +93,7 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _sdist_url():
+def _sdist_url() -> str:
     request = urllib.request.Request(
         SIMPLE_INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
@@ -106,7 +106,7 @@ def _sdist_url():
     raise InstallError(f"{filename} is not listed at {SIMPLE_INDEX}")
 
 
-def fetch_sdist(workdir):
+def fetch_sdist(workdir: str) -> str:
     """Path of a verified sdist: from $MOCO_D2_DETECTRON2_SDIST, else downloaded from PyPI."""
     path = os.environ.get(SDIST_ENV)
     if path:
@@ -130,7 +130,7 @@ def fetch_sdist(workdir):
     return path
 
 
-def install_from_sdist(sdist, workdir):
+def install_from_sdist(sdist: str, workdir: str) -> None:
     with tarfile.open(sdist) as tar:
         tar.extractall(workdir, filter="data")
     source = os.path.join(workdir, f"{SDIST_NAME}-{SDIST_VERSION}")
@@ -154,7 +154,7 @@ def install_from_sdist(sdist, workdir):
         raise InstallError("pip could not install detectron2:\n" + result.stderr.strip())
 
 
-def ensure_installed():
+def ensure_installed() -> str:
     """Install detectron2 unless one is importable already; return the description line."""
     found = describe()
     if found:
@@ -168,7 +168,7 @@ def ensure_installed():
     return found
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report what is installed")
     args = parser.parse_args(argv)

@@ -16,6 +16,8 @@ import inspect
 import re
 import sys
 import types
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import numpy as np
 
@@ -36,23 +38,23 @@ class _CompiledOpsStandIn(types.ModuleType):
     convolution; R50-C4 uses neither. Version queries answer, any op raises a clear error.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("detectron2._C", __doc__)
         self.__spec__ = importlib.util.spec_from_loader("detectron2._C", loader=None)
 
     @staticmethod
-    def get_compiler_version():
+    def get_compiler_version() -> str:
         return "none (detectron2 installed without C++ ops)"
 
     @staticmethod
-    def get_cuda_version():
+    def get_cuda_version() -> str:
         return "none (detectron2 installed without C++ ops)"
 
     @staticmethod
-    def has_cuda():
+    def has_cuda() -> bool:
         return False
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Callable[..., NoReturn]:
         if name.startswith("__"):
             raise AttributeError(name)
 
@@ -65,7 +67,7 @@ class _CompiledOpsStandIn(types.ModuleType):
         return missing
 
 
-def install_compiled_ops_stand_in():
+def install_compiled_ops_stand_in() -> bool:
     """Register the stand-in for ``detectron2._C`` unless a compiled one is importable."""
     if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2._C") is not None:
         return False
@@ -77,7 +79,7 @@ def install_compiled_ops_stand_in():
     return True
 
 
-def add_pillow_linear_alias():
+def add_pillow_linear_alias() -> bool:
     """Pillow 10 removed ``Image.LINEAR`` (an alias of BILINEAR), a default argument in d2 0.6."""
     from PIL import Image
 
@@ -88,7 +90,7 @@ def add_pillow_linear_alias():
 
 
 @contextlib.contextmanager
-def numpy_aliases():
+def numpy_aliases() -> Iterator[None]:
     """Temporarily restore ``np.str``/``np.int``/... for code written against numpy < 1.24."""
     added = [name for name in _NUMPY_ALIASES if name not in np.__dict__]
     for name in added:
@@ -100,13 +102,13 @@ def numpy_aliases():
             delattr(np, name)
 
 
-def _uses_removed_numpy_alias(fn):
+def _uses_removed_numpy_alias(fn: Callable) -> bool:
     source = inspect.getsource(fn)
     names = re.findall(r"\bnp\.(\w+)\b", source)
     return any(name in _NUMPY_ALIASES and name not in np.__dict__ for name in names)
 
 
-def wrap_with_numpy_aliases(module, name):
+def wrap_with_numpy_aliases(module: types.ModuleType, name: str) -> bool:
     """Run ``module.name`` inside :func:`numpy_aliases` if its source needs the old aliases."""
     fn = getattr(module, name)
     if getattr(fn, "_moco_d2_numpy_aliases", False) or not _uses_removed_numpy_alias(fn):
@@ -122,7 +124,7 @@ def wrap_with_numpy_aliases(module, name):
     return True
 
 
-def patch_numpy_alias_users():
+def patch_numpy_alias_users() -> list[str]:
     """detectron2 0.6's Pascal VOC loader (``np.str``) and class histogram (``np.int``)."""
     from detectron2.data import build
     from detectron2.data.datasets import pascal_voc
@@ -138,11 +140,11 @@ def patch_numpy_alias_users():
     return patched
 
 
-def _resource_filename(package, resource):
+def _resource_filename(package: str, resource: str) -> str:
     return str(importlib.resources.files(package).joinpath(resource))
 
 
-def provide_pkg_resources_to_model_zoo():
+def provide_pkg_resources_to_model_zoo() -> bool:
     """setuptools >= 81 no longer ships ``pkg_resources``, which d2 0.6's model_zoo imports.
 
     The stand-in (only ``resource_filename``) is visible while model_zoo is imported and

@@ -11,17 +11,17 @@ from moco_d2.errors import UserError
 NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
 
-def train_transform(crop_size=224):
+def train_transform(crop_size: int = 224) -> T.Compose:
     return T.Compose(
         [T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(), NORMALIZE]
     )
 
 
-def val_transform(crop_size=224, resize=256):
+def val_transform(crop_size: int = 224, resize: int = 256) -> T.Compose:
     return T.Compose([T.Resize(resize), T.CenterCrop(crop_size), T.ToTensor(), NORMALIZE])
 
 
-def _image_folder(root, split, transform):
+def _image_folder(root: str, split: str, transform: T.Compose) -> datasets.ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(
@@ -37,7 +37,9 @@ def _image_folder(root, split, transform):
         ) from None
 
 
-def build_datasets(root, crop_size=224, resize=256):
+def build_datasets(
+    root: str, crop_size: int = 224, resize: int = 256
+) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
     """(train, val) ImageFolders; both must have the same classes, so label i means one thing."""
     if not os.path.isdir(root):
         raise UserError(f"data dir not found: {root}")

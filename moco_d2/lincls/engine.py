@@ -1,11 +1,14 @@
 """One training epoch of the linear classifier, and top-1/top-5 evaluation."""
 
+import argparse
 import contextlib
+from collections.abc import Iterable
 
 import torch
 from tqdm import tqdm
 
 from moco_d2.training.distributed import all_gather_cat, is_main_process
+from moco_d2.training.logs import ACC1, LOSS
 from moco_d2.training.meters import AverageMeter, accuracy
 
 
@@ -20,12 +23,20 @@ def bf16_supported(device):
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def train_one_epoch(model, loader, criterion, optimizer, device, epoch, args):
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: Iterable,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    args: argparse.Namespace,
+) -> tuple[float, float]:
     """SGD on the fc over ``loader``; returns (mean loss, top-1 %) on this process's share."""
     # Eval mode for the whole model: the frozen BN layers must use (and keep) the pretrained
     # running statistics. The fc has no train/eval difference, so it still learns.
     model.eval()
-    losses, top1 = AverageMeter("loss"), AverageMeter("acc1")
+    losses, top1 = AverageMeter(LOSS), AverageMeter(ACC1)
     bar = tqdm(loader, desc=f"train {epoch}", disable=not is_main_process(), leave=False)
     for i, (images, target) in enumerate(bar):
         images = images.to(device, non_blocking=True)
@@ -39,12 +50,14 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch, args):
         losses.update(loss.item(), images.shape[0])
         top1.update(accuracy(output, target, topk=(1,))[0].item(), images.shape[0])
         if i % args.print_freq == 0:
-            bar.set_postfix(loss=f"{losses.avg:.4f}", acc1=f"{top1.avg:.2f}")
+            bar.set_postfix({LOSS: f"{losses.avg:.4f}", ACC1: f"{top1.avg:.2f}"})
     return losses.avg, top1.avg
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp=False):
+def evaluate(
+    model: torch.nn.Module, loader: Iterable, device: torch.device, amp: bool = False
+) -> tuple[float, float]:
     """(top-1 %, top-5 %) over the whole val set, summed over every process's shard."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images

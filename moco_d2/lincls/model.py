@@ -12,7 +12,7 @@ ARCHS = sorted(
 )
 
 
-def build_model(arch, num_classes):
+def build_model(arch: str, num_classes: int) -> torch.nn.Module:
     """torchvision ``arch``, every parameter frozen but a new fc (N(0, 0.01) weight, 0 bias)."""
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -24,7 +24,9 @@ def build_model(arch, num_classes):
     return model
 
 
-def build_optimizer(model, lr, momentum, weight_decay):
+def build_optimizer(
+    model: torch.nn.Module, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.SGD:
     """SGD over the trainable parameters, which must be exactly the fc weight and bias."""
     params = [p for p in model.parameters() if p.requires_grad]
     fc = unwrap(model).fc
@@ -33,6 +35,6 @@ def build_optimizer(model, lr, momentum, weight_decay):
     return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def unwrap(model):
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
     return getattr(model, "module", model)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from moco_d2.errors import UserError
 from moco_d2.training.distributed import get_world_size, is_distributed
+from moco_d2.training.logs import ACC1, IMG_PER_S, LOSS, LR
 from moco_d2.training.meters import AverageMeter, ThroughputMeter, accuracy
 
 logger = logging.getLogger("moco_d2.pretrain")
@@ -50,8 +51,8 @@ def train_one_epoch(
 ):
     """Train for one pass over ``loader``; return the epoch's mean loss, acc1, img/s, unreadable."""
     model.train()
-    losses = AverageMeter("loss", ":.4f")
-    top1 = AverageMeter("acc1", ":.2f")
+    losses = AverageMeter(LOSS, ":.4f")
+    top1 = AverageMeter(ACC1, ":.2f")
     speed = ThroughputMeter()
     unreadable = 0
     world = get_world_size()
@@ -89,13 +90,13 @@ def train_one_epoch(
         )
         if writer is not None and (i % print_freq == 0 or i == iters - 1):
             step = epoch * iters + i
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/acc1", top1.val, step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/img_per_s", speed.rate, step)
+            writer.add_scalar(f"train/{LOSS}", loss.item(), step)
+            writer.add_scalar(f"train/{ACC1}", top1.val, step)
+            writer.add_scalar(f"train/{LR}", lr, step)
+            writer.add_scalar(f"train/{IMG_PER_S}", speed.rate, step)
     bar.close()
     if is_distributed():
         count = torch.tensor([unreadable], device=device)
         dist.all_reduce(count)
         unreadable = int(count.item())
-    return {"loss": losses.avg, "acc1": top1.avg, "img_per_s": speed.rate, "unreadable": unreadable}
+    return {LOSS: losses.avg, ACC1: top1.avg, IMG_PER_S: speed.rate, "unreadable": unreadable}
