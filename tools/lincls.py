@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Linear classification of a pretrained backbone on ImageNet-style folders (see README)."""
+"""Linear classification of a pretrained backbone on ImageNet-style folders (see docs/lincls.md)."""
 
 from moco_d2.cli import run_tool
 

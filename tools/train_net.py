@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune and evaluate Faster R-CNN R50-C4 on Pascal VOC (see the README's transfer section)."""
+"""Fine-tune and evaluate Faster R-CNN R50-C4 on Pascal VOC (see docs/transfer.md)."""
 
 from moco_d2.cli import run_tool
 
