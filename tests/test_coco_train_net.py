@@ -85,3 +85,25 @@ def test_mask_rcnn_fine_tunes_from_moco_weights_and_reports_box_and_mask_ap(moco
     log = (out / "log.txt").read_text()
     assert "Res5ROIHeadsExtraNorm" in log and "Running precise-BN for 2 iterations" in log
     assert "coco_2017_val segm: AP " in result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_mask_rcnn_keeps_sync_bn(moco_weights, tmp_path):
+    root, out = tmp_path / "data", tmp_path / "out"
+    make_synthetic_coco(root, num_train=4, num_val=2)
+    opts = [o if o != "cpu" else "cuda" for o in COCO_TINY_OPTS]
+    result = subprocess.run(
+        [sys.executable, "tools/train_net.py", "--config-file", "configs/coco_R50_C4_2x.yaml"]
+        + ["MODEL.WEIGHTS", str(moco_weights), *opts, "SOLVER.MAX_ITER", "2"]
+        + ["OUTPUT_DIR", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DETECTRON2_DATASETS": str(root)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NORM: SyncBN" in (out / "config.yaml").read_text()
+    metrics = json.loads((out / COCO_METRICS_FILE).read_text())["coco_2017_val"]
+    assert set(metrics) == {*COCO_METRIC_NAMES, "segm"}
+    assert set(metrics["segm"]) == set(COCO_METRIC_NAMES)
