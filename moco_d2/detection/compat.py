@@ -126,7 +126,7 @@ def wrap_with_numpy_aliases(module, name):
     return True
 
 
-def numpy_alias_users():
+def numpy_alias_users() -> tuple[tuple[object, str], ...]:
     """``(owner, name)`` of the detectron2 0.6 functions that spell removed numpy aliases.
 
     The Pascal VOC loader (``np.str``), the class histogram (``np.int``), and the polygon

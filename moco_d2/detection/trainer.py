@@ -6,10 +6,12 @@ import math
 import os
 import weakref
 
+import torch
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -70,7 +72,9 @@ class Trainer(DefaultTrainer):
         self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
         """Chosen by the dataset's ``evaluator_type`` metadata, not by its name."""
         metadata = MetadataCatalog.get(dataset_name)
         evaluator_type = metadata.get("evaluator_type")
@@ -91,7 +95,7 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> dict:
         """DefaultTrainer.test, then the AP metrics per dataset printed and written to JSON."""
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
