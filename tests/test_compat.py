@@ -25,22 +25,28 @@ def _expected_shims():
     import importlib.metadata
     import inspect
 
-    from detectron2.data import build
+    from detectron2.data import build, detection_utils
     from detectron2.data.datasets import pascal_voc
     from detectron2.model_zoo import model_zoo
+    from detectron2.structures import masks
 
     expected = set()
     if STAND_IN:
         expected.add("detectron2._C stand-in")
     if int(importlib.metadata.version("pillow").split(".")[0]) >= 10:
         expected.add("PIL.Image.LINEAR")
-    for module, name in (
-        (pascal_voc, "load_voc_instances"),
-        (build, "print_instances_class_histogram"),
+    for owner, label, name in (
+        (pascal_voc, pascal_voc.__name__, "load_voc_instances"),
+        (build, build.__name__, "print_instances_class_histogram"),
+        (masks, masks.__name__, "polygons_to_bitmask"),
+        (masks.PolygonMasks, f"{masks.__name__}.PolygonMasks", "nonempty"),
+        (detection_utils, detection_utils.__name__, "polygons_to_bitmask"),
     ):
-        source = inspect.getsource(_original(getattr(module, name)))
-        if re.search(r"\bnp\.(str|int|float|bool|object)\b", source) and "str" not in np.__dict__:
-            expected.add(f"{module.__name__}.{name}")
+        source = inspect.getsource(_original(getattr(owner, name)))
+        aliases = re.findall(r"\bnp\.(str|int|float|bool|object)\b", source)
+        # numpy 2 brought back np.bool (as numpy's bool type), not the others.
+        if any(alias not in np.__dict__ for alias in aliases):
+            expected.add(f"{label}.{name}")
     try:
         import pkg_resources  # noqa: F401
     except ImportError:
@@ -50,7 +56,8 @@ def _expected_shims():
 
 
 def test_each_shim_is_applied_exactly_when_its_library_needs_it():
-    # Pure-Python 0.6 with Pillow >= 10 and numpy >= 2 needs all five; a compiled build from
+    # Pure-Python 0.6 with Pillow >= 10 and numpy >= 2 needs all five (numpy 1.24-1.26
+    # also the three np.bool ones); a compiled build from
     # detectron2's current source needs only the Pillow and pkg_resources ones.
     assert set(moco_d2.detection.APPLIED_SHIMS) == _expected_shims()
 
@@ -199,3 +206,38 @@ def test_trainer_checkpoint_keeps_and_restores_sgd_momentum():
     resumed.load_state_dict(saved)
     restored = resumed._trainer.optimizer.state_dict()["state"][0]["momentum_buffer"]
     assert momentum.abs().sum() > 0 and torch.equal(restored, momentum)
+
+
+def test_polygon_masks_rasterize_and_filter_on_todays_numpy():
+    from detectron2.structures import PolygonMasks, polygons_to_bitmask
+    from detectron2.structures.masks import rasterize_polygons_within_box
+
+    square = [np.array([2.0, 2.0, 6.0, 2.0, 6.0, 6.0, 2.0, 6.0])]
+    bitmask = polygons_to_bitmask(square, 8, 8)
+    # pycocotools rasterizes the 4x4 square [2, 6) x [2, 6).
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[2:6, 2:6] = True
+    assert bitmask.dtype == bool and (bitmask == expected).all()
+    # The mask-loss target: the square's box resampled to 4x4 is all foreground.
+    assert rasterize_polygons_within_box(square, np.array([2.0, 2.0, 6.0, 6.0]), 4).all()
+    masks = PolygonMasks([square, [np.array([1.0, 1.0, 3.0, 1.0, 3.0, 3.0])]])
+    assert masks.nonempty().tolist() == [True, True]
+
+
+def test_detection_utils_bitmask_annotations_on_todays_numpy():
+    from detectron2.data import detection_utils
+
+    ann = {
+        "bbox": [2.0, 2.0, 6.0, 6.0],
+        "bbox_mode": 0,
+        "category_id": 0,
+        "segmentation": [[2.0, 2.0, 6.0, 2.0, 6.0, 6.0, 2.0, 6.0]],
+    }
+    instances = detection_utils.annotations_to_instances([ann], (8, 8), mask_format="bitmask")
+    assert instances.gt_masks.tensor.shape == (1, 8, 8)
+    assert int(instances.gt_masks.tensor.sum()) == 16
+
+
+def test_has_compiled_ops_is_false_exactly_for_the_stand_in():
+    # COCOEvaluator's fast path calls detectron2._C; with the stand-in it must not be chosen.
+    assert compat.has_compiled_ops() is (not STAND_IN)

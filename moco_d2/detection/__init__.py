@@ -3,7 +3,7 @@
 ``import moco_d2.detection`` is all a Detectron2 script needs, the way ``import point_rend``
 is: it applies the detectron2 0.6 compatibility shims (:mod:`.compat`, each a no-op where the
 library is already fine), registers ``Res5ROIHeadsExtraNorm`` in ``ROI_HEADS_REGISTRY`` and
-registers the Pascal VOC splits under ``$DETECTRON2_DATASETS``.
+registers the Pascal VOC and COCO 2017 splits under ``$DETECTRON2_DATASETS``.
 """
 
 import warnings
@@ -15,6 +15,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*torch.jit.script", category=FutureWarning)
     APPLIED_SHIMS = compat.apply()
     from moco_d2.detection import roi_heads  # noqa: E402  (registers Res5ROIHeadsExtraNorm)
-    from moco_d2.detection.data import voc  # noqa: E402  (VOC splits under $DETECTRON2_DATASETS)
 
-__all__ = ["APPLIED_SHIMS", "roi_heads", "voc"]
+    # VOC splits and COCO 2017 train/val under $DETECTRON2_DATASETS
+    from moco_d2.detection.data import coco, voc  # noqa: E402
+
+__all__ = ["APPLIED_SHIMS", "coco", "roi_heads", "voc"]

@@ -79,6 +79,13 @@ def install_compiled_ops_stand_in() -> bool:
     return True
 
 
+def has_compiled_ops() -> bool:
+    """Whether ``detectron2._C`` is the real compiled extension, not the stand-in."""
+    import detectron2.layers  # noqa: F401  (imports detectron2._C, or the stand-in)
+
+    return not isinstance(sys.modules.get("detectron2._C"), _CompiledOpsStandIn)
+
+
 def add_pillow_linear_alias() -> bool:
     """Pillow 10 removed ``Image.LINEAR`` (an alias of BILINEAR), a default argument in d2 0.6."""
     from PIL import Image
@@ -124,19 +131,39 @@ def wrap_with_numpy_aliases(module: types.ModuleType, name: str) -> bool:
     return True
 
 
-def patch_numpy_alias_users() -> list[str]:
-    """detectron2 0.6's Pascal VOC loader (``np.str``) and class histogram (``np.int``)."""
-    from detectron2.data import build
-    from detectron2.data.datasets import pascal_voc
+def numpy_alias_users() -> tuple[tuple[object, str], ...]:
+    """``(owner, name)`` of the detectron2 0.6 functions that spell removed numpy aliases.
 
-    patched = []
-    # Both are looked up as module globals at call time, so replacing the attribute suffices.
-    for module, name in (
+    The Pascal VOC loader (``np.str``), the class histogram (``np.int``), and the polygon
+    mask code of Mask R-CNN (``np.bool``): rasterizing polygons for the mask loss and
+    dropping empty polygon masks in the data mapper; ``detection_utils`` holds its own
+    reference to ``polygons_to_bitmask`` (used for ``INPUT.MASK_FORMAT bitmask``).
+    """
+    from detectron2.data import build, detection_utils
+    from detectron2.data.datasets import pascal_voc
+    from detectron2.structures import masks
+
+    return (
         (pascal_voc, "load_voc_instances"),
         (build, "print_instances_class_histogram"),
-    ):
-        if wrap_with_numpy_aliases(module, name):
-            patched.append(f"{module.__name__}.{name}")
+        (masks, "polygons_to_bitmask"),
+        (masks.PolygonMasks, "nonempty"),
+        (detection_utils, "polygons_to_bitmask"),
+    )
+
+
+def _owner_name(owner: object) -> str:
+    return f"{owner.__module__}.{owner.__name__}" if isinstance(owner, type) else owner.__name__
+
+
+def patch_numpy_alias_users() -> list[str]:
+    """Wrap each of :func:`numpy_alias_users` that needs it; return their dotted names."""
+    patched = []
+    # Each is looked up as a module global or class attribute at call time, so replacing
+    # the attribute suffices.
+    for owner, name in numpy_alias_users():
+        if wrap_with_numpy_aliases(owner, name):
+            patched.append(f"{_owner_name(owner)}.{name}")
     return patched
 
 

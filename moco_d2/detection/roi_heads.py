@@ -9,8 +9,10 @@ class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     """Res5ROIHeads with a normalization layer (``MODEL.RESNETS.NORM``) after res5.
 
     Detectron2's R50-C4 box head ends with the last res5 block, whose output is not
-    normalized; the MoCo protocol adds one BN there so that the fine-tuned features fed to
-    the box predictor are normalized like every other stage.
+    normalized; the MoCo protocol adds one BN there so that the fine-tuned features are
+    normalized like every other stage. The BN is part of ``self.res5``, which
+    ``Res5ROIHeads._shared_roi_transform`` applies for the box predictor and, with
+    ``MODEL.MASK_ON``, for the mask head too (training and inference).
     """
 
     @classmethod

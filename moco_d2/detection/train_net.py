@@ -15,6 +15,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.detection.data.coco import check_coco_datasets
 from moco_d2.detection.data.voc import check_split_files
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
@@ -49,6 +50,9 @@ def check_inputs(cfg, args):
             "random initialization on purpose)"
         )
     check_split_files(
+        cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+    )
+    check_coco_datasets(
         cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
     )
 

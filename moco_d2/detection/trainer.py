@@ -1,14 +1,17 @@
-"""Detectron2's DefaultTrainer adapted to the VOC transfer protocol on GPUs and CPUs."""
+"""Detectron2's DefaultTrainer adapted to the VOC and COCO transfer protocols on GPUs and CPUs."""
 
 import json
 import logging
+import math
 import os
 import weakref
 
+import torch
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -21,11 +24,15 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics_voc.json"
 METRIC_NAMES = ("AP", "AP50", "AP75")
+COCO_METRICS_FILE = "metrics_coco.json"
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# The metrics file each evaluator_type writes, in the run's OUTPUT_DIR.
+METRICS_FILES = {"pascal_voc": METRICS_FILE, "coco": COCO_METRICS_FILE}
 
 
 class Trainer(compat.InnerTrainerState, DefaultTrainer):
     """DefaultTrainer that picks evaluators from dataset metadata, refuses weights that leave
-    the backbone random, writes :data:`METRICS_FILE`, and also runs data-parallel on CPUs.
+    the backbone random, writes :data:`METRICS_FILES`, and also runs data-parallel on CPUs.
     """
 
     def __init__(self, cfg):
@@ -54,24 +61,44 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
         """Chosen by the dataset's ``evaluator_type`` metadata, not by its name."""
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        metadata = MetadataCatalog.get(dataset_name)
+        evaluator_type = metadata.get("evaluator_type")
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
+        if evaluator_type == "coco" and metadata.get("json_file"):
+            return COCOEvaluator(
+                dataset_name,
+                tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
+                output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
+                # The fast COCOeval is detectron2 C++; pycocotools' is the official one.
+                use_fast_impl=compat.has_compiled_ops(),
+            )
         raise UserError(
             f"no evaluator for test dataset {dataset_name!r}: its metadata "
-            f"evaluator_type is {evaluator_type!r}, this tool evaluates 'pascal_voc'"
+            f"evaluator_type is {evaluator_type!r}, this tool evaluates 'pascal_voc' and "
+            "'coco' (with a json_file)"
         )
 
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        """DefaultTrainer.test, then AP/AP50/AP75 per dataset printed and written to JSON."""
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> dict:
+        """DefaultTrainer.test, then the AP metrics per dataset printed and written to JSON."""
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             # DefaultTrainer.test unwraps the results of a single dataset.
             single = len(cfg.DATASETS.TEST) == 1
-            write_metrics({cfg.DATASETS.TEST[0]: results} if single else results, cfg.OUTPUT_DIR)
+            per_dataset = {cfg.DATASETS.TEST[0]: results} if single else results
+            by_type = {}
+            for name, res in per_dataset.items():
+                by_type.setdefault(MetadataCatalog.get(name).get("evaluator_type"), {})[name] = res
+            if "pascal_voc" in by_type:
+                write_metrics(by_type["pascal_voc"], cfg.OUTPUT_DIR)
+            if "coco" in by_type:
+                tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+                write_coco_metrics(by_type["coco"], cfg.OUTPUT_DIR, tasks)
         return results
 
 
@@ -92,4 +119,47 @@ def write_metrics(results, output_dir):
         path = os.path.join(output_dir, METRICS_FILE)
         atomic_write_text(json.dumps(metrics, indent=2) + "\n", path)
         logger.info("AP, AP50, AP75 written to %s", path)
+    return metrics
+
+
+def coco_metrics(results: dict, tasks: tuple[str, ...] = ("bbox", "segm")) -> dict:
+    """``{dataset: {"AP", ..., "APl", "segm": {"AP", ..., "APl"}}}``: box AP at the top, as in
+    the VOC file, and one block per further task; a missing task or a non-finite value (no
+    detections, or no ground truth in an area range) stops with the dataset named.
+    """
+    metrics = {}
+    for name, res in results.items():
+        blocks = {}
+        for task in tasks:
+            if not res.get(task):
+                raise RuntimeError(
+                    f"{name}: the COCO evaluator returned no {task} AP (no detections?)"
+                )
+            values = {key: float(res[task][key]) for key in COCO_METRIC_NAMES}
+            bad = [key for key, value in values.items() if not math.isfinite(value)]
+            if bad:
+                raise RuntimeError(
+                    f"{name}: {task} {', '.join(bad)} not finite (COCOeval found no ground truth "
+                    "in that area range, or no detections)"
+                )
+            blocks[task] = values
+        metrics[name] = {**blocks.pop("bbox"), **blocks}
+    return metrics
+
+
+def write_coco_metrics(
+    results: dict, output_dir: str, tasks: tuple[str, ...] = ("bbox", "segm")
+) -> dict:
+    """Log box and mask AP per COCO test dataset; write them to ``output_dir/metrics_coco.json``."""
+    metrics = coco_metrics(results, tasks)
+    for name, values in metrics.items():
+        for task in tasks:
+            block = values if task == "bbox" else values[task]
+            logger.info(
+                "%s %s: %s", name, task, "  ".join(f"{k} {block[k]:.2f}" for k in COCO_METRIC_NAMES)
+            )
+    if output_dir:
+        path = os.path.join(output_dir, COCO_METRICS_FILE)
+        atomic_write_text(json.dumps(metrics, indent=2) + "\n", path)
+        logger.info("COCO %s AP written to %s", " and ".join(tasks), path)
     return metrics

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 
-from moco_d2.detection.trainer import METRICS_FILE
+from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
 from moco_d2.utils.fileio import atomic_write_text
@@ -30,8 +30,18 @@ def trial_dir(output_dir, index):
     return os.path.join(output_dir, f"trial_{index}")
 
 
-def read_trial_metrics(path):
-    """``{"AP", "AP50", "AP75"}`` of the (single) test dataset in one trial's metrics file."""
+def trial_metrics_path(directory: str) -> str:
+    """The metrics file a finished trial wrote (VOC or COCO); the VOC name if there is none."""
+    for name in METRICS_FILES.values():
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return os.path.join(directory, METRICS_FILE)
+
+
+def read_trial_metrics(path: str) -> dict:
+    """The (single) test dataset's metrics in one trial's file: ``{"AP", "AP50", "AP75"}``
+    for VOC; for COCO box ``AP`` ... ``APl`` and, for Mask R-CNN, a ``"segm"`` block of the same.
+    """
     try:
         with open(path) as f:
             metrics = json.load(f)
@@ -40,7 +50,14 @@ def read_trial_metrics(path):
     if len(metrics) != 1:
         raise UserError(f"{path}: expected one test dataset, found {sorted(metrics)}")
     (values,) = metrics.values()
-    return {name: float(values[name]) for name in METRIC_NAMES}
+    names = COCO_METRIC_NAMES if "APs" in values else METRIC_NAMES
+    try:
+        trial = {name: float(values[name]) for name in names}
+        if "segm" in values:
+            trial["segm"] = {name: float(values["segm"][name]) for name in COCO_METRIC_NAMES}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: missing or bad metric {e}") from None
+    return trial
 
 
 def run_trial(config_file, output_dir, seed, num_gpus, opts):
@@ -62,30 +79,50 @@ def run_trial(config_file, output_dir, seed, num_gpus, opts):
         raise UserError(f"trial in {output_dir} failed (see its log.txt); rerun to resume it")
 
 
-def summarize(per_trial):
-    """Mean and sample standard deviation (n-1) of each metric over trials."""
+def summarize(per_trial: list[dict]) -> dict:
+    """Mean and sample standard deviation (n-1) of each metric over trials; box metrics at the
+    top level and, when the trials have masks, a ``"segm"`` block of the same."""
     summary = {}
-    for name in METRIC_NAMES:
+    for name in (name for name in per_trial[0] if name != "segm"):
         values = [trial[name] for trial in per_trial]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         summary[name] = {"mean": statistics.fmean(values), "std": std}
+    if "segm" in per_trial[0]:
+        summary["segm"] = summarize([trial["segm"] for trial in per_trial])
     return summary
 
 
-def format_markdown(per_trial, summary, reference):
-    lines = ["| run | AP | AP50 | AP75 |", "|---|---|---|---|"]
-    for index, trial in enumerate(per_trial):
-        lines.append(
-            f"| trial {index} | " + " | ".join(f"{trial[m]:.2f}" for m in METRIC_NAMES) + " |"
+def _columns(per_trial: list[dict]) -> list[tuple[str, str | None, str]]:
+    """``(header, block, metric)`` per table column: box metrics, then mask ones if any."""
+    box = [name for name in per_trial[0] if name != "segm"]
+    if "segm" not in per_trial[0]:
+        return [(name, None, name) for name in box]
+    masks = [(f"mask {name}", "segm", name) for name in per_trial[0]["segm"]]
+    return [(f"box {name}", None, name) for name in box] + masks
+
+
+def format_markdown(per_trial: list[dict], summary: dict, reference: str | None) -> str:
+    """One row per trial and the mean ± std; the published VOC row only for VOC trials."""
+    columns = _columns(per_trial)
+
+    def cells(values: dict, fmt) -> str:
+        return " | ".join(
+            fmt(values[name] if block is None else values[block][name])
+            for _, block, name in columns
         )
+
+    lines = [
+        "| run | " + " | ".join(header for header, _, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for index, trial in enumerate(per_trial):
+        lines.append(f"| trial {index} | " + cells(trial, lambda v: f"{v:.2f}") + " |")
     lines.append(
         f"| **mean ± std ({len(per_trial)} trials)** | "
-        + " | ".join(
-            f"**{summary[m]['mean']:.2f} ± {summary[m]['std']:.2f}**" for m in METRIC_NAMES
-        )
+        + cells(summary, lambda v: f"**{v['mean']:.2f} ± {v['std']:.2f}**")
         + " |"
     )
-    if reference:
+    if reference and set(per_trial[0]) == set(METRIC_NAMES):
         published = VOC_DETECTION[reference]
         lines.append(
             f"| published: {reference} (5 trials) | "
@@ -102,11 +139,12 @@ def run_trials(
     per_trial = []
     for index in range(num_trials):
         directory = trial_dir(output_dir, index)
-        metrics_path = os.path.join(directory, METRICS_FILE)
+        metrics_path = trial_metrics_path(directory)
         if os.path.isfile(metrics_path):
             logger.info("trial %d already done: %s", index, metrics_path)
         else:
             run_trial(config_file, directory, first_seed + index, num_gpus, opts)
+            metrics_path = trial_metrics_path(directory)
         per_trial.append(read_trial_metrics(metrics_path))
     summary = summarize(per_trial)
     markdown = format_markdown(per_trial, summary, reference)
@@ -125,7 +163,8 @@ def run_trials(
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Fine-tune and evaluate the same weights N times with different seeds; "
-        "report mean ± std of AP, AP50, AP75 (rerun to resume a half-done set)."
+        "report mean ± std of AP, AP50, AP75 (VOC) or box and mask AP, AP50, AP75, APs, APm, "
+        "APl (COCO); rerun to resume a half-done set."
     )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--num-trials", type=int, default=5)
@@ -142,7 +181,7 @@ def parse_args(argv):
         "--reference",
         choices=sorted(VOC_DETECTION),
         default="MoCo v2 200ep",
-        help="published row printed for comparison",
+        help="published VOC row printed for comparison (VOC trials only)",
     )
     parser.add_argument(
         "opts",

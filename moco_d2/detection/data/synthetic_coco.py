@@ -1,0 +1,102 @@
+"""A small synthetic tree in COCO 2017 instances format, for tests.
+
+Each image holds three flat-coloured polygons on grey: one large, one medium and one small
+in COCO's area ranges (above 96², between 32² and 96², below 32² pixels at the default
+image size), so every box and mask AP that COCOeval reports (AP, AP50, AP75, APs, APm, APl)
+is defined. The annotation files list COCO's 80 categories with their real ids, so the tree
+registers under ``coco_2017_train``/``coco_2017_val`` with detectron2's metadata unchanged.
+"""
+
+import json
+import math
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+from moco_d2.detection.data.coco import SPLITS, coco_categories
+
+# Three categories, each a saturated colour far from the grey background.
+_USED = ((1, (230, 25, 75)), (3, (60, 180, 75)), (18, (0, 130, 200)))
+_BACKGROUND = (128, 128, 128)
+_VERTICES = 12
+# (centre x, centre y, radius) as fractions of the image size: large, medium, small.
+_LAYOUT = ((0.38, 0.5, 0.36), (0.86, 0.25, 0.13), (0.86, 0.75, 0.04))
+
+
+def polygon_area(xy: list[float]) -> float:
+    """Shoelace area of a flat ``[x0, y0, x1, y1, ...]`` polygon."""
+    xs, ys = xy[0::2], xy[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
+
+
+def _polygon(rng: random.Random, cx: float, cy: float, radius: float) -> list[float]:
+    """A star-convex polygon around (cx, cy), vertex radii in [0.9, 1] x ``radius``."""
+    xy = []
+    for k in range(_VERTICES):
+        angle = 2 * math.pi * k / _VERTICES
+        r = radius * rng.uniform(0.9, 1.0)
+        xy += [round(cx + r * math.cos(angle), 2), round(cy + r * math.sin(angle), 2)]
+    return xy
+
+
+def _image_and_annotations(
+    rng: random.Random, image_id: int, size: int, first_ann_id: int
+) -> tuple[Image.Image, list[dict]]:
+    image = Image.new("RGB", (size, size), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    annotations = []
+    for offset, (fx, fy, fr) in enumerate(_LAYOUT):
+        category_id, colour = rng.choice(_USED)
+        jitter = 0.02 * size
+        cx, cy = fx * size + rng.uniform(-jitter, jitter), fy * size + rng.uniform(-jitter, jitter)
+        xy = _polygon(rng, cx, cy, fr * size)
+        draw.polygon(xy, fill=colour)
+        xs, ys = xy[0::2], xy[1::2]
+        annotations.append(
+            {
+                "id": first_ann_id + offset,
+                "image_id": image_id,
+                "category_id": category_id,
+                "segmentation": [xy],
+                "area": polygon_area(xy),
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                "iscrowd": 0,
+            }
+        )
+    return image, annotations
+
+
+def write_split(root: str, name: str, num_images: int, image_size: int, rng: random.Random) -> str:
+    """Write one split's images and annotation file under ``root``; return the file's path."""
+    image_folder, json_name = SPLITS[name]
+    image_dir = os.path.join(root, image_folder)
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    for index in range(num_images):
+        image_id = index + 1
+        file_name = f"{image_id:012d}.jpg"
+        image, anns = _image_and_annotations(rng, image_id, image_size, len(annotations) + 1)
+        image.save(os.path.join(image_dir, file_name), quality=95)
+        images.append(
+            {"id": image_id, "file_name": file_name, "height": image_size, "width": image_size}
+        )
+        annotations += anns
+    json_file = os.path.join(root, json_name)
+    os.makedirs(os.path.dirname(json_file), exist_ok=True)
+    with open(json_file, "w") as f:
+        json.dump(
+            {"images": images, "annotations": annotations, "categories": coco_categories()}, f
+        )
+    return json_file
+
+
+def make_synthetic_coco(
+    root: str, num_train: int = 8, num_val: int = 4, image_size: int = 192, seed: int = 0
+) -> str:
+    """A ``coco/`` tree (train2017, val2017, annotations) under ``root``; return ``root``."""
+    rng = random.Random(seed)
+    write_split(str(root), "coco_2017_train", num_train, image_size, rng)
+    write_split(str(root), "coco_2017_val", num_val, image_size, rng)
+    return str(root)

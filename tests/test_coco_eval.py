@@ -1,0 +1,121 @@
+"""train_net's COCO evaluation: COCOEvaluator chosen by metadata, box and mask AP with known
+values from detections built out of the ground truth, and the metrics_coco.json layout."""
+
+import json
+
+import coco_tiny
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
+
+from moco_d2.detection.data.coco import register_all_coco, register_coco
+from moco_d2.detection.trainer import COCO_METRIC_NAMES, COCO_METRICS_FILE, Trainer, coco_metrics
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    coco_tiny.make_synthetic_coco(root, num_train=1, num_val=3)
+    register_all_coco(str(root))
+    yield root
+    register_all_coco()
+
+
+class GroundTruthDetector(torch.nn.Module):
+    """Outputs the ground truth of each image as detections (score 1), optionally with the
+    objects smaller than 32² pixels given a wrong class; evaluation is under test."""
+
+    def __init__(self, dataset_name, wrong_class_for_small=False):
+        super().__init__()
+        self.records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
+        self.wrong_class_for_small = wrong_class_for_small
+
+    def forward(self, inputs):
+        outputs = []
+        for x in inputs:
+            record = self.records[x["image_id"]]
+            h, w = record["height"], record["width"]
+            anns = record["annotations"]
+            instances = Instances((h, w))
+            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+            instances.scores = torch.ones(len(anns))
+            classes = [a["category_id"] for a in anns]
+            if self.wrong_class_for_small:
+                small = [(b[2] - b[0]) * (b[3] - b[1]) < 32**2 for b in boxes]
+                classes = [(c + 1) % 80 if s else c for c, s in zip(classes, small, strict=True)]
+            instances.pred_classes = torch.tensor(classes, dtype=torch.int64)
+            masks = [polygons_to_bitmask(a["segmentation"], h, w) for a in anns]
+            instances.pred_masks = torch.from_numpy(np.stack(masks))
+            outputs.append({"instances": instances})
+        return outputs
+
+
+def _cfg(out, mask_on=True):
+    cfg = get_cfg()
+    cfg.merge_from_file("configs/coco_R50_C4_2x.yaml")
+    cfg.merge_from_list(
+        ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0"]
+        + ["MODEL.MASK_ON", str(mask_on), "OUTPUT_DIR", str(out)]
+    )
+    return cfg
+
+
+def test_perfect_detections_score_100_for_boxes_and_masks(coco_root, tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    reported = Trainer.test(cfg, GroundTruthDetector("coco_2017_val"))
+    written = json.loads((tmp_path / "out" / COCO_METRICS_FILE).read_text())
+    full = {name: 100.0 for name in COCO_METRIC_NAMES}
+    assert list(written) == ["coco_2017_val"]
+    box = written["coco_2017_val"]
+    segm = box.pop("segm")
+    assert box == pytest.approx(full) and segm == pytest.approx(full)
+    for task in ("bbox", "segm"):
+        assert {k: reported[task][k] for k in COCO_METRIC_NAMES} == pytest.approx(full)
+    # COCOEvaluator also leaves its detections next to the metrics.
+    assert (tmp_path / "out" / "inference" / "coco_instances_results.json").is_file()
+
+
+def test_wrong_class_for_small_objects_zeroes_only_small_ap(coco_root, tmp_path):
+    cfg = _cfg(tmp_path / "out")
+    Trainer.test(cfg, GroundTruthDetector("coco_2017_val", wrong_class_for_small=True))
+    written = json.loads((tmp_path / "out" / COCO_METRICS_FILE).read_text())["coco_2017_val"]
+    for block in (written, written["segm"]):
+        assert block["APs"] == 0.0
+        assert (block["APm"], block["APl"]) == pytest.approx((100.0, 100.0))
+        assert 0.0 < block["AP"] < 100.0
+
+
+def test_box_only_model_writes_no_segm_block(coco_root, tmp_path):
+    cfg = _cfg(tmp_path / "out", mask_on=False)
+    Trainer.test(cfg, GroundTruthDetector("coco_2017_val"))
+    written = json.loads((tmp_path / "out" / COCO_METRICS_FILE).read_text())
+    assert list(written) == ["coco_2017_val"]
+    assert written["coco_2017_val"] == pytest.approx({name: 100.0 for name in COCO_METRIC_NAMES})
+
+
+def test_evaluator_is_chosen_by_metadata_not_name(coco_root, tmp_path):
+    register_coco(
+        "voc_lookalike",
+        str(coco_root / "coco" / "val2017"),
+        str(coco_root / "coco" / "annotations" / "instances_val2017.json"),
+    )
+    try:
+        evaluator = Trainer.build_evaluator(_cfg(tmp_path), "voc_lookalike")
+        assert isinstance(evaluator, COCOEvaluator)
+        assert evaluator._tasks == ("bbox", "segm")
+    finally:
+        DatasetCatalog.remove("voc_lookalike")
+        MetadataCatalog.remove("voc_lookalike")
+
+
+def test_missing_task_or_undefined_ap_stops_with_the_dataset_named():
+    values = {name: 50.0 for name in COCO_METRIC_NAMES}
+    with pytest.raises(RuntimeError, match="coco_2017_val: the COCO evaluator returned no segm"):
+        coco_metrics({"coco_2017_val": {"bbox": values}})
+    with pytest.raises(RuntimeError, match="coco_2017_val: segm APs not finite"):
+        coco_metrics({"coco_2017_val": {"bbox": values, "segm": {**values, "APs": float("nan")}}})
