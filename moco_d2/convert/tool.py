@@ -7,16 +7,17 @@ atomically, so a bad input never leaves a file that Detectron2 would half-load.
 import argparse
 import pickle
 
-from moco_d2.convert import inputs, resnet
+from moco_d2 import weights
+from moco_d2.convert import resnet
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_path
 
 AUTHOR = "moco_d2 convert-to-d2"
 
 
-def convert(input_path):
-    """Read ``input_path``; return (its :class:`inputs.Trunk`, torchvision → Detectron2 names)."""
-    trunk = inputs.find_trunk(inputs.load(input_path), input_path)
+def convert(input_path: str) -> tuple[weights.Trunk, dict[str, str]]:
+    """Read ``input_path``; return (its :class:`weights.Trunk`, torchvision → Detectron2 names)."""
+    trunk = weights.read_trunk(input_path)
     try:
         resnet.check_complete(trunk.tensors)
     except UserError as e:

@@ -15,11 +15,12 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
-from moco_d2.detection.data.voc import check_split_files
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
+from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
 from moco_d2.detection.trainer import Trainer
 from moco_d2.errors import UserError
+from moco_d2.utils.fileio import remove_stale_temporaries
 
 
 def load_config(args):
@@ -35,22 +36,16 @@ def load_config(args):
     return cfg
 
 
-def check_inputs(cfg, args):
-    """Catch mistakes before any process starts, so they are one line, not N tracebacks."""
-    device = torch.device(cfg.MODEL.DEVICE)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("MODEL.DEVICE is cuda but CUDA is not available; add MODEL.DEVICE cpu")
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    weights = cfg.MODEL.WEIGHTS
-    if weights and not resuming and "://" not in weights and not os.path.isfile(weights):
-        raise UserError(
-            f"MODEL.WEIGHTS file not found: {weights!r} (convert a pretraining "
-            'checkpoint with tools/convert-to-d2.py; MODEL.WEIGHTS "" trains from '
-            "random initialization on purpose)"
-        )
-    check_split_files(
-        cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+def finished(cfg, args) -> bool:
+    """True (and says so) when ``--resume`` names a run that already wrote model_final.pth."""
+    checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume and not args.eval_only else None
+    if checkpoint is None or os.path.basename(checkpoint) != "model_final.pth":
+        return False
+    print(
+        f"nothing to do: {cfg.OUTPUT_DIR} holds a finished run ({checkpoint}); evaluate it "
+        "with --eval-only, or train again in a new OUTPUT_DIR"
     )
+    return True
 
 
 def setup(args):
@@ -80,7 +75,10 @@ def run(args):
 def main(argv):
     args = default_argument_parser().parse_args(argv)
     cfg = load_config(args)
-    check_inputs(cfg, args)
+    if finished(cfg, args):
+        return 0
+    check_before_launch(cfg, args)
+    remove_stale_temporaries(cfg.OUTPUT_DIR)
     device = torch.device(cfg.MODEL.DEVICE).type
     launch(
         run,

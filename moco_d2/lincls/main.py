@@ -5,7 +5,7 @@ import functools
 
 from moco_d2.errors import UserError
 from moco_d2.lincls.model import ARCHS
-from moco_d2.lincls.train import prepare, worker
+from moco_d2.lincls.train import finished, prepare, worker
 from moco_d2.training.distributed import add_distributed_arguments, launch
 
 
@@ -137,6 +137,8 @@ def parse_args(argv):
     ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
     if args.workers < 0:
         raise UserError(f"-j/--workers must be at least 0, got {args.workers}")
     if args.evaluate and not args.resume:
@@ -147,6 +149,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     prepared = prepare(args)  # bad input fails here, once, before any process is spawned
+    if finished(prepared, args):
+        return 0
     launch(
         functools.partial(worker, prepared=None if args.multiprocessing_distributed else prepared),
         args,

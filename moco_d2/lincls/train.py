@@ -1,6 +1,5 @@
 """The linear-classification run: data, frozen model, epochs, checkpoints, final JSON."""
 
-import json
 import os
 import shutil
 
@@ -10,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from moco_d2 import weights
 from moco_d2.errors import UserError
 from moco_d2.lincls.data import build_datasets
 from moco_d2.lincls.engine import bf16_supported, evaluate, train_one_epoch
@@ -25,7 +25,12 @@ from moco_d2.training.checkpoint import (
 )
 from moco_d2.training.distributed import barrier, cleanup, init_process, is_main_process
 from moco_d2.training.schedule import adjust_learning_rate
-from moco_d2.utils.fileio import atomic_path, atomic_torch_save, atomic_write_text
+from moco_d2.utils.fileio import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_json,
+    remove_stale_temporaries,
+)
 
 LAST_CHECKPOINT = "checkpoint.pth.tar"
 BEST_CHECKPOINT = "model_best.pth.tar"
@@ -45,6 +50,18 @@ def prepare(args):
         load_pretrained(model, args.pretrained, args.arch)
     resumed = _load_resume(args.resume, model, args) if args.resume else None
     return train_set, val_set, model, resumed
+
+
+def finished(prepared, args) -> bool:
+    """True (and says so) when --resume names a run that already trained all --epochs."""
+    resumed = prepared[3]
+    if resumed is None or args.evaluate or resumed["epoch"] < args.epochs:
+        return False
+    print(
+        f"nothing to do: --resume {args.resume} already finished epoch {resumed['epoch']} "
+        f"of --epochs {args.epochs} (raise --epochs to train longer, or use -e to evaluate)"
+    )
+    return True
 
 
 def worker(local_rank, args, prepared=None):
@@ -85,6 +102,11 @@ def _loaders(train_set, val_set, args):
 def _load_resume(path, model, args):
     """Load the model weights of a checkpoint of this tool; return the checkpoint for the rest."""
     checkpoint = load_checkpoint(path)
+    if weights.is_moco_checkpoint(checkpoint):
+        raise UserError(
+            f"--resume {path} is a MoCo pretraining checkpoint, not a tools/lincls.py one: "
+            "pass it as --pretrained"
+        )
     if checkpoint.get("arch") != args.arch:
         raise UserError(
             f"--resume {path} is a {checkpoint.get('arch')} run, but -a/--arch is {args.arch}"
@@ -141,6 +163,8 @@ def _run(device, args, prepared):
     train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+        for path in remove_stale_temporaries(args.output_dir):
+            print(f"removed {path}, left by an interrupted write")
 
     if args.evaluate:
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
@@ -255,6 +279,7 @@ def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
 
 
 def _write_results(args, results, name=RESULTS):
+    """``results.json`` (or ``evaluation.json``) as strict JSON, with the run's settings."""
     meta = {
         "arch": args.arch,
         "pretrained": args.pretrained or None,
@@ -264,6 +289,4 @@ def _write_results(args, results, name=RESULTS):
         "batch_size": args.batch_size,
         "amp": args.amp,
     }
-    atomic_write_text(
-        json.dumps({**meta, **results}, indent=2) + "\n", os.path.join(args.output_dir, name)
-    )
+    atomic_write_json({**meta, **results}, os.path.join(args.output_dir, name))
