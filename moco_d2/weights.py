@@ -44,6 +44,8 @@ _PKL_GLOBALS = frozenset(
         ("collections", "OrderedDict"),
         ("builtins", "set"),
         ("builtins", "frozenset"),
+        ("__builtin__", "set"),  # protocol 2 spells builtins the Python 2 way
+        ("__builtin__", "frozenset"),
         ("_codecs", "encode"),
     }
 )
