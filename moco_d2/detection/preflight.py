@@ -9,7 +9,6 @@ is built.
 
 import difflib
 import os
-import tempfile
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -63,13 +62,14 @@ def check_solver(cfg, args) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """OUTPUT_DIR exists or can be created, and a file can be written in it."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise UserError(f"OUTPUT_DIR {output_dir} is not writable: {e.strerror or e}") from None
+    """OUTPUT_DIR is a writable folder, or can be created as one (nothing is created here)."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"OUTPUT_DIR {output_dir} cannot be created: {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"OUTPUT_DIR {output_dir} is not writable: no write permission on {path}")
 
 
 def resume_checkpoint(output_dir: str) -> str | None:

@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, read_detectron2_file
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
 from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
@@ -39,11 +39,15 @@ def load_config(args):
 def finished(cfg, args) -> bool:
     """True (and says so) when ``--resume`` names a run that already wrote model_final.pth."""
     checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume and not args.eval_only else None
-    if checkpoint is None or os.path.basename(checkpoint) != "model_final.pth":
+    if checkpoint is None or not os.path.isfile(checkpoint):
+        return False
+    iteration = read_detectron2_file(checkpoint).get("iteration")
+    if not isinstance(iteration, int) or iteration + 1 < cfg.SOLVER.MAX_ITER:
         return False
     print(
-        f"nothing to do: {cfg.OUTPUT_DIR} holds a finished run ({checkpoint}); evaluate it "
-        "with --eval-only, or train again in a new OUTPUT_DIR"
+        f"nothing to do: {checkpoint} already finished iteration {iteration + 1} of "
+        f"SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}; evaluate it with --eval-only, or raise "
+        "SOLVER.MAX_ITER to train longer"
     )
     return True
 
