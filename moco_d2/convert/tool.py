@@ -31,7 +31,7 @@ def detectron2_weights(trunk, mapping):
     return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
 
 
-def write(weights, output_path):
+def write(weights: dict, output_path: str) -> None:
     with atomic_path(output_path) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(weights, f)
@@ -46,7 +46,7 @@ def report(trunk, mapping):
     return "\n".join(lines + [f"dropped  {name}" for name in trunk.dropped])
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="convert-to-d2.py",
         description="Convert a MoCo pretraining checkpoint or a torchvision ResNet-50 "

@@ -7,10 +7,12 @@ kind checked, and the solver settings are those fvcore would reject only when th
 is built.
 """
 
+import argparse
 import difflib
 import os
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from moco_d2.detection.checkpoint import read_detectron2_file
@@ -20,7 +22,7 @@ from moco_d2.errors import UserError
 LAST_CHECKPOINT = "last_checkpoint"  # the file Detectron2's checkpointer keeps in OUTPUT_DIR
 
 
-def check_before_launch(cfg, args) -> None:
+def check_before_launch(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Everything about ``cfg`` and ``args`` that can be checked without training."""
     check_device(cfg)
     check_solver(cfg, args)
@@ -29,12 +31,12 @@ def check_before_launch(cfg, args) -> None:
     check_datasets(cfg, args)
 
 
-def check_device(cfg) -> None:
+def check_device(cfg: CfgNode) -> None:
     if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
         raise UserError("MODEL.DEVICE is cuda but CUDA is not available; add MODEL.DEVICE cpu")
 
 
-def check_solver(cfg, args) -> None:
+def check_solver(cfg: CfgNode, args: argparse.Namespace) -> None:
     """What the LR scheduler and data loader would reject only once training starts."""
     solver = cfg.SOLVER
     if args.eval_only:
@@ -82,7 +84,7 @@ def resume_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, name) if name else None
 
 
-def check_weights(cfg, args) -> None:
+def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
     """The file that will be loaded (the resume checkpoint, else MODEL.WEIGHTS) is readable
     without running code and is Detectron2 weights."""
     path = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
@@ -108,7 +110,7 @@ def _registered(name: str, key: str) -> None:
         raise UserError(f"{key}: dataset {name!r} is not registered{hint}")
 
 
-def check_datasets(cfg, args) -> None:
+def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Every dataset used is registered, its files exist, and it has images (training: with
     annotations). Loading validates every annotation, once, here."""
     used = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]

@@ -6,10 +6,11 @@
 With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU processes (gloo).
 """
 
+import argparse
 import os
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -23,7 +24,7 @@ from moco_d2.errors import UserError
 from moco_d2.utils.fileio import remove_stale_temporaries
 
 
-def load_config(args):
+def load_config(args: argparse.Namespace) -> CfgNode:
     """The config file merged with the command-line opts; input mistakes are UserErrors."""
     if not os.path.isfile(args.config_file):
         raise UserError(f"config file not found: {args.config_file!r} (--config-file)")
@@ -36,7 +37,7 @@ def load_config(args):
     return cfg
 
 
-def finished(cfg, args) -> bool:
+def finished(cfg: CfgNode, args: argparse.Namespace) -> bool:
     """True (and says so) when ``--resume`` names a run that already wrote model_final.pth."""
     checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume and not args.eval_only else None
     if checkpoint is None or not os.path.isfile(checkpoint):
@@ -76,7 +77,7 @@ def run(args):
     return trainer.train()
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     args = default_argument_parser().parse_args(argv)
     cfg = load_config(args)
     if finished(cfg, args):

@@ -223,7 +223,7 @@ def run_trials(
     return result, markdown
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Fine-tune and evaluate the same weights N times with different seeds; "
         "report mean ± std of AP, AP50, AP75 (rerun to resume a half-done set)."
@@ -263,7 +263,7 @@ def parse_args(argv):
     return args
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     from detectron2.utils.logger import setup_logger
 
     args = parse_args(argv)

@@ -126,7 +126,7 @@ def build_parser():
     return parser
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     for flag, value in (
         ("-b/--batch-size", args.batch_size),

@@ -36,7 +36,7 @@ def check_split(dirname: str, split: str) -> tuple[int, int, int, list[str]]:
     return len(fileids), objects, clipped, problems
 
 
-def check_voc_tree(root):
+def check_voc_tree(root: str) -> list[dict]:
     """One row per protocol split: name, folder, images, expected images, objects, problems."""
     rows = []
     for name, (folder, split, _year) in SPLITS.items():
