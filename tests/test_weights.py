@@ -121,6 +121,29 @@ def test_reader_refuses_payloads(trunk_payloads, case):
     assert_refused(e, trunk_payloads[case])
 
 
+class MkdirPayload:
+    """Names ``os.mkdir``: torch words this refusal "unsupported GLOBAL ... is blocked"."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_blocked_module_payload_is_refused_with_the_object_named(marker, tmp_path, suffix):
+    path = str(tmp_path / f"mkdir{suffix}")
+    if suffix == ".pkl":
+        write_pkl(path, {"model": {"a": np.zeros(2)}, "x": MkdirPayload(marker)})
+    else:
+        torch.save({"state_dict": {"a": torch.zeros(2)}, "x": MkdirPayload(marker)}, path)
+    with pytest.raises(UserError) as e:
+        weights.load_file(path)
+    assert_refused(e, path)
+    assert "mkdir" in str(e.value)
+
+
 def test_random_bytes_are_one_line_without_unsafe_advice(tmp_path):
     for name in ("random.pkl", "random.pth", "random.pth.tar"):
         path = tmp_path / name
