@@ -382,6 +382,7 @@ def test_box_far_outside_is_an_error_and_on_the_border_is_clipped(voc_copy, capl
 def test_resuming_a_finished_train_net_run_has_nothing_to_do(synthetic_voc_root, tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
     torch.save({"model": {}, "iteration": 0}, tmp_path / "model_final.pth")  # MAX_ITER 1 done
+    (tmp_path / "metrics_voc.json").write_text('{"voc_2007_test": {"AP": 1.0}}')
     before = snapshot(tmp_path)
     result = train_net(synthetic_voc_root, "OUTPUT_DIR", tmp_path, args=["--resume"])
     assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr[-2000:]

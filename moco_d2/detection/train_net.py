@@ -19,7 +19,7 @@ from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, read_dete
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
 from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
-from moco_d2.detection.trainer import Trainer
+from moco_d2.detection.trainer import METRICS_FILE, Trainer
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import remove_stale_temporaries
 
@@ -38,17 +38,19 @@ def load_config(args: argparse.Namespace) -> CfgNode:
 
 
 def finished(cfg: CfgNode, args: argparse.Namespace) -> bool:
-    """True (and says so) when ``--resume`` names a run that already wrote model_final.pth."""
+    """True (and says so) when ``--resume`` names a run that reached SOLVER.MAX_ITER and wrote
+    its metrics; one killed during the final evaluation resumes into that evaluation."""
     checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume and not args.eval_only else None
-    if checkpoint is None or not os.path.isfile(checkpoint):
+    metrics = os.path.join(cfg.OUTPUT_DIR, METRICS_FILE)
+    if checkpoint is None or not os.path.isfile(checkpoint) or not os.path.isfile(metrics):
         return False
     iteration = read_detectron2_file(checkpoint).get("iteration")
     if not isinstance(iteration, int) or iteration + 1 < cfg.SOLVER.MAX_ITER:
         return False
     print(
         f"nothing to do: {checkpoint} already finished iteration {iteration + 1} of "
-        f"SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}; evaluate it with --eval-only, or raise "
-        "SOLVER.MAX_ITER to train longer"
+        f"SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} and its metrics are in {metrics}; evaluate "
+        "again with --eval-only, or raise SOLVER.MAX_ITER to train longer"
     )
     return True
 
