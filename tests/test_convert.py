@@ -10,8 +10,9 @@ import pytest
 import torch
 import torchvision
 
+from moco_d2 import weights
 from moco_d2.cli import run_tool
-from moco_d2.convert import inputs, resnet
+from moco_d2.convert import resnet
 from moco_d2.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +166,7 @@ def test_resnet18_is_recognised_and_refused():
     ],
 )
 def test_each_layout_is_detected_and_gives_the_query_trunk(r50, make, fmt, n_dropped):
-    found = inputs.find_trunk(make(r50), "x.pth")
+    found = weights.find_trunk(make(r50), "x.pth")
     assert found.format.startswith(fmt)
     assert found.tensors.keys() == trunk_of(r50).keys()
     assert all(found.tensors[k] is v for k, v in trunk_of(r50).items())
@@ -173,7 +174,7 @@ def test_each_layout_is_detected_and_gives_the_query_trunk(r50, make, fmt, n_dro
 
 
 def test_a_moco_checkpoint_drops_key_encoder_queue_and_head(r50):
-    found = inputs.find_trunk(released(r50), "x.pth")
+    found = weights.find_trunk(released(r50), "x.pth")
     assert "module.queue" in found.dropped and "module.queue_ptr" in found.dropped
     assert "module.encoder_q.fc.2.weight" in found.dropped
     assert "module.encoder_k.conv1.weight" in found.dropped
@@ -246,7 +247,7 @@ def bad_inputs(r50, d):
         "plain pickle": (
             d / "converted.pkl",
             pickle.dumps({"model": {"a": np.zeros(2)}}),
-            "is not a PyTorch checkpoint",
+            "holds Detectron2 weights",
         ),
     }
     good = d / "good.pth"

@@ -161,7 +161,7 @@ def test_resume_from_a_pretraining_checkpoint(data, pretrained, tmp_path, capsys
         [str(data), *SMALL, "--resume", pretrained, "--output-dir", str(tmp_path)], capsys
     )
     assert code == 2 and len(err) == 1
-    assert "is not a tools/lincls.py checkpoint of resnet18 with 3 classes" in err[0]
+    assert "is a MoCo pretraining checkpoint, not a tools/lincls.py one" in err[0]
 
 
 def test_optimizer_holds_only_the_fc():

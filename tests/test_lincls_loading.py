@@ -4,8 +4,9 @@ import pytest
 import torch
 import torchvision
 
+from moco_d2 import weights
 from moco_d2.errors import UserError
-from moco_d2.lincls.loading import backbone_state, check_backbone_unchanged, load_pretrained
+from moco_d2.lincls.loading import check_backbone_unchanged, load_pretrained
 from moco_d2.lincls.model import build_model
 
 
@@ -69,10 +70,13 @@ def test_accepted_layouts_load_the_query_encoder(tmp_path, resnet18_state, layou
     check_backbone_unchanged(model, str(path))
 
 
-def test_backbone_state_drops_head_key_encoder_and_queue(resnet18_state):
-    state = backbone_state(moco_checkpoint(resnet18_state))
-    expected = {k for k in resnet18_state if not k.startswith("fc.")}
-    assert set(state) == expected
+def test_trunk_drops_head_key_encoder_queue_and_bn_counters(resnet18_state):
+    trunk = weights.find_trunk(moco_checkpoint(resnet18_state), "c.pth")
+    expected = {
+        k for k in resnet18_state if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))
+    }
+    assert trunk.kind == weights.MOCO and trunk.arch == "resnet18"
+    assert set(trunk.tensors) == expected
 
 
 def test_missing_backbone_key_is_named(tmp_path, resnet18_state):
@@ -106,9 +110,9 @@ def test_wrong_arch_of_a_bare_state_dict(tmp_path):
 
 def test_unreadable_or_absent_file(tmp_path):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="is not a readable PyTorch checkpoint"):
         load_pretrained(build_model("resnet18", 10), str(tmp_path / "junk.pth"), "resnet18")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such file"):
         load_pretrained(build_model("resnet18", 10), str(tmp_path / "absent.pth"), "resnet18")
 
 

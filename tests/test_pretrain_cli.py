@@ -197,7 +197,7 @@ def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
     [
         (["--moco-k", "20"], "multiple of the global batch 8"),
         (["--bn-splits", "3"], "does not divide"),
-        (["--resume", "missing.pth.tar"], "checkpoint not found"),
+        (["--resume", "missing.pth.tar"], "no such file"),
         (["-b", "64", "--moco-k", "64"], "fewer than one global batch"),
     ],
 )

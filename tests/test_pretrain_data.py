@@ -51,8 +51,8 @@ def test_all_unreadable_raises(tmp_path):
     (tmp_path / "a").mkdir()
     for i in range(3):
         (tmp_path / "a" / f"{i}.png").write_bytes(b"nope")
-    with pytest.raises(RuntimeError, match="consecutive unreadable"):
-        TolerantImageFolder(str(tmp_path))[0]
+    with pytest.raises(UserError, match=f"no readable image under {tmp_path}"):
+        TolerantImageFolder(str(tmp_path))
 
 
 def test_flat_folder_and_bad_folders(tmp_path):

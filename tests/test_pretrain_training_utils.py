@@ -94,11 +94,11 @@ def test_latest_checkpoint_picks_highest_epoch(tmp_path):
 
 
 def test_load_checkpoint_user_errors(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such file"):
         ckpt.load_checkpoint(str(tmp_path / "nope.pth.tar"))
     bad = tmp_path / "bad.pth.tar"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="is not a readable PyTorch checkpoint"):
         ckpt.load_checkpoint(str(bad))
 
 

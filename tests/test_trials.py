@@ -10,11 +10,12 @@ import pytest
 from transfer_tiny import TINY_OPTS
 
 from moco_d2.detection import trials
+from moco_d2.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_trials(out, num_trials, voc_root, weights):
+def _run_trials(out, num_trials, voc_root, weights, *extra):
     command = [
         sys.executable,
         os.path.join(REPO, "tools", "run_trials.py"),
@@ -31,6 +32,7 @@ def _run_trials(out, num_trials, voc_root, weights):
         "SOLVER.MAX_ITER",
         "2",
         *TINY_OPTS,
+        *extra,
     ]
     env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root))
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -70,6 +72,31 @@ def test_two_trials_resume_and_aggregate(
     markdown = (out / "trials_summary.md").read_text()
     assert "mean ± std (2 trials)" in markdown and "published: MoCo v2 200ep" in markdown
     assert markdown in second.stdout
+    assert summary["fingerprint"]["weights_sha256"] == trials.sha256_of(str(converted_weights))
+    assert "OUTPUT_DIR" not in summary["fingerprint"]["config"]
+
+    # Other weights, or another override, must not be mixed into this set.
+    other = tmp_path / "other.pkl"
+    other.write_bytes(converted_weights.read_bytes() + b" ")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for weights, extra in ((other, ()), (converted_weights, ("SOLVER.BASE_LR", "0.5"))):
+        mixed = _run_trials(out, 2, synthetic_voc_root, weights, *extra)
+        assert mixed.returncode == 2 and "Traceback" not in mixed.stderr, mixed.stderr[-3000:]
+        line = mixed.stderr.strip().splitlines()[-1]
+        assert "holds trials of other settings" in line and "--restart" in line, line
+        assert ("weights_sha256" if weights == other else "SOLVER.BASE_LR") in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_restart_discards_earlier_trials_and_unfingerprinted_trials_are_refused(tmp_path):
+    (tmp_path / "trial_0").mkdir()
+    current = {"weights_sha256": "ab", "config": {"SOLVER": {"BASE_LR": 0.02}}}
+    with pytest.raises(UserError, match="without a trials_fingerprint.json.*--restart"):
+        trials.claim_output_dir(str(tmp_path), current, restart=False)
+    trials.claim_output_dir(str(tmp_path), current, restart=True)
+    assert os.listdir(tmp_path) == [trials.FINGERPRINT_JSON]
+    assert json.loads((tmp_path / trials.FINGERPRINT_JSON).read_text()) == current
+    trials.claim_output_dir(str(tmp_path), current, restart=False)  # same settings: fine
 
 
 def test_summary_statistics_against_known_values():

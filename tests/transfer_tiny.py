@@ -31,5 +31,5 @@ TINY_OPTS = [
     "SOLVER.WARMUP_ITERS",
     "1",
     "SOLVER.STEPS",
-    "(1000,)",
+    "()",
 ]

@@ -7,16 +7,17 @@ atomically, so a bad input never leaves a file that Detectron2 would half-load.
 import argparse
 import pickle
 
-from moco_d2.convert import inputs, resnet
+from moco_d2 import weights
+from moco_d2.convert import resnet
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_path
 
 AUTHOR = "moco_d2 convert-to-d2"
 
 
-def convert(input_path):
-    """Read ``input_path``; return (its :class:`inputs.Trunk`, torchvision → Detectron2 names)."""
-    trunk = inputs.find_trunk(inputs.load(input_path), input_path)
+def convert(input_path: str) -> tuple[weights.Trunk, dict[str, str]]:
+    """Read ``input_path``; return (its :class:`weights.Trunk`, torchvision → Detectron2 names)."""
+    trunk = weights.read_trunk(input_path)
     try:
         resnet.check_complete(trunk.tensors)
     except UserError as e:
@@ -30,7 +31,7 @@ def detectron2_weights(trunk, mapping):
     return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
 
 
-def write(weights, output_path):
+def write(weights: dict, output_path: str) -> None:
     with atomic_path(output_path) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(weights, f)
@@ -45,7 +46,7 @@ def report(trunk, mapping):
     return "\n".join(lines + [f"dropped  {name}" for name in trunk.dropped])
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="convert-to-d2.py",
         description="Convert a MoCo pretraining checkpoint or a torchvision ResNet-50 "

@@ -1,14 +1,20 @@
-"""Loading weights into a Detectron2 model without silently leaving the backbone random.
+"""Loading weights into a Detectron2 model safely, and without silently leaving the backbone
+random.
 
-Detectron2 only logs a warning for model tensors a checkpoint does not provide, so a wrong
-file trains a half-random backbone. Here any ResNet trunk tensor left unloaded is an error.
+Detectron2 reads ``.pkl`` weights with plain ``pickle.load``, which runs whatever code the
+file names; here every file goes through :mod:`moco_d2.weights` (a restricted unpickler for
+``.pkl``, ``torch.load(weights_only=True)`` otherwise). Detectron2 also only logs a warning
+for model tensors a checkpoint does not provide, so a wrong file trains a half-random
+backbone; here any ResNet trunk tensor left unloaded is an error.
 """
 
 import os
 import re
+from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from moco_d2 import weights
 from moco_d2.errors import UserError
 
 # ResNet trunk tensors wherever the model nests them: ``backbone.stem.*``,
@@ -16,6 +22,45 @@ from moco_d2.errors import UserError
 # The extra ``roi_heads.res5.norm`` of Res5ROIHeadsExtraNorm is new, not pretrained.
 _TRUNK = re.compile(r"(?:^|\.)(?:stem|res[2-5]\.\d+)\.")
 _SHOWN = 5
+# Names of a torchvision-layout ResNet (a pretraining checkpoint or a torchvision state_dict).
+_TORCHVISION = re.compile(r"(module\.)?(encoder_q\.)?(conv1|layer[1-4]\.\d+)\.")
+_CONVERT = "convert it with tools/convert-to-d2.py {path} OUT.pkl and set MODEL.WEIGHTS OUT.pkl"
+
+
+def read_detectron2_file(path: str) -> dict[str, Any]:
+    """The content of a Detectron2 weights file as ``DetectionCheckpointer`` expects it.
+
+    ``.pkl`` (converted or model-zoo weights) goes through the restricted unpickler, anything
+    else through ``torch.load(weights_only=True)``. A pretraining checkpoint or a torchvision
+    state_dict is refused with the conversion command, instead of half-loading by name.
+    """
+    if path.endswith(".pkl"):
+        data = weights.load_pickle(path)
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a {type(data).__name__}, not Detectron2 weights")
+        if "model" in data and "__author__" in data:
+            return data
+        data = data.get("blobs", data)  # Caffe2 / Detectron1 model zoo layout
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+    loaded = weights.load_torch(path)
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} holds a {type(loaded).__name__}, not Detectron2 weights")
+    if path.endswith(".pyth") and isinstance(loaded.get("model_state"), dict):  # pycls
+        state = {k: v for k, v in loaded["model_state"].items() if "num_batches_tracked" not in k}
+        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+    if weights.is_moco_checkpoint(loaded):
+        raise UserError(
+            f"{path} is a MoCo pretraining checkpoint, not Detectron2 weights: "
+            + _CONVERT.format(path=path)
+        )
+    state = loaded.get("state_dict", loaded)
+    if "model" not in loaded and any(_TORCHVISION.match(str(k)) for k in state):
+        raise UserError(
+            f"{path} is a torchvision-layout ResNet state_dict, not Detectron2 weights: "
+            + _CONVERT.format(path=path)
+        )
+    return loaded if "model" in loaded else {"model": loaded}
 
 
 def trunk_names(names):
@@ -39,6 +84,9 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
             )
         self._path = path
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        return read_detectron2_file(filename)
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

@@ -6,24 +6,25 @@
 With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU processes (gloo).
 """
 
+import argparse
 import os
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
-from moco_d2.detection.data.coco import check_coco_datasets
-from moco_d2.detection.data.voc import check_split_files
+from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, read_detectron2_file
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
-from moco_d2.detection.trainer import Trainer
+from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
+from moco_d2.detection.trainer import METRICS_FILE, Trainer
 from moco_d2.errors import UserError
+from moco_d2.utils.fileio import remove_stale_temporaries
 
 
-def load_config(args):
+def load_config(args: argparse.Namespace) -> CfgNode:
     """The config file merged with the command-line opts; input mistakes are UserErrors."""
     if not os.path.isfile(args.config_file):
         raise UserError(f"config file not found: {args.config_file!r} (--config-file)")
@@ -36,25 +37,22 @@ def load_config(args):
     return cfg
 
 
-def check_inputs(cfg, args):
-    """Catch mistakes before any process starts, so they are one line, not N tracebacks."""
-    device = torch.device(cfg.MODEL.DEVICE)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("MODEL.DEVICE is cuda but CUDA is not available; add MODEL.DEVICE cpu")
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    weights = cfg.MODEL.WEIGHTS
-    if weights and not resuming and "://" not in weights and not os.path.isfile(weights):
-        raise UserError(
-            f"MODEL.WEIGHTS file not found: {weights!r} (convert a pretraining "
-            'checkpoint with tools/convert-to-d2.py; MODEL.WEIGHTS "" trains from '
-            "random initialization on purpose)"
-        )
-    check_split_files(
-        cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
+def finished(cfg: CfgNode, args: argparse.Namespace) -> bool:
+    """True (and says so) when ``--resume`` names a run that reached SOLVER.MAX_ITER and wrote
+    its metrics; one killed during the final evaluation resumes into that evaluation."""
+    checkpoint = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume and not args.eval_only else None
+    metrics = os.path.join(cfg.OUTPUT_DIR, METRICS_FILE)
+    if checkpoint is None or not os.path.isfile(checkpoint) or not os.path.isfile(metrics):
+        return False
+    iteration = read_detectron2_file(checkpoint).get("iteration")
+    if not isinstance(iteration, int) or iteration + 1 < cfg.SOLVER.MAX_ITER:
+        return False
+    print(
+        f"nothing to do: {checkpoint} already finished iteration {iteration + 1} of "
+        f"SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} and its metrics are in {metrics}; evaluate "
+        "again with --eval-only, or raise SOLVER.MAX_ITER to train longer"
     )
-    check_coco_datasets(
-        cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST
-    )
+    return True
 
 
 def setup(args):
@@ -81,10 +79,13 @@ def run(args):
     return trainer.train()
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     args = default_argument_parser().parse_args(argv)
     cfg = load_config(args)
-    check_inputs(cfg, args)
+    if finished(cfg, args):
+        return 0
+    check_before_launch(cfg, args)
+    remove_stale_temporaries(cfg.OUTPUT_DIR)
     device = torch.device(cfg.MODEL.DEVICE).type
     launch(
         run,

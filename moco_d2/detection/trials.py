@@ -4,26 +4,35 @@ The MoCo papers report VOC detection as the mean of 5 trials (std about 0.2 AP).
 is a separate ``train_net`` process writing to ``OUTPUT/trial_<k>``; a trial whose metrics
 file exists is done, one with a checkpoint but no metrics is resumed, so rerunning the same
 command finishes a half-done set instead of starting over.
+
+Trials of different runs never mix: before the first trial the set's fingerprint (the
+weights file's sha256 and the whole merged config except OUTPUT_DIR and SEED) is written to
+``OUTPUT/trials_fingerprint.json`` and later stored in the summary; a rerun whose fingerprint
+differs is refused, unless ``--restart`` discards the earlier trials.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+from typing import Any
 
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
-from moco_d2.utils.fileio import atomic_write_text
+from moco_d2.utils.fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger("moco_d2.detection.trials")
 
 METRIC_NAMES = ("AP", "AP50", "AP75")
 SUMMARY_JSON = "trials_summary.json"
 SUMMARY_MD = "trials_summary.md"
+FINGERPRINT_JSON = "trials_fingerprint.json"
 
 
 def trial_dir(output_dir, index):
@@ -58,6 +67,87 @@ def read_trial_metrics(path: str) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: missing or bad metric {e}") from None
     return trial
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(config_file: str, opts) -> dict[str, Any]:
+    """What makes two sets of trials comparable: the weights' content and every config value
+    except OUTPUT_DIR and SEED (which differ per trial by design)."""
+    import yaml
+
+    from moco_d2.detection.train_net import load_config
+
+    cfg = load_config(argparse.Namespace(config_file=config_file, opts=list(opts)))
+    config = yaml.safe_load(cfg.dump())
+    config.pop("OUTPUT_DIR", None)
+    config.pop("SEED", None)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights:
+        if not os.path.isfile(weights):
+            raise UserError(f"MODEL.WEIGHTS file not found: {weights!r}")
+        weights_id = sha256_of(weights)
+    else:
+        weights_id = weights or None
+    return {"weights_sha256": weights_id, "config": config}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    found = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def claim_output_dir(output_dir: str, current: dict[str, Any], restart: bool) -> None:
+    """Record ``current`` as the set's fingerprint, refusing to mix with other trials."""
+    path = os.path.join(output_dir, FINGERPRINT_JSON)
+    earlier_trials = (
+        [d for d in sorted(os.listdir(output_dir)) if d.startswith("trial_")]
+        if os.path.isdir(output_dir)
+        else []
+    )
+    if restart:
+        for name in earlier_trials:
+            shutil.rmtree(os.path.join(output_dir, name))
+        for name in (SUMMARY_JSON, SUMMARY_MD, FINGERPRINT_JSON):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+        earlier_trials = []
+    fix = "use a new --output-dir, or --restart to discard the earlier trials"
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                earlier = json.load(f)
+            except ValueError:
+                earlier = None
+        if earlier != json.loads(json.dumps(current)):
+            changed = (
+                _differences(earlier, current) if isinstance(earlier, dict) else ["unreadable"]
+            )
+            raise UserError(
+                f"{output_dir} holds trials of other settings ({', '.join(changed[:5])} "
+                f"differ{', …' if len(changed) > 5 else ''}; see {path}): {fix}"
+            )
+        return
+    if earlier_trials:
+        raise UserError(
+            f"{output_dir} holds trials ({', '.join(earlier_trials)}) without a "
+            f"{FINGERPRINT_JSON}, so they cannot be told apart from this run: {fix}"
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_json(current, path)
 
 
 def run_trial(config_file, output_dir, seed, num_gpus, opts):
@@ -133,9 +223,19 @@ def format_markdown(per_trial: list[dict], summary: dict, reference: str | None)
 
 
 def run_trials(
-    config_file, output_dir, num_trials, first_seed=0, num_gpus=1, opts=(), reference=None
-):
+    config_file: str,
+    output_dir: str,
+    num_trials: int,
+    first_seed: int = 0,
+    num_gpus: int = 1,
+    opts=(),
+    reference: str | None = None,
+    restart: bool = False,
+) -> tuple[dict[str, Any], str]:
     """Run (or finish) ``num_trials`` trials and write the summary; return it."""
+    current = fingerprint(config_file, opts)
+    claim_output_dir(output_dir, current, restart)
+    remove_stale_temporaries(output_dir)
     per_trial = []
     for index in range(num_trials):
         directory = trial_dir(output_dir, index)
@@ -154,13 +254,14 @@ def run_trials(
         "trials": per_trial,
         "summary": summary,
         "reference": reference,
+        "fingerprint": current,
     }
-    atomic_write_text(json.dumps(result, indent=2) + "\n", os.path.join(output_dir, SUMMARY_JSON))
+    atomic_write_json(result, os.path.join(output_dir, SUMMARY_JSON))
     atomic_write_text(markdown, os.path.join(output_dir, SUMMARY_MD))
     return result, markdown
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Fine-tune and evaluate the same weights N times with different seeds; "
         "report mean ± std of AP, AP50, AP75 (VOC) or box and mask AP, AP50, AP75, APs, APm, "
@@ -184,6 +285,11 @@ def parse_args(argv):
         help="published VOC row printed for comparison (VOC trials only)",
     )
     parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the trials already in --output-dir and start the set over",
+    )
+    parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
         help="config overrides passed to every trial, e.g. MODEL.WEIGHTS w.pkl",
@@ -196,7 +302,7 @@ def parse_args(argv):
     return args
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     from detectron2.utils.logger import setup_logger
 
     args = parse_args(argv)
@@ -209,6 +315,7 @@ def main(argv):
         args.num_gpus,
         args.opts,
         args.reference,
+        args.restart,
     )
     print(markdown, end="")
     print(f"summary written to {os.path.join(args.output_dir, SUMMARY_MD)} and {SUMMARY_JSON}")

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 from tqdm import tqdm
 
-from moco_d2.training.distributed import all_gather_cat, is_main_process
+from moco_d2.errors import UserError
+from moco_d2.training.distributed import all_gather_cat, is_distributed, is_main_process
 from moco_d2.training.logs import ACC1, LOSS
 from moco_d2.training.meters import AverageMeter, accuracy
 
@@ -44,6 +45,7 @@ def train_one_epoch(
         with autocast(device, args.amp):
             output = model(images)
         loss = criterion(output.float(), target)
+        _stop_unless_finite(loss, epoch, i, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -52,6 +54,21 @@ def train_one_epoch(
         if i % args.print_freq == 0:
             bar.set_postfix({LOSS: f"{losses.avg:.4f}", ACC1: f"{top1.avg:.2f}"})
     return losses.avg, top1.avg
+
+
+def _stop_unless_finite(loss, epoch, iteration, args):
+    """Stop every process when any process's loss is NaN or infinite: training on would only
+    write NaN accuracies. The last checkpoint stays as it is."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if is_distributed():
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise UserError(
+            f"linear classification stopped: the loss is not finite ({loss.item():g} on this "
+            f"process) at epoch {epoch}, iteration {iteration}; the pretrained features are "
+            f"probably broken (check {args.pretrained or 'the pretraining run'}) or --lr "
+            f"{args.lr:g} is too high; checkpoints in {args.output_dir} are left as they were"
+        )
 
 
 @torch.no_grad()

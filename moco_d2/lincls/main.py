@@ -5,7 +5,7 @@ import functools
 
 from moco_d2.errors import UserError
 from moco_d2.lincls.model import ARCHS
-from moco_d2.lincls.train import prepare, worker
+from moco_d2.lincls.train import finished, prepare, worker
 from moco_d2.training.cli_args import add_training_arguments, per_process_batch, positive_int
 from moco_d2.training.distributed import add_distributed_arguments, launch, procs_per_node
 
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prepared = prepare(args)  # bad input fails here, once, before any process is spawned
+    if finished(prepared, args):
+        return 0
     launch(
         functools.partial(worker, prepared=None if args.multiprocessing_distributed else prepared),
         args,

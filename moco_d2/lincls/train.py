@@ -1,7 +1,6 @@
 """The linear-classification run: data, frozen model, epochs, checkpoints, final JSON."""
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -13,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from moco_d2 import weights
 from moco_d2.errors import UserError
 from moco_d2.lincls.data import build_datasets
 from moco_d2.lincls.engine import bf16_supported, evaluate, train_one_epoch
@@ -44,7 +44,12 @@ from moco_d2.training.logs import (
     teardown_logging,
 )
 from moco_d2.training.schedule import adjust_learning_rate
-from moco_d2.utils.fileio import atomic_path, atomic_torch_save, atomic_write_text
+from moco_d2.utils.fileio import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_json,
+    remove_stale_temporaries,
+)
 
 LAST_CHECKPOINT = "checkpoint.pth.tar"
 BEST_CHECKPOINT = "model_best.pth.tar"
@@ -68,6 +73,18 @@ def prepare(args: argparse.Namespace) -> Prepared:
         load_pretrained(model, args.pretrained, args.arch)
     resumed = _load_resume(args.resume, model, args) if args.resume else None
     return train_set, val_set, model, resumed
+
+
+def finished(prepared: Prepared, args: argparse.Namespace) -> bool:
+    """True (and says so) when --resume names a run that already trained all --epochs."""
+    resumed = prepared[3]
+    if resumed is None or args.evaluate or resumed["epoch"] < args.epochs:
+        return False
+    print(
+        f"nothing to do: --resume {args.resume} already finished epoch {resumed['epoch']} "
+        f"of --epochs {args.epochs} (raise --epochs to train longer, or use -e to evaluate)"
+    )
+    return True
 
 
 def worker(
@@ -116,6 +133,11 @@ def _loaders(train_set, val_set, args):
 def _load_resume(path, model, args):
     """Load the model weights of a checkpoint of this tool; return the checkpoint for the rest."""
     checkpoint = load_checkpoint(path)
+    if weights.is_moco_checkpoint(checkpoint):
+        raise UserError(
+            f"--resume {path} is a MoCo pretraining checkpoint, not a tools/lincls.py one: "
+            "pass it as --pretrained"
+        )
     if checkpoint.get("arch") != args.arch:
         raise UserError(
             f"--resume {path} is a {checkpoint.get('arch')} run, but -a/--arch is {args.arch}"
@@ -170,6 +192,10 @@ def _run(device, args, prepared):
     if resumed is not None:
         start_epoch, best_acc1, history = _restore(resumed, optimizer)
     train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        for path in remove_stale_temporaries(args.output_dir):
+            logger.info("removed %s, left by an interrupted write", path)
 
     if args.evaluate:
         acc1, acc5 = evaluate(model, val_loader, device, args.amp)
@@ -289,6 +315,7 @@ def _save(model, optimizer, epoch, best_acc1, history, is_best, args):
 
 
 def _write_results(args: argparse.Namespace, results: dict[str, Any], name: str = RESULTS) -> None:
+    """``results.json`` (or ``evaluation.json``) as strict JSON, with the run's settings."""
     meta = {
         "arch": args.arch,
         "pretrained": args.pretrained or None,
@@ -298,6 +325,4 @@ def _write_results(args: argparse.Namespace, results: dict[str, Any], name: str 
         "batch_size": args.batch_size,
         "amp": args.amp,
     }
-    atomic_write_text(
-        json.dumps({**meta, **results}, indent=2) + "\n", os.path.join(args.output_dir, name)
-    )
+    atomic_write_json({**meta, **results}, os.path.join(args.output_dir, name))

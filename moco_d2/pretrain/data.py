@@ -55,6 +55,25 @@ def load_rgb(path):
         return img.convert("RGB")
 
 
+def check_some_readable(samples, root, tries=MAX_CONSECUTIVE_UNREADABLE):
+    """Refuse a folder whose images cannot be decoded, before any process or worker starts.
+
+    Opens files spread over the folder until one decodes (the first, for a healthy folder);
+    reading stops the run only when none of ``tries`` files does.
+    """
+    step = max(len(samples) // tries, 1)
+    for path, _ in samples[::step][:tries]:
+        try:
+            load_rgb(path)
+            return
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    raise UserError(
+        f"no readable image under {root}: none of the {min(len(samples), tries)} files "
+        f"tried decodes (e.g. {samples[0][0]})"
+    )
+
+
 class TolerantImageFolder(Dataset):
     """ImageFolder whose items are ``(transform(image), target, unreadable)``.
 
@@ -64,6 +83,7 @@ class TolerantImageFolder(Dataset):
     def __init__(self, root, transform=None):
         self.root = root
         self.samples, self.classes = scan_image_folder(root)
+        check_some_readable(self.samples, root)
         self.targets = [t for _, t in self.samples]
         self.transform = transform
 

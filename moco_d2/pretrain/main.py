@@ -31,6 +31,8 @@ from moco_d2.training.cli_args import (
 from moco_d2.training.distributed import add_distributed_arguments, cleanup, init_process, launch
 from moco_d2.training.logs import setup_logging, teardown_logging
 from moco_d2.training.schedule import adjust_learning_rate
+from moco_d2.utils.fileio import remove_stale_temporaries
+from moco_d2.weights import state_dict_error
 
 logger = logging.getLogger("moco_d2.pretrain")
 
@@ -154,6 +156,7 @@ def main_worker(local_rank, args):
     is_main = args.rank == 0
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
+        remove_stale_temporaries(args.output_dir)
     handlers = setup_logging(args.output_dir if is_main else None, is_main)
     try:
         Pretrainer(args, device).run()
@@ -304,7 +307,7 @@ class Pretrainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(
                 f"--resume {self.resume_path}: does not match this model "
-                f"(--moco-* / --mlp / -a flags?): {str(e).splitlines()[0]}"
+                f"(--moco-* / --mlp / -a flags?): {state_dict_error(e)}"
             ) from None
         if "rng" in state:
             ckpt.set_rng_state(state["rng"])

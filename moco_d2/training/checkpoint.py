@@ -10,11 +10,12 @@ import glob
 import os
 import random
 import re
+from typing import Any
 
 import numpy as np
 import torch
 
-from moco_d2.errors import UserError
+from moco_d2 import weights
 from moco_d2.utils.fileio import atomic_torch_save
 
 CHECKPOINT_PATTERN = "checkpoint_{:04d}.pth.tar"
@@ -43,19 +44,9 @@ def latest_checkpoint(output_dir):
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """``torch.load(weights_only=True)``; a missing or unreadable file is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise UserError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
-    return checkpoint
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A training checkpoint read by :func:`moco_d2.weights.load_checkpoint` (weights_only)."""
+    return weights.load_checkpoint(path)
 
 
 def add_module_prefix(state_dict):

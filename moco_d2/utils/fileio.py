@@ -1,10 +1,28 @@
-"""Atomic file writes: a crash or a bad input never leaves a half-written output behind."""
+"""Atomic file writes: a crash or a bad input never leaves a half-written output behind.
+
+A write goes to a hidden temporary ``.{name}.{8 hex}.tmp`` beside the target and is renamed
+onto it only once complete. A process killed mid-write leaves that temporary behind;
+:func:`remove_stale_temporaries` deletes such leftovers when the writer starts again. A full
+disk is reported as such, naming the path, whatever layer (``torch.save``'s zip writer
+included) noticed it.
+"""
 
 import contextlib
+import errno
+import json
+import math
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
+
+from moco_d2.errors import UserError
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+# Below this many free bytes a failed write is taken to be the full disk: torch's zip writer
+# reports ENOSPC as "unexpected pos" or "file write failed", without the errno.
+_NEARLY_FULL = 16 * 2**20
 
 
 def _create_temporary(directory: str, name: str) -> str:
@@ -19,21 +37,70 @@ def _create_temporary(directory: str, name: str) -> str:
         return tmp
 
 
+def _disk_full(error: BaseException, directory: str) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(error, RuntimeError):
+        return False
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < _NEARLY_FULL
+
+
+def _no_space(path: str) -> UserError:
+    return UserError(
+        f"no space left on the device to write {path}; nothing was written (an earlier "
+        "file of that name is unchanged): free some space and rerun"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: "str | os.PathLike[str]") -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; give the name of a file to write")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = _create_temporary(directory, os.path.basename(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tmp = _create_temporary(directory, os.path.basename(path))
+    except OSError as e:
+        if _disk_full(e, directory):
+            raise _no_space(path) from None
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if _disk_full(e, directory):
+            raise _no_space(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(directory: "str | os.PathLike[str]") -> list[str]:
+    """Delete the temporaries that killed atomic writes left in ``directory``; return them.
+
+    Call it when the only writer of ``directory`` starts, before it writes anything.
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(directory, name)
+        if _TEMPORARY.fullmatch(name) and os.path.isfile(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: "str | os.PathLike[str]") -> None:
@@ -47,3 +114,20 @@ def atomic_write_text(text: str, path: "str | os.PathLike[str]") -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def atomic_write_json(obj: Any, path: "str | os.PathLike[str]") -> None:
+    """Strict JSON (RFC 8259): a NaN or infinite number is written as ``null``, never as the
+    bare ``NaN`` that Python's json module emits and other readers reject."""
+    text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
+    atomic_write_text(text + "\n", path)

@@ -16,29 +16,31 @@ from moco_d2.errors import UserError
 EXPECTED_IMAGES = {"voc_2007_trainval": 5011, "voc_2012_trainval": 11540, "voc_2007_test": 4952}
 
 
-def check_split(dirname, split):
-    """``(images, objects, problems)`` for one split; problems are one line each, with paths."""
+def check_split(dirname: str, split: str) -> tuple[int, int, int, list[str]]:
+    """``(images, objects, clipped boxes, problems)`` for one split; problems are one line
+    each, with paths (an empty split, an invalid box, a missing file)."""
     try:
         fileids = read_split(dirname, split)
     except UserError as e:
-        return 0, 0, [str(e)]
-    objects, problems = 0, []
+        return 0, 0, 0, [str(e)]
+    objects, clipped, problems = 0, 0, []
     for fileid in fileids:
         try:
-            record = parse_annotation(annotation_file(dirname, fileid), CLASS_NAMES)
+            record, n = parse_annotation(annotation_file(dirname, fileid), CLASS_NAMES)
             objects += len(record["annotations"])
+            clipped += n
         except UserError as e:
             problems.append(str(e))
         if not os.path.isfile(image_file(dirname, fileid)):
             problems.append(f"VOC image not found: {image_file(dirname, fileid)}")
-    return len(fileids), objects, problems
+    return len(fileids), objects, clipped, problems
 
 
-def check_voc_tree(root):
+def check_voc_tree(root: str) -> list[dict]:
     """One row per protocol split: name, folder, images, expected images, objects, problems."""
     rows = []
     for name, (folder, split, _year) in SPLITS.items():
-        images, objects, problems = check_split(os.path.join(root, folder), split)
+        images, objects, clipped, problems = check_split(os.path.join(root, folder), split)
         rows.append(
             {
                 "name": name,
@@ -46,6 +48,7 @@ def check_voc_tree(root):
                 "images": images,
                 "expected_images": EXPECTED_IMAGES[name],
                 "objects": objects,
+                "clipped": clipped,
                 "problems": problems,
             }
         )

@@ -12,11 +12,13 @@ _SHOWN_PROBLEMS = 5
 
 def _check(args):
     rows = check_voc_tree(args.root)
-    print(f"{'dataset':<20}{'images':>8}{'expected':>10}{'objects':>9}{'problems':>10}")
+    print(
+        f"{'dataset':<20}{'images':>8}{'expected':>10}{'objects':>9}{'clipped':>9}{'problems':>10}"
+    )
     for row in rows:
         print(
             f"{row['name']:<20}{row['images']:>8}{row['expected_images']:>10}"
-            f"{row['objects']:>9}{len(row['problems']):>10}"
+            f"{row['objects']:>9}{row['clipped']:>9}{len(row['problems']):>10}"
         )
     partial = [row["name"] for row in rows if row["images"] != row["expected_images"]]
     if partial:

@@ -4,8 +4,16 @@ Detectron2's own loader fails deep inside numpy or ElementTree on a missing spli
 annotation or image; this one raises :class:`UserError` with the path, keeps each object's
 ``difficult`` flag (difficult objects are trained on, as in Detectron2; the evaluator
 ignores them) and is registered under Detectron2's names, replacing the builtin entries.
+
+Boxes are validated, because a bad box silently corrupts AP: as test ground truth it can
+never be matched, in training Detectron2 drops it without a word. An inverted or empty box
+(xmin >= xmax or ymin >= ymax), a box reaching more than one pixel outside the image, and a
+split listing no image are errors naming the file and the object. A box that touches or
+crosses the border by up to a pixel is clipped to the image, as VOC practice does, and
+counted in the log.
 """
 
+import logging
 import os
 import xml.etree.ElementTree as ET
 
@@ -13,6 +21,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from moco_d2.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 CLASS_NAMES = (
     "aeroplane",
@@ -44,6 +54,7 @@ SPLITS = {
     "voc_2007_test": ("VOC2007", "test", 2007),
 }
 
+BORDER_TOLERANCE = 1.0  # pixels a box may reach outside the image and still be clipped
 _ROOT_HINT = (
     "set DETECTRON2_DATASETS to the folder holding VOC2007/ and VOC2012/ (datasets/README.md)"
 )
@@ -73,9 +84,12 @@ def read_split(dirname, split):
     path = split_file(dirname, split)
     try:
         with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
+            fileids = [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
         raise UserError(f"VOC split file not found: {path}") from None
+    if not fileids:
+        raise UserError(f"VOC split file {path} lists no images (an empty split)")
+    return fileids
 
 
 def check_split_files(dataset_names):
@@ -104,8 +118,30 @@ def _number(node, tag, path, kind=float):
         raise UserError(f"malformed VOC annotation {path}: <{tag}> is {text!r}") from None
 
 
-def parse_annotation(path, class_names):
-    """Image size and objects of one VOC XML file, boxes in Detectron2's XYXY_ABS convention."""
+def _checked_box(box, width, height, where):
+    """VOC's 1-based inclusive box as 0-based XYXY, clipped; ``(box, clipped?)``."""
+    x0, y0, x1, y1 = box
+    if x0 >= x1 or y0 >= y1:
+        raise UserError(
+            f"invalid VOC annotation {where}: xmin {x0:g}, ymin {y0:g}, xmax {x1:g}, "
+            f"ymax {y1:g} is empty or inverted (needs xmin < xmax and ymin < ymax)"
+        )
+    # (1, W) spans the whole image: 0-based (0, W).
+    x0, y0 = x0 - 1.0, y0 - 1.0
+    t = BORDER_TOLERANCE
+    if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
+        raise UserError(
+            f"invalid VOC annotation {where}: box xmin {x0 + 1:g}, ymin {y0 + 1:g}, "
+            f"xmax {x1:g}, ymax {y1:g} lies more than {t:g} pixel outside the "
+            f"{width}x{height} image"
+        )
+    clipped = [max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))]
+    return clipped, clipped != [x0, y0, x1, y1]
+
+
+def parse_annotation(path: str, class_names: list[str]) -> tuple[dict, int]:
+    """Image size and objects of one VOC XML file, boxes in Detectron2's XYXY_ABS convention,
+    and how many boxes were clipped to the image."""
     try:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
@@ -119,39 +155,56 @@ def parse_annotation(path, class_names):
         "height": _number(size, "height", path, int),
         "width": _number(size, "width", path, int),
     }
-    objects = []
-    for obj in root.findall("object"):
+    if record["height"] < 1 or record["width"] < 1:
+        raise UserError(
+            f"invalid VOC annotation {path}: image size {record['width']}x{record['height']}"
+        )
+    objects, clipped = [], 0
+    for index, obj in enumerate(root.findall("object"), start=1):
         name = _text(obj, "name", path)
         if name not in class_names:
             raise UserError(f"malformed VOC annotation {path}: unknown class {name!r}")
         box = obj.find("bndbox")
         if box is None:
             raise UserError(f"malformed VOC annotation {path}: <object> without <bndbox>")
-        x0, y0, x1, y1 = (_number(box, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax"))
+        bbox, was_clipped = _checked_box(
+            [_number(box, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax")],
+            record["width"],
+            record["height"],
+            f"{path}, object {index} ({name})",
+        )
+        clipped += was_clipped
         difficult = obj.find("difficult")
         objects.append(
             {
                 "category_id": class_names.index(name),
-                # VOC boxes are 1-based inclusive pixel indices: (1, W) spans the image, (0, W).
-                "bbox": [x0 - 1.0, y0 - 1.0, x1, y1],
+                "bbox": bbox,
                 "bbox_mode": BoxMode.XYXY_ABS,
                 "difficult": int(difficult.text) if difficult is not None and difficult.text else 0,
             }
         )
     record["annotations"] = objects
-    return record
+    return record, clipped
 
 
-def load_voc_instances(dirname, split, class_names=CLASS_NAMES):
+def load_voc_instances(dirname: str, split: str, class_names=CLASS_NAMES) -> list[dict]:
     """Detectron2 dataset dicts for one VOC split; :class:`UserError` names any bad path."""
     class_names = list(class_names)
-    dicts = []
+    dicts, clipped = [], 0
     for fileid in read_split(dirname, split):
-        record = parse_annotation(annotation_file(dirname, fileid), class_names)
+        record, n = parse_annotation(annotation_file(dirname, fileid), class_names)
+        clipped += n
         jpeg = image_file(dirname, fileid)
         if not os.path.isfile(jpeg):
             raise UserError(f"VOC image not found: {jpeg}")
         dicts.append({"file_name": jpeg, "image_id": fileid, **record})
+    if clipped:
+        logger.info(
+            "%s %s: %d boxes touching or crossing the image border clipped to it",
+            dirname,
+            split,
+            clipped,
+        )
     return dicts
 
 

@@ -1,0 +1,133 @@
+"""Checks that run before ``train_net`` launches any process, so a mistake is one line and
+exit 2 within seconds, not a traceback per process after hours of training.
+
+Each check raises :class:`UserError` naming the config key or file at fault. The datasets
+are loaded here once (annotations validated), the weights file is read the safe way and its
+kind checked, and the solver settings are those fvcore would reject only when the scheduler
+is built.
+"""
+
+import argparse
+import difflib
+import os
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from moco_d2.detection.checkpoint import read_detectron2_file
+from moco_d2.detection.data.coco import check_coco_datasets
+from moco_d2.detection.data.voc import check_split_files
+from moco_d2.errors import UserError
+
+LAST_CHECKPOINT = "last_checkpoint"  # the file Detectron2's checkpointer keeps in OUTPUT_DIR
+
+
+def check_before_launch(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """Everything about ``cfg`` and ``args`` that can be checked without training."""
+    check_device(cfg)
+    check_solver(cfg, args)
+    check_output_dir(cfg.OUTPUT_DIR)
+    check_weights(cfg, args)
+    check_datasets(cfg, args)
+
+
+def check_device(cfg: CfgNode) -> None:
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("MODEL.DEVICE is cuda but CUDA is not available; add MODEL.DEVICE cpu")
+
+
+def check_solver(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """What the LR scheduler and data loader would reject only once training starts."""
+    solver = cfg.SOLVER
+    if args.eval_only:
+        return
+    if solver.MAX_ITER < 1:
+        raise UserError(f"SOLVER.MAX_ITER must be at least 1, got {solver.MAX_ITER}")
+    if not solver.BASE_LR > 0:
+        raise UserError(f"SOLVER.BASE_LR must be positive, got {solver.BASE_LR}")
+    steps = list(solver.STEPS)
+    if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and steps:
+        if any(b <= a for a, b in zip([0] + steps, steps)):
+            raise UserError(f"SOLVER.STEPS {tuple(steps)} must be positive and strictly increasing")
+        if steps[-1] >= solver.MAX_ITER:
+            raise UserError(
+                f"SOLVER.STEPS {tuple(steps)} must all be below SOLVER.MAX_ITER "
+                f"{solver.MAX_ITER}; when shortening a run set SOLVER.STEPS too "
+                '(SOLVER.STEPS "()" for no learning-rate drop)'
+            )
+    processes = max(args.num_gpus, 1) * max(args.num_machines, 1)
+    if solver.IMS_PER_BATCH % processes:
+        raise UserError(
+            f"SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH} is not divisible by the "
+            f"{processes} processes (--num-gpus x --num-machines)"
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """OUTPUT_DIR is a writable folder, or can be created as one (nothing is created here)."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"OUTPUT_DIR {output_dir} cannot be created: {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"OUTPUT_DIR {output_dir} is not writable: no write permission on {path}")
+
+
+def resume_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint ``--resume`` would continue from, or None when there is none."""
+    try:
+        with open(os.path.join(output_dir, LAST_CHECKPOINT)) as f:
+            name = f.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return os.path.join(output_dir, name) if name else None
+
+
+def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """The file that will be loaded (the resume checkpoint, else MODEL.WEIGHTS) is readable
+    without running code and is Detectron2 weights."""
+    path = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
+    key = f"--resume ({os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)})"
+    if path is None:
+        path, key = cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"
+    if not path or "://" in path:
+        return  # "" is random init on purpose; URLs are fetched by Detectron2
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{key} file not found: {path!r} (convert a pretraining checkpoint with "
+            'tools/convert-to-d2.py; MODEL.WEIGHTS "" trains from random initialization '
+            "on purpose)"
+        )
+    read_detectron2_file(path)
+
+
+def _registered(name: str, key: str) -> None:
+    names = DatasetCatalog.list()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"{key}: dataset {name!r} is not registered{hint}")
+
+
+def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """Every dataset used is registered, its files exist, and it has images (training: with
+    annotations). Loading validates every annotation, once, here."""
+    used = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]
+    if not args.eval_only:
+        used = [("DATASETS.TRAIN", n) for n in cfg.DATASETS.TRAIN] + used
+        if not cfg.DATASETS.TRAIN:
+            raise UserError("DATASETS.TRAIN is empty: nothing to train on")
+    for key, name in used:
+        _registered(name, key)
+    check_split_files([name for _, name in used])
+    check_coco_datasets([name for _, name in used])
+    for key, name in used:
+        dicts = DatasetCatalog.get(name)
+        if not dicts:
+            raise UserError(f"{key}: dataset {name!r} has no images")
+        if key == "DATASETS.TRAIN" and not any(d.get("annotations") for d in dicts):
+            raise UserError(f"{key}: dataset {name!r} has no annotated object to train on")
+        if key == "DATASETS.TEST" and not MetadataCatalog.get(name).get("evaluator_type"):
+            raise UserError(f"{key}: dataset {name!r} has no evaluator_type in its metadata")
