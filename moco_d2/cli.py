@@ -1,10 +1,19 @@
 """Entry point shared by the scripts in tools/: import the command, run it, report user errors."""
 
+import argparse
 import importlib
 import sys
 from typing import NoReturn
 
 from moco_d2.errors import DETECTRON2_MISSING, UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a :class:`UserError`: one line and exit 2 through
+    :func:`run_tool`, like every other bad input, instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_tool(module_name: str, argv: list[str] | None = None) -> NoReturn:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moco_d2.cli import ArgumentParser
 from moco_d2.detection.trainer import METRICS_FILE
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
@@ -220,7 +221,7 @@ Device: {settings["device"]}. Total time: {minutes:.1f} min.
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     parser.add_argument("--pretrain-images", type=int, default=256)

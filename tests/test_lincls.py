@@ -267,7 +267,5 @@ def test_batch_not_divisible_by_the_processes_of_a_node(data, capsys):
     [("-b", "0", "an integer >= 1"), ("-j", "-1", "an integer >= 0"), ("--lr", "0", "> 0")],
 )
 def test_flag_values_are_checked_by_their_types(data, flag, value, expected, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(data), *SMALL, flag, value])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and flag in last and expected in last and value in last
+    code, (line,) = run_cli([str(data), *SMALL, flag, value], capsys)
+    assert code == 2 and flag in line and expected in line and value in line

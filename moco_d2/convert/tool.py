@@ -4,10 +4,10 @@ The output is written only once the whole ResNet-50 trunk has been found and che
 atomically, so a bad input never leaves a file that Detectron2 would half-load.
 """
 
-import argparse
 import pickle
 
 from moco_d2 import weights
+from moco_d2.cli import ArgumentParser
 from moco_d2.convert import resnet
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_path
@@ -47,7 +47,7 @@ def report(trunk, mapping):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="convert-to-d2.py",
         description="Convert a MoCo pretraining checkpoint or a torchvision ResNet-50 "
         "state_dict to Detectron2 weights (.pkl). Refuses anything but a "

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Any
 
+from moco_d2.cli import ArgumentParser
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
@@ -262,7 +263,7 @@ def run_trials(
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Fine-tune and evaluate the same weights N times with different seeds; "
         "report mean ± std of AP, AP50, AP75 (VOC) or box and mask AP, AP50, AP75, APs, APm, "
         "APl (COCO); rerun to resume a half-done set."

@@ -3,6 +3,7 @@
 import argparse
 import functools
 
+from moco_d2.cli import ArgumentParser
 from moco_d2.errors import UserError
 from moco_d2.lincls.model import ARCHS
 from moco_d2.lincls.train import finished, prepare, worker
@@ -11,7 +12,7 @@ from moco_d2.training.distributed import add_distributed_arguments, launch, proc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="lincls.py",
         description="Linear classification on frozen features of a pretrained ResNet "
         "(MoCo protocol)",

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, DistributedSampler
 
+from moco_d2.cli import ArgumentParser
 from moco_d2.errors import UserError
 from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
 from moco_d2.pretrain.builder import MoCo
@@ -57,7 +58,7 @@ def model_names():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pretrain_moco.py",
         description="MoCo v2 (default) / v1 pretraining on an image folder.",
         epilog=EPILOG,

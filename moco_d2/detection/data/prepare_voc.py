@@ -1,7 +1,6 @@
 """``datasets/prepare_voc.py``: check a VOC tree, or write a small synthetic one."""
 
-import argparse
-
+from moco_d2.cli import ArgumentParser
 from moco_d2.detection.data.check import check_voc_tree
 from moco_d2.detection.data.synthetic import make_synthetic_voc
 from moco_d2.detection.data.voc import datasets_root
@@ -55,7 +54,7 @@ def _synthetic(args):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="count images and objects, list broken files")
     check.add_argument(
