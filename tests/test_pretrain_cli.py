@@ -45,7 +45,7 @@ def _tiny(data, out, *extra):
         "--workers",
         "0",
         "--crop-size",
-        "32",
+        "64",
         "--seed",
         "3",
         "--device",
@@ -85,12 +85,12 @@ def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path):
             "--output-dir",
             str(out),
             "--crop-size",
-            "32",
+            "64",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "bn-splits 2" in log and "16 images" in log
+    assert "bn-splits 1" in log and "16 images" in log
     assert (
         str(corrupt) in log
         and "1 unreadable images were replaced" in log

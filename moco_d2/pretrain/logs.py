@@ -17,7 +17,7 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(output_dir, is_main):
+def setup_logging(output_dir: str | None, is_main: bool) -> list[logging.Handler]:
     """Attach handlers to the ``moco_d2.pretrain`` logger; return them for the caller to detach.
 
     The main process logs INFO to the console and appends to ``output_dir/log.txt``; other ranks
@@ -38,7 +38,7 @@ def setup_logging(output_dir, is_main):
     return handlers
 
 
-def teardown_logging(handlers):
+def teardown_logging(handlers: list[logging.Handler]) -> None:
     root = logging.getLogger(LOGGER)
     for handler in handlers:
         root.removeHandler(handler)
