@@ -31,7 +31,7 @@ class AugmentParams:
     """Per-image parameters of one batch (tensors of length N on the batch's device).
 
     ``order[:, j]`` is the jitter op applied j-th; ``jitter`` says whether jitter applies at
-    all; factors are 1 (or hue 0) where an op does not apply.
+    all, ``grayscale``, ``blur`` and ``flip`` likewise.
     """
 
     order: torch.Tensor
@@ -66,15 +66,13 @@ class DeviceAugment:
         def uniform(low: float, high: float) -> torch.Tensor:
             return low + (high - low) * torch.rand(n, device=device)
 
-        jitter = torch.rand(n, device=device) < self.jitter_p
-        one = torch.ones(n, device=device)
         return AugmentParams(
             order=torch.rand(n, 4, device=device).argsort(dim=1),
-            jitter=jitter,
-            brightness=torch.where(jitter, uniform(0.6, 1.4), one),
-            contrast=torch.where(jitter, uniform(0.6, 1.4), one),
-            saturation=torch.where(jitter, uniform(0.6, 1.4), one),
-            hue=torch.where(jitter, uniform(-self.hue_range, self.hue_range), 0 * one),
+            jitter=torch.rand(n, device=device) < self.jitter_p,
+            brightness=uniform(0.6, 1.4),
+            contrast=uniform(0.6, 1.4),
+            saturation=uniform(0.6, 1.4),
+            hue=uniform(-self.hue_range, self.hue_range),
             grayscale=torch.rand(n, device=device) < 0.2,
             blur=torch.rand(n, device=device) < self.blur_p,
             sigma=uniform(*BLUR_SIGMA),
@@ -117,7 +115,8 @@ def color_jitter(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     """Brightness, contrast, saturation and hue in each image's own order ``p.order``.
 
     At every position the three blends are one blend with a per-image partner (black, the
-    grey mean, or the grey image); a factor of 1 leaves an image exactly unchanged.
+    grey mean, or the grey image); a factor of 1 (hue, or no jitter) leaves an image exactly
+    unchanged.
     """
     for j in range(4):
         op = p.order[:, j]
@@ -126,6 +125,7 @@ def color_jitter(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
             p.brightness,
             torch.where(op == CONTRAST, p.contrast, torch.where(op == SATURATION, p.saturation, 1)),
         )
+        factor = torch.where(p.jitter, factor, 1)
         gray = rgb_to_gray(x)
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
         partner = torch.where(
@@ -231,9 +231,13 @@ class TwoCropsLoader:
                 scale = width / img.size[0]
             img = img.convert("RGB")
         views = []
+        size = (self.crop_size, self.crop_size)
         for top, left, h, w in boxes:
-            box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-            view = img.resize((self.crop_size, self.crop_size), Image.BILINEAR, box=box)
+            if scale == 1:  # exactly torchvision's resized_crop
+                view = img.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
+            else:  # the box in the reduced image, with sub-pixel edges
+                box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
+                view = img.resize(size, Image.BILINEAR, box=box)
             views.append(transforms.functional.pil_to_tensor(view))
         return torch.stack(views)
 
