@@ -137,7 +137,7 @@ def _jpeg(tmp_path, size=(500, 375)):
     return path
 
 
-def test_two_crops_loader_without_draft_equals_torchvision_random_resized_crop(tmp_path):
+def test_two_crops_loader_without_draft_is_torchvision_random_resized_crop(tmp_path):
     path = _jpeg(tmp_path)
     loader = TwoCropsLoader(64, draft=False)
     torch.manual_seed(5)
@@ -148,11 +148,14 @@ def test_two_crops_loader_without_draft_equals_torchvision_random_resized_crop(t
     image = Image.open(path).convert("RGB")
     rrc = T.RandomResizedCrop(64, scale=(0.2, 1.0))
     params = [rrc.get_params(image, rrc.scale, rrc.ratio) for _ in range(2)]
+    pixels = T.functional.pil_to_tensor(image)
     for crop, (top, left, h, w) in zip(crops, params):
-        expected = T.functional.pil_to_tensor(
+        expected = TF.resized_crop(pixels, top, left, h, w, [64, 64], antialias=True)
+        assert torch.equal(crop, expected)
+        pil = T.functional.pil_to_tensor(
             T.functional.resized_crop(image, top, left, h, w, [64, 64])
         )
-        assert torch.equal(crop, expected)
+        assert (crop.int() - pil.int()).abs().max() <= 2  # the loader path's PIL resize
 
 
 def test_draft_decoding_stays_close_to_full_decoding(tmp_path):
@@ -161,4 +164,6 @@ def test_draft_decoding_stays_close_to_full_decoding(tmp_path):
     full = TwoCropsLoader(32, draft=False)(str(path)).float()
     torch.manual_seed(6)
     drafted = TwoCropsLoader(32, draft=True)(str(path)).float()
-    assert (full - drafted).abs().mean() < 4  # of 255: a smoother, reduced-scale decode
+    # a reduced-scale decode, with crop boxes snapped to its grid: close, unlike another crop
+    assert (full - drafted).abs().mean() < 8
+    assert (full[0] - full[1]).abs().mean() > 3 * (full - drafted).abs().mean()

