@@ -5,8 +5,9 @@ Two modes on the same device and the same folder of JPEGs:
 
 - ``released``: fp32, PIL augmentation in the DataLoader workers, a host sync every step, the
   per-parameter momentum loop and per-parameter SGD: what the released main_moco.py does.
-- ``fast``: bf16 autocast (on CUDA where supported; fp32 on CPU), ``--augment-on device``, the sync-free step, foreach
-  momentum update, fused (CUDA) or foreach SGD, channels-last on CUDA, optionally torch.compile.
+- ``fast``: bf16 autocast (on CUDA where supported; fp32 on CPU), ``--augment-on device``, the
+  sync-free step, foreach momentum update, fused (CUDA) or foreach SGD, channels-last on CUDA,
+  optionally torch.compile.
 
 For each mode: end-to-end img/s (decode → augment → step), img/s of the step alone on tensors
 already on the device, host CPU ms per image spent in the data pipeline (DataLoader workers, or

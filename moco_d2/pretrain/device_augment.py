@@ -211,8 +211,9 @@ class TwoCropsLoader:
     RandomResizedCrop(crop, scale 0.2–1.0) views as uint8 ``(2, 3, crop, crop)``.
 
     JPEGs are decoded at a reduced scale (PIL ``draft``) when both crop boxes stay at least
-    ``crop`` pixels wide and high after the reduction; the boxes then snap to that grid. The crop is resized with torch's uint8
-    antialiased bilinear kernel, which is within one grey level of PIL's (the loader path).
+    ``crop`` pixels wide and high after the reduction; the boxes then snap to that grid. The
+    crop is resized with torch's uint8 antialiased bilinear kernel, which is within one grey
+    level of PIL's (the loader path).
     """
 
     def __init__(self, crop_size: int, draft: bool = True) -> None:
