@@ -10,9 +10,10 @@ Two modes on the same device and the same folder of JPEGs:
   optionally torch.compile.
 
 For each mode: end-to-end img/s (decode → augment → step), img/s of the step alone on tensors
-already on the device, host CPU ms per image spent in the data pipeline (DataLoader workers, or
-the main process with -j 0; the fast mode's device augmentation is device work and is reported
-separately as ``device_augment_ms_per_img``), peak memory, GFLOPs per image, TFLOP/s and MFU.
+already on the device, host CPU ms per image spent in the data pipeline (CPU time of each
+item's decode, crop and, on the loader path, PIL augmentation, measured inside the workers; the
+fast mode's device augmentation is device work and is reported separately as
+``device_augment_ms_per_img``), peak memory, GFLOPs per image, TFLOP/s and MFU.
 
 GFLOPs per image: fvcore's FlopCountAnalysis of the encoder (trunk + projection head) at the
 crop size counts one multiply-add as one flop; ×2 gives FLOPs; a training image costs the query
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from moco_d2.pretrain import MoCo
 from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
@@ -116,14 +117,30 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class TimedDataset(Dataset):
+    """``dataset``'s items with the CPU seconds spent producing each (decode, crop, and on the
+    loader path the PIL augmentations) in place of the target, which training ignores."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        start = time.thread_time()
+        images, _, skipped = self.dataset[index]
+        return images, torch.tensor(time.thread_time() - start, dtype=torch.float64), skipped
+
+
 class TimedLoader:
     """Yields ``loader``'s batches; marks the start of the timed window after ``warmup``
-    batches (device synced first) and counts the main process's CPU time spent fetching."""
+    batches (device synced first) and sums the per-image pipeline CPU time."""
 
     def __init__(self, loader, warmup, device):
         self.loader, self.warmup, self.device = loader, warmup, device
         self.start = None
-        self.fetch_cpu_s = 0.0
+        self.pipeline_cpu_s = 0.0
 
     def __len__(self):
         return len(self.loader)
@@ -134,15 +151,10 @@ class TimedLoader:
             if i == self.warmup:
                 sync(self.device)
                 self.start = time.perf_counter()
-            cpu = time.process_time()
             batch = next(it)
-            self.fetch_cpu_s += time.process_time() - cpu
+            if isinstance(batch[1], torch.Tensor) and batch[1].dtype == torch.float64:
+                self.pipeline_cpu_s += float(batch[1].sum())
             yield batch
-
-
-def children_cpu_s():
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def build(args, device, fast):
@@ -221,7 +233,7 @@ def end_to_end(args, device, fast, train_model, opt, channels_last, amp, data):
     images = steps * args.batch_size
     sampler = RandomSampler(dataset, replacement=True, num_samples=images)
     loader = DataLoader(
-        dataset,
+        TimedDataset(dataset),
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
@@ -229,7 +241,6 @@ def end_to_end(args, device, fast, train_model, opt, channels_last, amp, data):
         drop_last=True,
     )
     timed = TimedLoader(loader, args.warmup, device)
-    children = children_cpu_s()
     train_one_epoch(
         train_model,
         timed,
@@ -246,8 +257,7 @@ def end_to_end(args, device, fast, train_model, opt, channels_last, amp, data):
     )
     sync(device)
     elapsed = time.perf_counter() - timed.start
-    pipeline_cpu_s = children_cpu_s() - children if args.workers else timed.fetch_cpu_s
-    return args.batch_size * args.e2e_iters / elapsed, pipeline_cpu_s / images * 1e3
+    return args.batch_size * args.e2e_iters / elapsed, timed.pipeline_cpu_s / images * 1e3
 
 
 def gflops_per_image(args):
