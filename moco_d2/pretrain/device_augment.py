@@ -232,7 +232,9 @@ class TwoCropsLoader:
                 wanted = max(1, smallest // self.crop_size)
                 img.draft("RGB", (math.ceil(width / wanted), math.ceil(height / wanted)))
                 scale = width / img.size[0]
-            img = img.convert("RGB")
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
         pixels = transforms.functional.pil_to_tensor(img)
         size = [self.crop_size, self.crop_size]
         views = []
