@@ -39,14 +39,18 @@ def _reference(image, p, i, aug_plus):
         im = TF.gaussian_blur(im, [BLUR_KERNEL] * 2, [float(p.sigma[i])] * 2)
     if p.flip[i]:
         im = TF.horizontal_flip(im)
-    return (im - MEAN) / STD
+    return (im - MEAN.to(im.device)) / STD.to(im.device)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("aug_plus", [True, False])
-def test_batched_ops_equal_torchvision_per_image(aug_plus):
+def test_batched_ops_equal_torchvision_per_image(aug_plus, device):
     torch.manual_seed(0)
     n = 48
-    images = torch.rand(n, 3, 20, 24)
+    images = torch.rand(n, 3, 20, 24, device=device)
     images[:4] = images[:4, :1]  # grey images: hue and saturation on a degenerate input
     aug = DeviceAugment(aug_plus)
     p = aug.sample(n, images.device)
