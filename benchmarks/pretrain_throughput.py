@@ -45,7 +45,7 @@ from moco_d2.pretrain.data import TolerantImageFolder
 from moco_d2.pretrain.device_augment import DeviceAugment, TwoCropsLoader
 from moco_d2.pretrain.engine import train_one_epoch
 from moco_d2.pretrain.health import last_stage_positions
-from moco_d2.pretrain.main import resolve_bn_splits, sgd_kernel
+from moco_d2.pretrain.main import compile_encoders, resolve_bn_splits, sgd_kernel
 from moco_d2.training.amp import bf16_supported
 from moco_d2.training.distributed import resolve_device
 
@@ -179,8 +179,9 @@ def build(args, device, fast):
         weight_decay=1e-4,
         **(sgd_kernel(device) if fast else {"foreach": False}),
     )
-    train_model = torch.compile(model) if fast and args.compile else model
-    return model, train_model, opt, channels_last, splits, K
+    if fast and args.compile:
+        compile_encoders(model)
+    return model, model, opt, channels_last, splits, K
 
 
 def step_only(args, device, fast, train_model, opt, channels_last, amp):

@@ -43,8 +43,8 @@ shuffling BN: with several processes (torchrun or --multiprocessing-distributed)
 shuffled across processes as in the released code. With one process there is nothing to shuffle
 across, so BatchNorm is split into --bn-splits groups of the batch (SplitBatchNorm) and the keys
 are shuffled inside the process, which emulates that many GPUs. The default picks the largest
-number of groups <= 8 that divides the batch with at least 2 images per group; --bn-splits 1
-turns the emulation off.
+number of groups <= 8 that divides the batch with at least 2 images and 16 values per channel
+in the last stage per group; --bn-splits 1 turns the emulation off. Smaller groups are refused.
 
 -b is the batch of one node (all its processes), as in the released code; --lr is for that
 batch: scale it linearly (0.03 per 256 images).
@@ -265,6 +265,13 @@ def procs_per_node(args: argparse.Namespace) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if args.distributed else 1
 
 
+def compile_encoders(model: MoCo) -> None:
+    """torch.compile the two encoders in place (state_dict keys unchanged). The queue logic stays
+    eager: compiled whole, the queue's defensive clone could be dropped before its update."""
+    model.encoder_q.compile()
+    model.encoder_k.compile()
+
+
 def sgd_kernel(device: torch.device) -> dict:
     """Fused SGD on CUDA (one kernel for all parameters), foreach elsewhere."""
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -347,6 +354,8 @@ class Pretrainer:
         ).to(device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if args.compile:
+            compile_encoders(self.model)
         self.health = HealthMonitor(self.model, self.model.encoder_q)
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
@@ -363,8 +372,6 @@ class Pretrainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device] if device.type == "cuda" else None
             )
-        if args.compile:
-            self.train_model = torch.compile(self.train_model)
         self.writer = self._tensorboard() if self.is_main else None
         self.knn = self._knn_monitor() if self.is_main and args.knn_data else None
 
