@@ -13,8 +13,8 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
+from moco_d2.detection.preflight import check_weights
 from moco_d2.detection.roi_heads import Res5ROIHeadsExtraNorm
-from moco_d2.detection.train_net import check_inputs
 from moco_d2.errors import UserError
 
 CONFIGS = ["configs/coco_R50_C4_2x.yaml", "configs/coco_R50_C4_2x_supervised.yaml"]
@@ -67,7 +67,7 @@ def test_weights_placeholder_refuses_to_run(path):
     cfg.MODEL.DEVICE = "cpu"
     args = argparse.Namespace(resume=False, eval_only=False)
     with pytest.raises(UserError, match="MODEL.WEIGHTS file not found: .See Instructions"):
-        check_inputs(cfg, args)
+        check_weights(cfg, args)
 
 
 def _mask_head(train):

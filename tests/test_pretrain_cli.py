@@ -45,7 +45,7 @@ def _tiny(data, out, *extra):
         "--workers",
         "0",
         "--crop-size",
-        "32",
+        "64",
         "--seed",
         "3",
         "--device",
@@ -56,7 +56,8 @@ def _tiny(data, out, *extra):
     ]
 
 
-def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path):
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path, augment_on):
     data = tmp_path / "data"
     make_synthetic_image_folder(str(data), num_images=16, size=40, seed=1, num_classes=2)
     corrupt = sorted(data.rglob("*.jpg"))[3]
@@ -85,12 +86,16 @@ def test_acceptance_command_resnet50_with_a_corrupt_image(tmp_path):
             "--output-dir",
             str(out),
             "--crop-size",
-            "32",
+            "64",
+            "--augment-on",
+            augment_on,
+            "--device",
+            "cpu",
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "bn-splits 2" in log and "16 images" in log
+    assert "bn-splits 1" in log and "16 images" in log
     assert (
         str(corrupt) in log
         and "1 unreadable images were replaced" in log
@@ -120,17 +125,19 @@ def _wait_for(path, proc, timeout=180):
         time.sleep(0.01)
 
 
-def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on):
     full, killed = tmp_path / "full", tmp_path / "killed"
+    speed = ("--augment-on", augment_on)
     uninterrupted = subprocess.Popen(
-        TOOL + _tiny(data_dir, full, "--epochs", "3"),
+        TOOL + _tiny(data_dir, full, "--epochs", "3", *speed),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     victim = subprocess.Popen(
-        TOOL + _tiny(data_dir, killed, "--epochs", "3"),
+        TOOL + _tiny(data_dir, killed, "--epochs", "3", *speed),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -140,10 +147,11 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (killed / "checkpoint_0002.pth.tar").exists(), "killed too late to test anything"
-    resumed = _run(_tiny(data_dir, killed, "--epochs", "3", "--resume", str(killed)))
+    resumed = _run(_tiny(data_dir, killed, "--epochs", "3", "--resume", str(killed), *speed))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert uninterrupted.wait(timeout=240) == 0, uninterrupted.stderr.read()[-3000:]
-    assert "resumed from" in (killed / "log.txt").read_text()
+    log = (killed / "log.txt").read_text()
+    assert "resumed from" in log and f"augment on {augment_on}" in log
 
     a = torch.load(full / "checkpoint_0002.pth.tar", weights_only=True)
     b = torch.load(killed / "checkpoint_0002.pth.tar", weights_only=True)

@@ -7,8 +7,9 @@ import torchvision.datasets as datasets
 import torchvision.transforms as T
 
 from moco_d2.errors import UserError
+from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
 
-NORMALIZE = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+NORMALIZE = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def train_transform(crop_size: int = 224) -> T.Compose:

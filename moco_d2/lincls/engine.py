@@ -1,27 +1,16 @@
 """One training epoch of the linear classifier, and top-1/top-5 evaluation."""
 
 import argparse
-import contextlib
 from collections.abc import Iterable
 
 import torch
 from tqdm import tqdm
 
 from moco_d2.errors import UserError
+from moco_d2.training.amp import autocast
 from moco_d2.training.distributed import all_gather_cat, is_distributed, is_main_process
 from moco_d2.training.logs import ACC1, LOSS
 from moco_d2.training.meters import AverageMeter, accuracy
-
-
-def autocast(device, enabled):
-    """bf16 autocast where the device supports it; a no-op context otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def bf16_supported(device):
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
 def train_one_epoch(

@@ -15,9 +15,10 @@ from torch.utils.data.distributed import DistributedSampler
 from moco_d2 import weights
 from moco_d2.errors import UserError
 from moco_d2.lincls.data import build_datasets
-from moco_d2.lincls.engine import bf16_supported, evaluate, train_one_epoch
+from moco_d2.lincls.engine import evaluate, train_one_epoch
 from moco_d2.lincls.loading import check_backbone_unchanged, load_pretrained
 from moco_d2.lincls.model import build_model, build_optimizer, unwrap
+from moco_d2.training.amp import bf16_supported
 from moco_d2.training.checkpoint import (
     add_module_prefix,
     get_rng_state,

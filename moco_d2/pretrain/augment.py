@@ -1,21 +1,22 @@
 """MoCo augmentations (v2 "aug+" and v1) and the two-view wrapper, with the released
 main_moco.py parameters."""
 
+from collections.abc import Callable
+
 import torch
 from PIL import ImageFilter
 from torchvision import transforms
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class GaussianBlur:
     """PIL Gaussian blur with σ drawn uniformly from ``sigma`` (SimCLR's blur, as in MoCo v2)."""
 
-    def __init__(self, sigma=(0.1, 2.0)):
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
         self.sigma = tuple(sigma)
 
-    def sample_sigma(self):
+    def sample_sigma(self) -> float:
         low, high = self.sigma
         return low + (high - low) * torch.rand(()).item()
 
@@ -26,7 +27,7 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={self.sigma})"
 
 
-def moco_augmentation(aug_plus=True, crop_size=224):
+def moco_augmentation(aug_plus: bool = True, crop_size: int = 224) -> transforms.Compose:
     """MoCo v2 aug+ (``aug_plus``) or the MoCo v1 augmentation, ending in ToTensor+Normalize."""
     normalize = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if aug_plus:
@@ -47,7 +48,7 @@ def moco_augmentation(aug_plus=True, crop_size=224):
     return transforms.Compose(steps + [transforms.ToTensor(), normalize])
 
 
-def eval_transform(crop_size=224):
+def eval_transform(crop_size: int = 224) -> transforms.Compose:
     """Resize(256/224·crop)+CenterCrop(crop): the evaluation view (kNN monitor)."""
     return transforms.Compose(
         [
@@ -62,7 +63,7 @@ def eval_transform(crop_size=224):
 class TwoCropsTransform:
     """Two independent augmentations of one image: ``[query, key]``."""
 
-    def __init__(self, base_transform):
+    def __init__(self, base_transform: Callable) -> None:
         self.base_transform = base_transform
 
     def __call__(self, x):

@@ -1,5 +1,7 @@
 """The MoCo model: query/key encoders, momentum update, queue, InfoNCE logits (as released)."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +13,7 @@ from moco_d2.training.distributed import all_gather_cat, is_distributed
 SHUFFLE_MODES = ("auto", "ddp", "local", "none")
 
 
-def projection_head(in_features, dim, mlp):
+def projection_head(in_features: int, dim: int, mlp: bool) -> nn.Module:
     """MoCo v2 MLP (Linear→ReLU→Linear) or the v1 linear head; names fc.0/fc.2 or fc as released."""
     if mlp:
         return nn.Sequential(
@@ -20,7 +22,9 @@ def projection_head(in_features, dim, mlp):
     return nn.Linear(in_features, dim)
 
 
-def build_encoder(base_encoder, dim, mlp, bn_splits=1):
+def build_encoder(
+    base_encoder: Callable[..., nn.Module], dim: int, mlp: bool, bn_splits: int = 1
+) -> nn.Module:
     """``base_encoder(num_classes=dim)`` with its ``fc`` replaced by the projection head."""
     encoder = base_encoder(num_classes=dim)
     fc = getattr(encoder, "fc", None)
@@ -39,8 +43,17 @@ class MoCo(nn.Module):
     """
 
     def __init__(
-        self, base_encoder, dim=128, K=65536, m=0.999, T=0.2, mlp=True, bn_splits=1, shuffle="auto"
-    ):
+        self,
+        base_encoder: Callable[..., nn.Module],
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.2,
+        mlp: bool = True,
+        bn_splits: int = 1,
+        shuffle: str = "auto",
+        foreach_momentum: bool = True,
+    ) -> None:
         super().__init__()
         if shuffle not in SHUFFLE_MODES:
             raise ValueError(f"shuffle must be one of {SHUFFLE_MODES}, got {shuffle!r}")
@@ -48,6 +61,7 @@ class MoCo(nn.Module):
         self.m = m
         self.T = T
         self.shuffle = shuffle
+        self.foreach_momentum = foreach_momentum
         self.encoder_q = build_encoder(base_encoder, dim, mlp, bn_splits)
         self.encoder_k = build_encoder(base_encoder, dim, mlp, bn_splits)
         for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
@@ -55,23 +69,41 @@ class MoCo(nn.Module):
             param_k.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._host_ptr = None
 
     @torch.no_grad()
-    def _momentum_update_key_encoder(self):
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            param_k.data.mul_(self.m).add_(param_q.data, alpha=1.0 - self.m)
+    def _momentum_update_key_encoder(self) -> None:
+        """key = m·key + (1−m)·query: two foreach kernels over all parameters, or the released
+        per-parameter loop when ``foreach_momentum`` is off (same result)."""
+        params_q = [p.data for p in self.encoder_q.parameters()]
+        params_k = [p.data for p in self.encoder_k.parameters()]
+        if self.foreach_momentum:
+            torch._foreach_mul_(params_k, self.m)
+            torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+            return
+        for param_q, param_k in zip(params_q, params_k):
+            param_k.mul_(self.m).add_(param_q, alpha=1.0 - self.m)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_ptr = None
 
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys):
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         keys = all_gather_cat(keys)
         batch = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        # the pointer is mirrored on the host, read once from the buffer, so that a step never
+        # waits for the device; the buffer stays the saved state
+        if self._host_ptr is None:
+            self._host_ptr = int(self.queue_ptr)
+        ptr = self._host_ptr
         if self.K % batch:
             raise ValueError(
                 f"queue size K={self.K} must be a multiple of the global batch {batch}"
             )
         self.queue[:, ptr : ptr + batch] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch) % self.K
+        self._host_ptr = (ptr + batch) % self.K
+        self.queue_ptr.fill_(self._host_ptr)
 
     def _shuffle_mode(self):
         if self.shuffle == "auto":
@@ -93,7 +125,7 @@ class MoCo(nn.Module):
             )
         return F.normalize(self.encoder_k(im_k), dim=1)
 
-    def forward(self, im_q, im_k):
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():
             self._momentum_update_key_encoder()

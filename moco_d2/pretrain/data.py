@@ -7,6 +7,8 @@ with its path, and counted in the sample so the training loop reports the total 
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -20,7 +22,7 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_UNREADABLE = 100
 
 
-def resolve_train_dir(data):
+def resolve_train_dir(data: str) -> str:
     """The released tool reads ``DATA/train``; a folder without ``train/`` is used as it is."""
     if not os.path.isdir(data):
         raise UserError(f"data folder not found: {data}")
@@ -28,7 +30,7 @@ def resolve_train_dir(data):
     return train if os.path.isdir(train) else data
 
 
-def scan_image_folder(root):
+def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     """``(samples, classes)``: ``[(path, class_index)]`` from class subfolders, or from the
     images directly in ``root`` (one class) when it has no class subfolders."""
     if not os.path.isdir(root):
@@ -49,7 +51,7 @@ def scan_image_folder(root):
     return samples, classes or [os.path.basename(os.path.normpath(root))]
 
 
-def load_rgb(path):
+def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         return img.convert("RGB")
@@ -75,17 +77,25 @@ def check_some_readable(samples, root, tries=MAX_CONSECUTIVE_UNREADABLE):
 
 
 class TolerantImageFolder(Dataset):
-    """ImageFolder whose items are ``(transform(image), target, unreadable)``.
+    """ImageFolder whose items are ``(transform(load(path)), target, unreadable)``.
 
-    ``unreadable`` counts the files skipped to produce this item (0 almost always).
+    ``unreadable`` counts the files skipped to produce this item (0 almost always). ``load``
+    reads one file (default: decode to RGB); ``--augment-on device`` passes one that decodes
+    and crops in one go.
     """
 
-    def __init__(self, root, transform=None):
+    def __init__(
+        self,
+        root: str,
+        transform: Callable | None = None,
+        load: Callable[[str], Any] = load_rgb,
+    ) -> None:
         self.root = root
         self.samples, self.classes = scan_image_folder(root)
         check_some_readable(self.samples, root)
         self.targets = [t for _, t in self.samples]
         self.transform = transform
+        self.load = load
 
     def __len__(self):
         return len(self.samples)
@@ -94,7 +104,7 @@ class TolerantImageFolder(Dataset):
         for skipped in range(min(MAX_CONSECUTIVE_UNREADABLE, len(self.samples))):
             path, target = self.samples[(index + skipped) % len(self.samples)]
             try:
-                image = load_rgb(path)
+                image = self.load(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 logger.warning("unreadable image skipped: %s (%s)", path, e)
                 continue
@@ -110,7 +120,14 @@ class TolerantImageFolder(Dataset):
 _SHAPES = ("disc", "square", "stripes", "triangle", "ring", "cross", "checker", "diamond")
 
 
-def make_synthetic_image_folder(root, num_images=64, size=64, seed=0, num_classes=4, ext="jpg"):
+def make_synthetic_image_folder(
+    root: str,
+    num_images: int = 64,
+    size: int = 64,
+    seed: int = 0,
+    num_classes: int = 4,
+    ext: str = "jpg",
+) -> str:
     """Write an ImageFolder tree of ``num_images`` real image files under ``root``; return ``root``.
 
     Class ``c`` is a shape (disc, square, stripes, ...) with random colours, position, scale and

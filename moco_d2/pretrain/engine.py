@@ -1,62 +1,84 @@
-"""One pretraining epoch: forward, InfoNCE loss, SGD step, progress bar and scalars."""
+"""One pretraining epoch: forward, InfoNCE loss, SGD step, progress bar and scalars.
 
-import contextlib
+The step itself never waits for the device: loss and accuracy stay on the device and are read,
+checked and logged every ``print_freq`` iterations (``sync_every_step`` restores the released
+per-step ``.item()`` for comparison).
+"""
+
 import logging
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from moco_d2.errors import UserError
+from moco_d2.pretrain.health import HealthMonitor, TrainingDiverged
+from moco_d2.training.amp import autocast
 from moco_d2.training.distributed import get_world_size, is_distributed
 from moco_d2.training.logs import ACC1, IMG_PER_S, LOSS, LR
-from moco_d2.training.meters import AverageMeter, ThroughputMeter, accuracy
+from moco_d2.training.meters import ThroughputMeter
 
 logger = logging.getLogger("moco_d2.pretrain")
 
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite: stopping beats writing garbage checkpoints for days."""
+__all__ = ["TrainingDiverged", "train_one_epoch", "views_to_device"]
 
 
-def autocast_context(device, amp):
-    """bf16 autocast when ``amp`` and the device supports it, else a no-op context."""
-    if not amp:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        logger.warning("--amp: this GPU has no bf16 support; training in fp32")
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def views_to_device(
+    images,
+    device: torch.device,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key batches on ``device``: from the loader's ``[q, k]`` pair, or augmented
+    here from uint8 crops ``(N, 2, 3, H, W)`` (query crops first, so both use the same RNG
+    order on every device)."""
+    if augment is None:
+        im_q = images[0].to(device, non_blocking=True)
+        im_k = images[1].to(device, non_blocking=True)
+    else:
+        crops = images.to(device, non_blocking=True)
+        im_q, im_k = augment(crops[:, 0]), augment(crops[:, 1])
+    if channels_last:
+        im_q = im_q.contiguous(memory_format=torch.channels_last)
+        im_k = im_k.contiguous(memory_format=torch.channels_last)
+    return im_q, im_k
 
 
-def _all_finite(loss):
-    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+def _all_finite(values: torch.Tensor) -> bool:
+    finite = torch.isfinite(values.detach()).all().to(torch.int32).reshape(1)
     if is_distributed():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
 
 
 def train_one_epoch(
-    model,
-    loader,
-    optimizer,
-    epoch,
-    device,
-    lr,
-    amp=False,
+    model: torch.nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    device: torch.device,
+    lr: float,
+    amp: bool = False,
     writer=None,
-    print_freq=10,
-    show_progress=True,
-):
-    """Train for one pass over ``loader``; return the epoch's mean loss, acc1, img/s, unreadable."""
+    print_freq: int = 10,
+    show_progress: bool = True,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels_last: bool = False,
+    sync_every_step: bool = False,
+    health: HealthMonitor | None = None,
+) -> dict:
+    """Train for one pass over ``loader``; return the epoch's mean loss, acc1, img/s,
+    unreadable count and the per-iteration losses."""
     model.train()
-    losses = AverageMeter(LOSS, ":.4f")
-    top1 = AverageMeter(ACC1, ":.2f")
     speed = ThroughputMeter()
-    unreadable = 0
     world = get_world_size()
     iters = len(loader)
+    step_loss = torch.zeros(iters, device=device)
+    step_acc = torch.zeros(iters, device=device)
+    unreadable = torch.zeros((), dtype=torch.long)
+    losses: list[float] = []
+    acc1: list[float] = []
     bar = tqdm(
         loader,
         desc=f"epoch {epoch}",
@@ -65,38 +87,57 @@ def train_one_epoch(
         dynamic_ncols=True,
         mininterval=0.5,
     )
+    start = 0
     for i, (images, _, skipped) in enumerate(bar):
-        unreadable += int(skipped.sum())
-        im_q = images[0].to(device, non_blocking=True)
-        im_k = images[1].to(device, non_blocking=True)
-        with autocast_context(device, amp):
+        unreadable += skipped.sum()
+        im_q, im_k = views_to_device(images, device, augment, channels_last)
+        with autocast(device, amp):
             logits, labels = model(im_q, im_k)
             loss = F.cross_entropy(logits.float(), labels)
-        if not _all_finite(loss):
-            raise TrainingDiverged(
-                f"non-finite loss ({loss.item()}) at epoch {epoch}, iteration {i}, lr {lr:.4g}: "
-                "lower --lr, check the data, or try without --amp; the last checkpoint is intact"
-            )
+        if sync_every_step and not _all_finite(loss):
+            raise TrainingDiverged(_non_finite(loss.item(), epoch, i, i, lr))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-        batch = im_q.shape[0]
-        losses.update(loss.item(), batch)
-        top1.update(accuracy(logits, labels)[0].item(), batch)
-        speed.update(batch * world)
-        bar.set_postfix(
-            loss=f"{losses.avg:.4f}", lr=f"{lr:.4g}", img_s=f"{speed.rate:.1f}", refresh=False
-        )
-        if writer is not None and (i % print_freq == 0 or i == iters - 1):
-            step = epoch * iters + i
-            writer.add_scalar(f"train/{LOSS}", loss.item(), step)
-            writer.add_scalar(f"train/{ACC1}", top1.val, step)
-            writer.add_scalar(f"train/{LR}", lr, step)
-            writer.add_scalar(f"train/{IMG_PER_S}", speed.rate, step)
+        step_loss[i] = loss.detach()
+        step_acc[i] = (logits.detach().argmax(dim=1) == labels).float().mean() * 100
+        speed.update(im_q.shape[0] * world)
+        if sync_every_step or (i + 1) % print_freq == 0 or i == iters - 1:
+            window = step_loss[start : i + 1]
+            if not _all_finite(window):
+                raise TrainingDiverged(_non_finite(window.max().item(), epoch, start, i, lr))
+            losses += window.tolist()
+            acc1 += step_acc[start : i + 1].tolist()
+            start = i + 1
+            scalars = health.check(f"at epoch {epoch}, iteration {i}") if health else {}
+            bar.set_postfix(
+                loss=f"{losses[-1]:.4f}", lr=f"{lr:.4g}", img_s=f"{speed.rate:.1f}", refresh=False
+            )
+            if writer is not None:
+                step = epoch * iters + i
+                writer.add_scalar(f"train/{LOSS}", losses[-1], step)
+                writer.add_scalar(f"train/{ACC1}", acc1[-1], step)
+                writer.add_scalar(f"train/{LR}", lr, step)
+                writer.add_scalar(f"train/{IMG_PER_S}", speed.rate, step)
+                for name, value in scalars.items():
+                    writer.add_scalar(f"train/{name}", value, step)
     bar.close()
+    count = unreadable.to(device).reshape(1)
     if is_distributed():
-        count = torch.tensor([unreadable], device=device)
         dist.all_reduce(count)
-        unreadable = int(count.item())
-    return {LOSS: losses.avg, ACC1: top1.avg, IMG_PER_S: speed.rate, "unreadable": unreadable}
+    return {
+        LOSS: sum(losses) / max(1, len(losses)),
+        ACC1: sum(acc1) / max(1, len(acc1)),
+        IMG_PER_S: speed.rate,
+        "unreadable": int(count.item()),
+        "losses": losses,
+    }
+
+
+def _non_finite(value: float, epoch: int, first: int, last: int, lr: float) -> str:
+    where = f"iteration {first}" if first == last else f"iterations {first}-{last}"
+    return (
+        f"non-finite loss ({value}) at epoch {epoch}, {where}, lr {lr:.4g}: lower --lr, check "
+        "the data, or try without --amp; the last checkpoint is intact"
+    )

@@ -17,7 +17,15 @@ from moco_d2.pretrain.data import TolerantImageFolder
 
 
 class KNNMonitor:
-    def __init__(self, root, crop_size=224, batch_size=64, workers=0, k=200, t=0.1):
+    def __init__(
+        self,
+        root: str,
+        crop_size: int = 224,
+        batch_size: int = 64,
+        workers: int = 0,
+        k: int = 200,
+        t: float = 0.1,
+    ) -> None:
         for split in ("train", "val"):
             if not os.path.isdir(os.path.join(root, split)):
                 raise UserError(
@@ -44,7 +52,7 @@ class KNNMonitor:
         return torch.cat(feats), torch.cat(labels)
 
     @torch.no_grad()
-    def evaluate(self, encoder, device):
+    def evaluate(self, encoder: torch.nn.Module, device: torch.device) -> float:
         """Top-1 accuracy in percent; ``encoder`` is put back in its previous mode."""
         was_training = encoder.training
         encoder.eval()
@@ -57,7 +65,14 @@ class KNNMonitor:
         return (pred == query_labels).float().mean().item() * 100.0
 
 
-def knn_predict(queries, bank, bank_labels, num_classes, k, t):
+def knn_predict(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    t: float,
+) -> torch.Tensor:
     """Class with the largest sum of exp(sim/t) over the k most similar bank features."""
     sim = queries @ bank.T
     k = min(k, bank.shape[0])

@@ -21,15 +21,30 @@ from moco_d2.errors import UserError
 from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
 from moco_d2.pretrain.builder import MoCo
 from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
+from moco_d2.pretrain.device_augment import DeviceAugment, TwoCropsLoader
 from moco_d2.pretrain.engine import train_one_epoch
+from moco_d2.pretrain.health import (
+    MIN_BN_VALUES,
+    HealthMonitor,
+    check_bn_groups,
+    last_stage_positions,
+)
+from moco_d2.pretrain.speed_flags import add_speed_arguments, resolve_speed_arguments
 from moco_d2.training import checkpoint as ckpt
 from moco_d2.training.cli_args import (
     add_training_arguments,
     non_negative_float,
+    per_process_batch,
     positive_float,
     positive_int,
 )
-from moco_d2.training.distributed import add_distributed_arguments, cleanup, init_process, launch
+from moco_d2.training.distributed import (
+    add_distributed_arguments,
+    cleanup,
+    init_process,
+    launch,
+    procs_per_node,
+)
 from moco_d2.training.logs import setup_logging, teardown_logging
 from moco_d2.training.schedule import adjust_learning_rate
 from moco_d2.utils.fileio import remove_stale_temporaries
@@ -44,8 +59,8 @@ shuffling BN: with several processes (torchrun or --multiprocessing-distributed)
 shuffled across processes as in the released code. With one process there is nothing to shuffle
 across, so BatchNorm is split into --bn-splits groups of the batch (SplitBatchNorm) and the keys
 are shuffled inside the process, which emulates that many GPUs. The default picks the largest
-number of groups <= 8 that divides the batch with at least 2 images per group; --bn-splits 1
-turns the emulation off.
+number of groups <= 8 that divides the batch with at least 2 images and 16 values per channel
+in the last stage per group; --bn-splits 1 turns the emulation off. Smaller groups are refused.
 
 -b is the batch of one node, split evenly over its processes, and -j the data-loading workers of
 each process, as in the released code; --lr is for that batch: scale it linearly (0.03 per 256
@@ -53,7 +68,7 @@ images).
 """
 
 
-def model_names():
+def model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -136,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extra.add_argument("--knn-k", default=200, type=positive_int)
     extra.add_argument("--knn-t", default=0.1, type=positive_float)
+    add_speed_arguments(p)
     return p
 
 
@@ -143,16 +159,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Flags checked by their types; the data folder checked here, before any process starts."""
     args = build_parser().parse_args(argv)
     resolve_train_dir(args.data)
+    per_process_batch(args.batch_size, max(procs_per_node(args), 1))
     return args
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     launch(main_worker, args)
     return 0
 
 
-def main_worker(local_rank, args):
+def main_worker(local_rank: int, args: argparse.Namespace) -> None:
     device = init_process(local_rank, args)
     is_main = args.rank == 0
     if is_main:
@@ -166,29 +183,48 @@ def main_worker(local_rank, args):
         cleanup()
 
 
-def resolve_bn_splits(requested, batch, distributed):
+def resolve_bn_splits(
+    requested: int | None,
+    batch: int,
+    distributed: bool,
+    positions: int = MIN_BN_VALUES,
+    crop_size: int = 224,
+) -> int:
     """``--bn-splits``, or its default: 1 when distributed, else the largest s <= 8 that splits
-    ``batch`` into groups of at least 2 images."""
+    ``batch`` into groups of at least 2 images and ``MIN_BN_VALUES`` values per channel in the
+    last stage (``positions`` per image). Refuses groups below that (UserError)."""
     if requested is not None:
         if batch % requested:
             raise UserError(
                 f"--bn-splits {requested} does not divide the per-process batch {batch}"
             )
-        return requested
-    if distributed:
-        return 1
-    return max(
-        s for s in range(1, DEFAULT_BN_SPLITS + 1) if batch % s == 0 and (batch // s >= 2 or s == 1)
-    )
+        splits = requested
+    elif distributed:
+        splits = 1
+    else:
+        splits = max(
+            s
+            for s in range(1, DEFAULT_BN_SPLITS + 1)
+            if batch % s == 0
+            and (s == 1 or (batch // s >= 2 and batch // s * positions >= MIN_BN_VALUES))
+        )
+    check_bn_groups(batch // splits, positions, splits, crop_size)
+    return splits
 
 
-def procs_per_node(args):
-    if args.multiprocessing_distributed:
-        return args.nproc_per_node
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if args.distributed else 1
+def compile_encoders(model: MoCo) -> None:
+    """torch.compile the two encoders in place (state_dict keys unchanged). The queue logic stays
+    eager: compiled whole, the queue's defensive clone could be dropped before its update."""
+    model.encoder_q.compile()
+    model.encoder_k.compile()
 
 
-def epoch_seed(seed, epoch, rank):
+def sgd_kernel(device: torch.device) -> dict:
+    """Fused SGD on CUDA (one kernel for all parameters), foreach elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Independent seed for (run seed, epoch, rank): each epoch's data order and augmentations
     depend only on these, which is what makes resuming exact."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
@@ -197,7 +233,8 @@ def epoch_seed(seed, epoch, rank):
 class Pretrainer:
     """Everything one process needs for a run: data, model, optimizer, logs, checkpoints."""
 
-    def __init__(self, args, device):
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        resolve_speed_arguments(args, device)
         self.args = args
         self.device = device
         self.rank = args.rank
@@ -206,23 +243,29 @@ class Pretrainer:
         self.resume_state = self._load_resume()
         self.seed = self._resolve_seed()
 
-        nodes_batch = args.batch_size
-        per_node = procs_per_node(args)
-        if nodes_batch % per_node:
-            raise UserError(
-                f"-b {nodes_batch} is not divisible by the {per_node} processes per node"
-            )
-        self.batch = nodes_batch // per_node
+        self.batch = per_process_batch(args.batch_size, procs_per_node(args))
         self.global_batch = self.batch * self.world
         if args.moco_k % self.global_batch:
             raise UserError(
                 f"--moco-k {args.moco_k} must be a multiple of the global batch {self.global_batch}"
             )
-        self.bn_splits = resolve_bn_splits(args.bn_splits, self.batch, args.distributed)
+        base_encoder = torchvision.models.__dict__[args.arch]
+        self.bn_splits = resolve_bn_splits(
+            args.bn_splits,
+            self.batch,
+            args.distributed,
+            last_stage_positions(base_encoder, args.crop_size),
+            args.crop_size,
+        )
 
         train_dir = resolve_train_dir(args.data)
-        transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
-        self.dataset = TolerantImageFolder(train_dir, transform)
+        if args.augment_on == "device":
+            self.augment = DeviceAugment(args.aug_plus)
+            self.dataset = TolerantImageFolder(train_dir, load=TwoCropsLoader(args.crop_size))
+        else:
+            self.augment = None
+            transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
+            self.dataset = TolerantImageFolder(train_dir, transform)
         if len(self.dataset) < self.global_batch:
             raise UserError(
                 f"{train_dir} has {len(self.dataset)} images, fewer than one global batch "
@@ -242,7 +285,7 @@ class Pretrainer:
 
         ckpt.seed_all(self.seed)
         self.model = MoCo(
-            torchvision.models.__dict__[args.arch],
+            base_encoder,
             dim=args.moco_dim,
             K=args.moco_k,
             m=args.moco_m,
@@ -250,11 +293,17 @@ class Pretrainer:
             mlp=args.mlp,
             bn_splits=self.bn_splits,
         ).to(device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if args.compile:
+            compile_encoders(self.model)
+        self.health = HealthMonitor(self.model, self.model.encoder_q)
         self.optimizer = torch.optim.SGD(
             [p for p in self.model.parameters() if p.requires_grad],
             args.lr,
             momentum=args.momentum,
             weight_decay=args.weight_decay,
+            **sgd_kernel(device),
         )
         self.start_epoch = args.start_epoch
         if self.resume_state is not None:
@@ -328,7 +377,7 @@ class Pretrainer:
             a.knn_data, a.crop_size, batch_size=self.batch, workers=a.workers, k=a.knn_k, t=a.knn_t
         )
 
-    def checkpoint_state(self, epoch, lr):
+    def checkpoint_state(self, epoch: int, lr: float) -> dict:
         a = self.args
         return {
             "epoch": epoch + 1,
@@ -351,11 +400,12 @@ class Pretrainer:
             },
         }
 
-    def run(self):
+    def run(self) -> None:
         a = self.args
         logger.info(
             "MoCo %s: arch %s, %d images, batch %d per process x %d processes, bn-splits %d, "
-            "K %d, m %g, T %g, mlp %s, aug+ %s, cos %s, lr %g, seed %d, device %s",
+            "K %d, m %g, T %g, mlp %s, aug+ %s, cos %s, lr %g, seed %d, device %s, augment on %s, "
+            "channels-last %s, compile %s",
             "v2" if a.mlp and a.aug_plus else "v1-style",
             a.arch,
             len(self.dataset),
@@ -371,6 +421,9 @@ class Pretrainer:
             a.lr,
             self.seed,
             self.device,
+            a.augment_on,
+            a.channels_last,
+            a.compile,
         )
         if self.is_main:
             config = {
@@ -402,6 +455,9 @@ class Pretrainer:
                 writer=self.writer,
                 print_freq=a.print_freq,
                 show_progress=self.is_main,
+                augment=self.augment,
+                channels_last=a.channels_last,
+                health=self.health,
             )
             logger.info(
                 "epoch %d/%d: loss %.4f, acc1 %.2f, lr %.4g, %.1f img/s",
@@ -424,6 +480,7 @@ class Pretrainer:
                 top1 = self.knn.evaluate(self.model.encoder_q, self.device)
                 logger.info("epoch %d: kNN top-1 %.2f%%", epoch, top1)
                 self.writer.add_scalar("knn/top1", top1, epoch)
+            self.health.check(f"at the end of epoch {epoch}, before saving its checkpoint")
             if self.is_main:
                 self.writer.add_scalar("epoch/loss", stats["loss"], epoch)
                 self.writer.add_scalar("epoch/unreadable_images", stats["unreadable"], epoch)

@@ -13,7 +13,7 @@ from moco_d2.training.distributed import all_gather_cat
 
 
 @torch.no_grad()
-def batch_shuffle_ddp(x):
+def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's slice of the globally shuffled batch, and the index that undoes the shuffle."""
     batch_this = x.shape[0]
     x_all = all_gather_cat(x)
@@ -26,7 +26,7 @@ def batch_shuffle_ddp(x):
 
 
 @torch.no_grad()
-def batch_unshuffle_ddp(x, idx_unshuffle):
+def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     """Rows of this rank's original samples, taken from the gathered shuffled outputs."""
     batch_this = x.shape[0]
     x_all = all_gather_cat(x)
@@ -36,11 +36,11 @@ def batch_unshuffle_ddp(x, idx_unshuffle):
 
 
 @torch.no_grad()
-def batch_shuffle_local(x):
+def batch_shuffle_local(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx_shuffle = torch.randperm(x.shape[0], device=x.device)
     return x[idx_shuffle], torch.argsort(idx_shuffle)
 
 
 @torch.no_grad()
-def batch_unshuffle_local(x, idx_unshuffle):
+def batch_unshuffle_local(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
     return x[idx_unshuffle]

@@ -12,13 +12,13 @@ from torch import nn
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    def __init__(self, num_features, num_splits, **kwargs):
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         self.num_splits = num_splits
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         n, c, h, w = x.shape
@@ -52,7 +52,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 
-def convert_split_bn(module, num_splits):
+def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     """Return ``module`` with every BatchNorm2d replaced by a SplitBatchNorm holding its state."""
     if num_splits == 1:
         return module
