@@ -24,10 +24,15 @@ def _write_trial(directory, box, segm):
 def test_finished_coco_trials_aggregate_box_and_mask(tmp_path):
     box = [[40.0, 60.0, 43.0, 22.0, 44.0, 55.0], [41.0, 61.0, 44.5, 23.0, 45.0, 57.0]]
     segm = [[35.0, 57.0, 37.0, 16.0, 37.0, 52.0], [35.5, 58.0, 38.0, 17.0, 38.0, 51.0]]
+    opts = ("MODEL.WEIGHTS", "")
+    # As a first run would: the set's fingerprint, then two finished trials.
+    trials.claim_output_dir(
+        str(tmp_path), trials.fingerprint("configs/coco_R50_C4_2x.yaml", opts), restart=False
+    )
     for index in range(2):
         _write_trial(tmp_path / f"trial_{index}", box[index], segm[index])
     # Both trials are done, so nothing is trained: the summary comes from their files.
-    result, markdown = trials.run_trials("configs/coco_R50_C4_2x.yaml", str(tmp_path), 2)
+    result, markdown = trials.run_trials("configs/coco_R50_C4_2x.yaml", str(tmp_path), 2, opts=opts)
     summary = result["summary"]
     for block, values in ((summary, np.array(box)), (summary["segm"], np.array(segm))):
         assert [name for name in block if name != "segm"] == list(COCO_METRIC_NAMES)

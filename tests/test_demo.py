@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end_and_reports_what_the_runs_measured(tmp_path):
         "--pretrain-batch",
         "8",
         "--crop-size",
-        "32",
+        "64",
         "--moco-k",
         "64",
         "--det-train-images",

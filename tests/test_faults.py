@@ -205,7 +205,7 @@ def test_lincls_resume_given_a_pretraining_checkpoint(lincls_data, tmp_path):
 def pretrain(data, out, *extra):
     return tool(
         "pretrain_moco.py", data, "-a", "resnet18", "-b", "8", "--moco-k", "16",
-        "--workers", "0", "--crop-size", "32", "--epochs", "1", "--device", "cpu",
+        "--workers", "0", "--crop-size", "64", "--epochs", "1", "--device", "cpu",
         "--output-dir", out, *extra,
     )  # fmt: skip
 
