@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="MoCo v2 pretraining, MoCo→Detectron2 conversion and VOC detection transfer",
     packages=find_packages(include=["moco_d2", "moco_d2.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch>=2.0",
         "torchvision>=0.15",

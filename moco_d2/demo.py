@@ -85,11 +85,7 @@ def convert(checkpoint: str, output: str) -> None:
 
 
 def fine_tune(
-    weights: str,
-    output_dir: str,
-    datasets_root: str,
-    device: str,
-    max_iter: int | None = None,
+    weights: str, output_dir: str, datasets_root: str, device: str, max_iter: int | None = None
 ) -> dict[str, float]:
     """One train_net run in its own process, as a user would launch it; returns its metrics."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root)

@@ -12,11 +12,11 @@ Usage::
     python -m moco_d2.install_detectron2           # install if needed (idempotent)
     python -m moco_d2.install_detectron2 --check   # report version and source only
 
-This module must import without detectron2, so it only uses the standard library.
+This module must import without detectron2, so it uses only the standard library and
+:mod:`moco_d2.utils.fileio`.
 """
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -27,6 +27,8 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+
+from moco_d2.utils.fileio import sha256_of
 
 SDIST_NAME = "pb1-detectron2"
 SDIST_VERSION = "0.6"
@@ -85,14 +87,6 @@ def describe() -> str | None:
     return f"detectron2 {detectron2.__version__} ({source}) at {location}"
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sdist_url() -> str:
     request = urllib.request.Request(
         SIMPLE_INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"}
@@ -124,7 +118,7 @@ def fetch_sdist(workdir: str) -> str:
                 f"could not download {SDIST_NAME}=={SDIST_VERSION} from PyPI ({e}); "
                 f"offline, download it elsewhere and set {SDIST_ENV}=/path/to/the.tar.gz"
             ) from None
-    digest = _sha256(path)
+    digest = sha256_of(path)
     if digest != SDIST_SHA256:
         raise InstallError(f"{path}: sha256 {digest} does not match the expected {SDIST_SHA256}")
     return path

@@ -11,8 +11,4 @@ VOC_DETECTION = {
 VOC_DETECTION_STD = {"AP50": 0.2, "AP": 0.2, "AP75": 0.4}
 
 # ResNet-50 linear classification top-1 on ImageNet.
-LINEAR_TOP1 = {
-    "MoCo v1 200ep": 60.6,
-    "MoCo v2 200ep": 67.5,
-    "MoCo v2 800ep": 71.1,
-}
+LINEAR_TOP1 = {"MoCo v1 200ep": 60.6, "MoCo v2 200ep": 67.5, "MoCo v2 800ep": 71.1}

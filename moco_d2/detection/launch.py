@@ -4,7 +4,9 @@ detectron2 0.6's launch asserts CUDA and uses NCCL, so on a CPU-only machine
 ``--num-gpus N`` with ``MODEL.DEVICE cpu`` starts N processes here instead.
 """
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -45,42 +47,40 @@ def launch(
         if num_machines != 1:
             raise ValueError("dist_url=auto needs a single machine")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    group = _CpuGroup(world_size, num_processes_per_machine, machine_rank, dist_url, timeout)
     mp.spawn(
-        _cpu_worker,
-        nprocs=num_processes_per_machine,
-        daemon=False,
-        args=(
-            main_func,
-            world_size,
-            num_processes_per_machine,
-            machine_rank,
-            dist_url,
-            args,
-            timeout,
-        ),
+        _cpu_worker, nprocs=num_processes_per_machine, daemon=False, args=(group, main_func, args)
     )
 
 
-def _cpu_worker(
-    local_rank,
-    main_func,
-    world_size,
-    num_processes_per_machine,
-    machine_rank,
-    dist_url,
-    args,
-    timeout,
-):
-    rank = machine_rank * num_processes_per_machine + local_rank
+@dataclasses.dataclass(frozen=True)
+class _CpuGroup:
+    """Where a spawned CPU process stands in the gloo group."""
+
+    world_size: int
+    processes_per_machine: int
+    machine_rank: int
+    dist_url: str
+    timeout: timedelta
+
+
+def _cpu_worker(local_rank: int, group: _CpuGroup, main_func: Callable, args: tuple) -> None:
+    rank = group.machine_rank * group.processes_per_machine + local_rank
     # N processes with one thread per core each would oversubscribe the CPU.
-    torch.set_num_threads(max(1, torch.get_num_threads() // num_processes_per_machine))
+    torch.set_num_threads(max(1, torch.get_num_threads() // group.processes_per_machine))
     try:
         dist.init_process_group(
-            "gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout
+            "gloo",
+            init_method=group.dist_url,
+            world_size=group.world_size,
+            rank=rank,
+            timeout=group.timeout,
         )
     except Exception:
-        logging.getLogger(__name__).error("Process group URL: %s", dist_url)
+        logging.getLogger(__name__).error("Process group URL: %s", group.dist_url)
         raise
-    compat.set_local_process_group(world_size, num_processes_per_machine, machine_rank)
+    compat.set_local_process_group(
+        group.world_size, group.processes_per_machine, group.machine_rank
+    )
     comm.synchronize()
     main_func(*args)

@@ -12,7 +12,6 @@ differs is refused, unless ``--restart`` discards the earlier trials.
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,12 @@ from moco_d2.cli import ArgumentParser
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
-from moco_d2.utils.fileio import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from moco_d2.utils.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temporaries,
+    sha256_of,
+)
 
 logger = logging.getLogger("moco_d2.detection.trials")
 
@@ -68,14 +72,6 @@ def read_trial_metrics(path: str) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: missing or bad metric {e}") from None
     return trial
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint(config_file: str, opts) -> dict[str, Any]:

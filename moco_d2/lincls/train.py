@@ -189,51 +189,37 @@ def _run(device, args, prepared):
             model, device_ids=[device] if device.type == "cuda" else None
         )
     optimizer = build_optimizer(model, args.lr, args.momentum, args.weight_decay)
-    start_epoch, best_acc1, history = args.start_epoch, 0.0, []
-    if resumed is not None:
-        start_epoch, best_acc1, history = _restore(resumed, optimizer)
-    train_loader, val_loader, sampler = _loaders(train_set, val_set, args)
+    progress = (args.start_epoch, 0.0, []) if resumed is None else _restore(resumed, optimizer)
+    loaders = _loaders(train_set, val_set, args)
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         for path in remove_stale_temporaries(args.output_dir):
             logger.info("removed %s, left by an interrupted write", path)
 
     if args.evaluate:
-        acc1, acc5 = evaluate(model, val_loader, device, args.amp)
+        acc1, acc5 = evaluate(model, loaders[1], device, args.amp)
         if is_main_process():
             logger.info("val: top-1 %.2f  top-5 %.2f", acc1, acc5)
             _write_results(args, {"resume": args.resume, ACC1: acc1, ACC5: acc5}, EVALUATION)
         return
-    _fit(
-        model,
-        optimizer,
-        train_loader,
-        val_loader,
-        sampler,
-        device,
-        start_epoch,
-        best_acc1,
-        history,
-        args,
-    )
+    history = _fit(model, optimizer, loaders, device, progress, args)
     barrier()
     if is_main_process():
         _finish(model, history, args)
 
 
 def _fit(
-    model,
-    optimizer,
-    train_loader,
-    val_loader,
-    sampler,
-    device,
-    start_epoch,
-    best_acc1,
-    history,
-    args,
-):
-    """The epochs: train the fc, evaluate, log to TensorBoard, checkpoint (main process writes)."""
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loaders: tuple[DataLoader, DataLoader, DistributedSampler | None],
+    device: torch.device,
+    progress: tuple[int, float, list[dict]],
+    args: argparse.Namespace,
+) -> list[dict]:
+    """The epochs: train the fc, evaluate, log to TensorBoard, checkpoint (main process
+    writes). ``progress`` is (first epoch, best top-1, history so far); returns the history."""
+    train_loader, val_loader, sampler = loaders
+    start_epoch, best_acc1, history = progress
     criterion = nn.CrossEntropyLoss()
     writer = _summary_writer(args) if is_main_process() else None
     for epoch in range(start_epoch, args.epochs):
@@ -275,6 +261,7 @@ def _fit(
         _save(model, optimizer, epoch, best_acc1, history, is_best, args)
     if writer is not None:
         writer.close()
+    return history
 
 
 def _finish(model, history, args):

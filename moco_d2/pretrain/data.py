@@ -85,10 +85,7 @@ class TolerantImageFolder(Dataset):
     """
 
     def __init__(
-        self,
-        root: str,
-        transform: Callable | None = None,
-        load: Callable[[str], Any] = load_rgb,
+        self, root: str, transform: Callable | None = None, load: Callable[[str], Any] = load_rgb
     ) -> None:
         self.root = root
         self.samples, self.classes = scan_image_folder(root)

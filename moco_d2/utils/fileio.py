@@ -9,6 +9,7 @@ included) noticed it.
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -131,3 +132,12 @@ def atomic_write_json(obj: Any, path: "str | os.PathLike[str]") -> None:
     bare ``NaN`` that Python's json module emits and other readers reject."""
     text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
     atomic_write_text(text + "\n", path)
+
+
+def sha256_of(path: "str | os.PathLike[str]") -> str:
+    """Hex digest of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,10 +13,11 @@ import json
 import os
 from collections.abc import Iterable
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
+from moco_d2.detection.data.catalog import register_replacing
 from moco_d2.detection.data.voc import datasets_root
 from moco_d2.errors import UserError
 
@@ -134,12 +135,9 @@ def load_coco_instances(json_file: str, image_root: str, name: str) -> list[dict
 
 def register_coco(name: str, image_root: str, json_file: str) -> None:
     """(Re-)register one split with detectron2's COCO metadata and the checking loader."""
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)  # metadata refuses to change a value once set
-    DatasetCatalog.register(name, lambda: load_coco_instances(json_file, image_root, name))
-    MetadataCatalog.get(name).set(
+    register_replacing(
+        name,
+        lambda: load_coco_instances(json_file, image_root, name),
         json_file=json_file,
         image_root=image_root,
         evaluator_type="coco",

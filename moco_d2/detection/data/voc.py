@@ -16,10 +16,12 @@ counted in the log.
 import logging
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
 
+from moco_d2.detection.data.catalog import register_replacing
 from moco_d2.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -208,14 +210,13 @@ def load_voc_instances(dirname: str, split: str, class_names=CLASS_NAMES) -> lis
     return dicts
 
 
-def register_voc(name, dirname, split, year, class_names=CLASS_NAMES):
+def register_voc(
+    name: str, dirname: str, split: str, year: int, class_names: Sequence[str] = CLASS_NAMES
+) -> None:
     """(Re-)register one split: an existing entry of that name is replaced, on any d2 version."""
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)  # metadata refuses to change a value once set
-    DatasetCatalog.register(name, lambda: load_voc_instances(dirname, split, class_names))
-    MetadataCatalog.get(name).set(
+    register_replacing(
+        name,
+        lambda: load_voc_instances(dirname, split, class_names),
         thing_classes=list(class_names),
         dirname=dirname,
         year=year,
