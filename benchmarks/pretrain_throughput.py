@@ -190,6 +190,12 @@ def step_only(args, device, fast, train_model, opt, channels_last, amp):
     views = [torch.randn(shape, device=device) for _ in range(2)]
     on_device = [(views, None, torch.zeros(1, dtype=torch.long))] * (args.warmup + args.iters)
     timed = TimedLoader(on_device, args.warmup, device)
+    _timed_epoch(train_model, timed, opt, device, amp, channels_last, fast)
+    return args.batch_size * args.iters / (time.perf_counter() - timed.start)
+
+
+def _timed_epoch(train_model, timed, opt, device, amp, channels_last, fast, augment=None):
+    """One pass of the real training loop over ``timed``, with the mode's step settings."""
     train_one_epoch(
         train_model,
         timed,
@@ -198,13 +204,13 @@ def step_only(args, device, fast, train_model, opt, channels_last, amp):
         device,
         0.03,
         amp=amp,
-        print_freq=len(on_device),
+        print_freq=len(timed),
         show_progress=False,
+        augment=augment,
         channels_last=channels_last,
         sync_every_step=not fast,
     )
     sync(device)
-    return args.batch_size * args.iters / (time.perf_counter() - timed.start)
 
 
 def device_augment_ms(args, device):
@@ -242,21 +248,7 @@ def end_to_end(args, device, fast, train_model, opt, channels_last, amp, data):
         drop_last=True,
     )
     timed = TimedLoader(loader, args.warmup, device)
-    train_one_epoch(
-        train_model,
-        timed,
-        opt,
-        0,
-        device,
-        0.03,
-        amp=amp,
-        print_freq=steps,
-        show_progress=False,
-        augment=augment,
-        channels_last=channels_last,
-        sync_every_step=not fast,
-    )
-    sync(device)
+    _timed_epoch(train_model, timed, opt, device, amp, channels_last, fast, augment)
     elapsed = time.perf_counter() - timed.start
     return args.batch_size * args.e2e_iters / elapsed, timed.pipeline_cpu_s / images * 1e3
 
