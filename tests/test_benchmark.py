@@ -1,0 +1,64 @@
+"""benchmarks/pretrain_throughput.py runs both modes in one process and reports what it promises.
+
+Speed is not asserted (it is what the benchmark is for); the report's shape and its FLOP count
+are: the count is checked against an independent multiply-add count from forward hooks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torchvision
+
+from moco_d2.pretrain.builder import build_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("img_per_s", "step_img_per_s", "host_ms_per_img", "peak_mem_bytes", "gflops_per_img")
+
+
+def _multiply_adds(model, crop):
+    """Conv and Linear multiply-adds of one forward pass, counted from output shapes."""
+    total = 0
+
+    def hook(module, _inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = (
+                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
+            total += output.numel() * per_output
+        else:
+            total += output.numel() * module.in_features
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, crop, crop))
+    return total
+
+
+def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
+    out = tmp_path / "out.json"
+    command = [
+        sys.executable, os.path.join(REPO, "benchmarks", "pretrain_throughput.py"),
+        "--device", "cpu", "-a", "resnet18", "--crop-size", "64", "-b", "8", "-j", "1",
+        "--num-images", "16", "--warmup", "1", "--iters", "1", "--e2e-iters", "1",
+        "--moco-k", "64", "--json", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fast/released" in result.stdout and "host ms per image" in result.stdout
+
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu"
+    encoder = build_encoder(torchvision.models.resnet18, 128, mlp=True)
+    expected = 2 * 4 * _multiply_adds(encoder, 64) / 1e9  # 2 FLOPs per MAC; q, k fwd + bwd
+    for mode in ("released", "fast"):
+        for key in KEYS:
+            assert report[mode][key] > 0, (mode, key)
+        assert abs(report[mode]["gflops_per_img"] / expected - 1) < 0.01
+    assert report["released"]["augment_on"] == "loader"
+    assert report["fast"]["augment_on"] == "device"
