@@ -6,8 +6,13 @@ right shapes before anything is written.
 """
 
 import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from moco_d2.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCKS = (3, 4, 6, 3)  # bottleneck blocks in layer1..layer4
 WIDTHS = (64, 128, 256, 512)  # 3x3 conv channels; block output is 4x that
@@ -29,7 +34,7 @@ def _bn(prefix, channels):
     return {f"{prefix}.{t}": (channels,) for t in BN_TENSORS}
 
 
-def resnet50_shapes():
+def resnet50_shapes() -> dict[str, tuple[int, ...]]:
     """torchvision name → shape of every conv weight and BN tensor of a ResNet-50 trunk,
     in torchvision's state_dict order."""
     shapes = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
@@ -50,7 +55,7 @@ def resnet50_shapes():
     return shapes
 
 
-def to_detectron2(name):
+def to_detectron2(name: str) -> str:
     """Detectron2 ResNet name of a torchvision ResNet conv/BN tensor name."""
     if name == "conv1.weight":
         return "stem.conv1.weight"
@@ -73,7 +78,7 @@ def to_detectron2(name):
     raise ValueError(f"not a torchvision ResNet conv/BN tensor name: {name}")
 
 
-def guess_depth(names):
+def guess_depth(names: Iterable[str]) -> str | None:
     """'ResNet-18', or the block layout when no known depth matches, or None for no blocks."""
     blocks = [0, 0, 0, 0]
     bottleneck = False
@@ -95,7 +100,7 @@ def _listed(names):
     return shown + (f", … {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
-def check_complete(trunk):
+def check_complete(trunk: Mapping[str, "torch.Tensor"]) -> None:
     """Raise :class:`UserError` unless ``trunk`` is exactly a ResNet-50's 265 tensors.
 
     ``trunk`` maps torchvision names to tensors (head and BN counters already removed).

@@ -5,6 +5,7 @@ atomically, so a bad input never leaves a file that Detectron2 would half-load.
 """
 
 import pickle
+from typing import Any
 
 from moco_d2 import weights
 from moco_d2.cli import ArgumentParser
@@ -25,7 +26,7 @@ def convert(input_path: str) -> tuple[weights.Trunk, dict[str, str]]:
     return trunk, {name: resnet.to_detectron2(name) for name in resnet.resnet50_shapes()}
 
 
-def detectron2_weights(trunk, mapping):
+def detectron2_weights(trunk: weights.Trunk, mapping: dict[str, str]) -> dict[str, Any]:
     """The pickle content Detectron2's DetectionCheckpointer reads."""
     model = {d2: trunk.tensors[tv].detach().cpu().numpy() for tv, d2 in mapping.items()}
     return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
@@ -37,7 +38,7 @@ def write(weights: dict, output_path: str) -> None:
             pickle.dump(weights, f)
 
 
-def report(trunk, mapping):
+def report(trunk: weights.Trunk, mapping: dict[str, str]) -> str:
     """The mapping, one tensor per line, then what was left out on purpose, one per line."""
     width = max(map(len, mapping))
     lines = [

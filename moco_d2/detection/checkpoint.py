@@ -10,8 +10,10 @@ backbone; here any ResNet trunk tensor left unloaded is an error.
 
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from moco_d2 import weights
@@ -63,7 +65,7 @@ def read_detectron2_file(path: str) -> dict[str, Any]:
     return loaded if "model" in loaded else {"model": loaded}
 
 
-def trunk_names(names):
+def trunk_names(names: Iterable[str]) -> list[str]:
     """Those of ``names`` (model state_dict keys) that belong to the pretrained ResNet trunk."""
     return [n for n in names if _TRUNK.search(n)]
 
@@ -76,7 +78,7 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
     through ``load`` too.
     """
 
-    def load(self, path, *args, **kwargs):
+    def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if path and "://" not in path and not os.path.isfile(path):
             raise UserError(
                 f"weights file not found: {path} (convert a pretraining checkpoint "
@@ -103,7 +105,7 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
-def load_detectron2_weights(model, path):
+def load_detectron2_weights(model: torch.nn.Module, path: str) -> list[str]:
     """Load ``path`` (e.g. MODEL.WEIGHTS) into ``model``; return the names left at init.
 
     Every ResNet trunk tensor must come from the file (else :class:`UserError`); the

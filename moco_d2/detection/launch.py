@@ -22,15 +22,15 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 def launch(
-    main_func,
-    num_processes_per_machine,
-    num_machines=1,
-    machine_rank=0,
-    dist_url=None,
-    args=(),
-    device="cuda",
-    timeout=DEFAULT_TIMEOUT,
-):
+    main_func: Callable,
+    num_processes_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str | None = None,
+    args: tuple = (),
+    device: str = "cuda",
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> None:
     """Run ``main_func(*args)`` in each process; GPU runs go to detectron2's launch."""
     world_size = num_machines * num_processes_per_machine
     if device != "cpu" or world_size == 1:

@@ -3,12 +3,13 @@
 import logging
 
 import torch
+from detectron2.config import CfgNode
 from detectron2.utils import comm
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_sync_bn(cfg):
+def resolve_sync_bn(cfg: CfgNode) -> CfgNode:
     """Use ``naiveSyncBN`` instead of ``SyncBN`` when several processes run on CPU.
 
     torch's SyncBatchNorm only synchronizes CUDA tensors ("SyncBatchNorm expected input

@@ -55,7 +55,7 @@ def finished(cfg: CfgNode, args: argparse.Namespace) -> bool:
     return True
 
 
-def setup(args):
+def setup(args: argparse.Namespace) -> CfgNode:
     """Per-process config and logging (Detectron2's default_setup)."""
     cfg = load_config(args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="moco_d2")
@@ -65,7 +65,7 @@ def setup(args):
     return cfg
 
 
-def run(args):
+def run(args: argparse.Namespace) -> dict | None:
     """Train then evaluate, or only evaluate (``--eval-only``), in one process."""
     cfg = setup(args)
     if args.eval_only:

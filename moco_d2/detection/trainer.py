@@ -84,7 +84,12 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         )
 
     @classmethod
-    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None) -> dict:
+    def test(
+        cls,
+        cfg: CfgNode,
+        model: torch.nn.Module,
+        evaluators: DatasetEvaluator | list[DatasetEvaluator] | None = None,
+    ) -> dict:
         """DefaultTrainer.test, then the AP metrics per dataset printed and written to JSON."""
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
@@ -102,7 +107,7 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         return results
 
 
-def box_metrics(results):
+def box_metrics(results: dict) -> dict[str, dict[str, float]]:
     """``{dataset: {"AP", "AP50", "AP75"}}`` from the evaluators' ``{dataset: {"bbox": ...}}``."""
     return {
         name: {key: float(res["bbox"][key]) for key in METRIC_NAMES}
@@ -110,7 +115,7 @@ def box_metrics(results):
     }
 
 
-def write_metrics(results, output_dir):
+def write_metrics(results: dict, output_dir: str) -> dict[str, dict[str, float]]:
     """Log AP, AP50, AP75 per test dataset and write them to ``output_dir/metrics_voc.json``."""
     metrics = box_metrics(results)
     for name, values in metrics.items():

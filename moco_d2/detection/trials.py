@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from moco_d2.cli import ArgumentParser
@@ -40,7 +41,7 @@ SUMMARY_MD = "trials_summary.md"
 FINGERPRINT_JSON = "trials_fingerprint.json"
 
 
-def trial_dir(output_dir, index):
+def trial_dir(output_dir: str, index: int) -> str:
     return os.path.join(output_dir, f"trial_{index}")
 
 
@@ -74,7 +75,7 @@ def read_trial_metrics(path: str) -> dict:
     return trial
 
 
-def fingerprint(config_file: str, opts) -> dict[str, Any]:
+def fingerprint(config_file: str, opts: Sequence[str]) -> dict[str, Any]:
     """What makes two sets of trials comparable: the weights' content and every config value
     except OUTPUT_DIR and SEED (which differ per trial by design)."""
     import yaml
@@ -147,7 +148,9 @@ def claim_output_dir(output_dir: str, current: dict[str, Any], restart: bool) ->
     atomic_write_json(current, path)
 
 
-def run_trial(config_file, output_dir, seed, num_gpus, opts):
+def run_trial(
+    config_file: str, output_dir: str, seed: int, num_gpus: int, opts: Sequence[str]
+) -> None:
     """One fine-tuning + evaluation in its own process (fresh detectron2 state per trial)."""
     resume = os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
     command = [
@@ -192,7 +195,7 @@ def format_markdown(per_trial: list[dict], summary: dict, reference: str | None)
     """One row per trial and the mean ± std; the published VOC row only for VOC trials."""
     columns = _columns(per_trial)
 
-    def cells(values: dict, fmt) -> str:
+    def cells(values: dict, fmt: Callable[[Any], str]) -> str:
         return " | ".join(
             fmt(values[name] if block is None else values[block][name])
             for _, block, name in columns
@@ -225,7 +228,7 @@ def run_trials(
     num_trials: int,
     first_seed: int = 0,
     num_gpus: int = 1,
-    opts=(),
+    opts: Sequence[str] = (),
     reference: str | None = None,
     restart: bool = False,
 ) -> tuple[dict[str, Any], str]:

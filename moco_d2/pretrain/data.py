@@ -7,7 +7,7 @@ with its path, and counted in the sample so the training loop reports the total 
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,9 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-def check_some_readable(samples, root, tries=MAX_CONSECUTIVE_UNREADABLE):
+def check_some_readable(
+    samples: Sequence[tuple[str, int]], root: str, tries: int = MAX_CONSECUTIVE_UNREADABLE
+) -> None:
     """Refuse a folder whose images cannot be decoded, before any process or worker starts.
 
     Opens files spread over the folder until one decodes (the first, for a healthy folder);

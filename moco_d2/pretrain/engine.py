@@ -6,7 +6,8 @@ per-step ``.item()`` for comparison).
 """
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,13 +20,16 @@ from moco_d2.training.distributed import get_world_size, is_distributed
 from moco_d2.training.logs import ACC1, IMG_PER_S, LOSS, LR
 from moco_d2.training.meters import ThroughputMeter
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 logger = logging.getLogger("moco_d2.pretrain")
 
 __all__ = ["TrainingDiverged", "train_one_epoch", "views_to_device"]
 
 
 def views_to_device(
-    images,
+    images: torch.Tensor | Sequence[torch.Tensor],
     device: torch.device,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     channels_last: bool = False,
@@ -60,7 +64,7 @@ def train_one_epoch(
     device: torch.device,
     lr: float,
     amp: bool = False,
-    writer=None,
+    writer: "SummaryWriter | None" = None,
     print_freq: int = 10,
     show_progress: bool = True,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -7,6 +7,8 @@ stage, a ResNet-50 was seen to end one epoch with a stem conv std of 1.6e7 (0.02
 BN running_var up to 3.7e27 while its loss looked normal.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,7 +27,7 @@ class TrainingDiverged(UserError):
     """The loss, weights or BN statistics blew up: stopping beats writing garbage for days."""
 
 
-def last_stage_positions(base_encoder, crop_size: int) -> int:
+def last_stage_positions(base_encoder: Callable[..., nn.Module], crop_size: int) -> int:
     """Fewest spatial positions any BatchNorm of ``base_encoder`` sees at ``crop_size`` (the
     last stage, res5 in a ResNet), from shapes only: the model is built on the meta device."""
     sizes = []

@@ -10,6 +10,7 @@ import glob
 import os
 import random
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,19 +23,19 @@ CHECKPOINT_PATTERN = "checkpoint_{:04d}.pth.tar"
 _CHECKPOINT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
 
 
-def checkpoint_path(output_dir, epoch):
+def checkpoint_path(output_dir: str, epoch: int) -> str:
     """Path of the checkpoint written at the end of 0-based ``epoch``."""
     return os.path.join(output_dir, CHECKPOINT_PATTERN.format(epoch))
 
 
-def save_checkpoint(state, output_dir, epoch):
+def save_checkpoint(state: dict[str, Any], output_dir: str, epoch: int) -> str:
     """Write ``state`` atomically as ``checkpoint_%04d.pth.tar``; return its path."""
     path = checkpoint_path(output_dir, epoch)
     atomic_torch_save(state, path)
     return path
 
 
-def latest_checkpoint(output_dir):
+def latest_checkpoint(output_dir: str) -> str | None:
     """Path of the highest-numbered checkpoint in ``output_dir``, or None."""
     found = []
     for path in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint_*.pth.tar")):
@@ -49,16 +50,16 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return weights.load_checkpoint(path)
 
 
-def add_module_prefix(state_dict):
+def add_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Keys as DistributedDataParallel names them: ``module.<name>``."""
     return {k if k.startswith("module.") else "module." + k: v for k, v in state_dict.items()}
 
 
-def strip_module_prefix(state_dict):
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
-def get_rng_state():
+def get_rng_state() -> dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states, as tensors and primitives."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
@@ -75,7 +76,7 @@ def get_rng_state():
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`get_rng_state` returned (CUDA states only where devices match)."""
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
@@ -97,7 +98,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_all(seed):
+def seed_all(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one integer."""
     random.seed(seed)
     np.random.seed(seed % 2**32)

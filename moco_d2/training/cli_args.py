@@ -15,7 +15,7 @@ DEFAULT_WORKERS = min(32, os.cpu_count() or 1)  # the released 32, or fewer on a
 
 
 def _checked(cast: Callable[[str], float], test: Callable[[float], bool], what: str):
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = cast(text)
         except ValueError:

@@ -53,7 +53,7 @@ def _synthetic(args):
     )
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="count images and objects, list broken files")

@@ -102,8 +102,14 @@ def _write_split(rng, dirname, split, fileids, size, num_classes, max_objects):
 
 
 def make_synthetic_voc(
-    root, num_train=64, num_test=16, image_size=128, seed=0, num_classes_used=4, max_objects=2
-):
+    root: str | os.PathLike[str],
+    num_train: int = 64,
+    num_test: int = 16,
+    image_size: int = 128,
+    seed: int = 0,
+    num_classes_used: int = 4,
+    max_objects: int = 2,
+) -> dict[str, int]:
     """Write ``VOC2007/`` (trainval, test) and ``VOC2012/`` (trainval) under ``root``.
 
     The ``num_train`` training images are split between VOC2007 and VOC2012 trainval (both

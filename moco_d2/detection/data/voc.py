@@ -16,7 +16,7 @@ counted in the log.
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
@@ -62,24 +62,24 @@ _ROOT_HINT = (
 )
 
 
-def datasets_root():
+def datasets_root() -> str:
     """Detectron2's convention: ``$DETECTRON2_DATASETS``, default ``./datasets``."""
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
 
-def split_file(dirname, split):
+def split_file(dirname: str, split: str) -> str:
     return os.path.join(dirname, "ImageSets", "Main", split + ".txt")
 
 
-def annotation_file(dirname, fileid):
+def annotation_file(dirname: str, fileid: str) -> str:
     return os.path.join(dirname, "Annotations", fileid + ".xml")
 
 
-def image_file(dirname, fileid):
+def image_file(dirname: str, fileid: str) -> str:
     return os.path.join(dirname, "JPEGImages", fileid + ".jpg")
 
 
-def read_split(dirname, split):
+def read_split(dirname: str, split: str) -> list[str]:
     """The image ids listed in ``ImageSets/Main/<split>.txt``."""
     if not os.path.isdir(dirname):
         raise UserError(f"VOC folder not found: {dirname}; {_ROOT_HINT}")
@@ -94,7 +94,7 @@ def read_split(dirname, split):
     return fileids
 
 
-def check_split_files(dataset_names):
+def check_split_files(dataset_names: Iterable[str]) -> None:
     """Fail early, before any training starts, if a VOC dataset's folder or split file is missing.
 
     Non-VOC datasets (no ``split`` in their metadata) are left to their own loaders.
@@ -189,7 +189,9 @@ def parse_annotation(path: str, class_names: list[str]) -> tuple[dict, int]:
     return record, clipped
 
 
-def load_voc_instances(dirname: str, split: str, class_names=CLASS_NAMES) -> list[dict]:
+def load_voc_instances(
+    dirname: str, split: str, class_names: Sequence[str] = CLASS_NAMES
+) -> list[dict]:
     """Detectron2 dataset dicts for one VOC split; :class:`UserError` names any bad path."""
     class_names = list(class_names)
     dicts, clipped = [], 0
@@ -225,7 +227,7 @@ def register_voc(
     )
 
 
-def register_all_voc(root=None):
+def register_all_voc(root: str | None = None) -> None:
     """Register the protocol's VOC splits under ``root`` (default :func:`datasets_root`)."""
     root = datasets_root() if root is None else root
     for name, (folder, split, year) in SPLITS.items():
