@@ -27,19 +27,17 @@ def train_net(root, *args):
     )
 
 
+def two_iterations(root, weights, out, opts=TINY_OPTS):
+    """A 2-iteration run from ``weights`` into ``out``, evaluated at the end."""
+    return train_net(
+        root, "MODEL.WEIGHTS", str(weights), *opts, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out)
+    )
+
+
 @pytest.mark.slow
 def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_path):
     out = tmp_path / "out"
-    first = train_net(
-        synthetic_voc_root,
-        "MODEL.WEIGHTS",
-        str(converted_weights),
-        *TINY_OPTS,
-        "SOLVER.MAX_ITER",
-        "2",
-        "OUTPUT_DIR",
-        str(out),
-    )
+    first = two_iterations(synthetic_voc_root, converted_weights, out)
     assert first.returncode == 0, first.stderr[-3000:]
     printed = re.search(r"voc_2007_test: AP (\S+)  AP50 (\S+)  AP75 (\S+)", first.stdout)
     assert printed, first.stdout[-3000:]
@@ -95,16 +93,7 @@ def test_missing_dataset_folder_fails_before_training_starts(tmp_path):
 def test_one_gpu_keeps_sync_bn(synthetic_voc_root, converted_weights, tmp_path):
     out = tmp_path / "out"
     opts = [o if o != "cpu" else "cuda" for o in TINY_OPTS]
-    result = train_net(
-        synthetic_voc_root,
-        "MODEL.WEIGHTS",
-        str(converted_weights),
-        *opts,
-        "SOLVER.MAX_ITER",
-        "2",
-        "OUTPUT_DIR",
-        str(out),
-    )
+    result = two_iterations(synthetic_voc_root, converted_weights, out, opts)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NORM: SyncBN" in (out / "config.yaml").read_text()
     assert set(json.loads((out / METRICS_FILE).read_text())["voc_2007_test"]) == {
