@@ -1,7 +1,7 @@
 """JPEG decoding on the training device (``--decode-on device``, with ``--augment-on device``).
 
-Decoding is most of the host work left by ``--augment-on device`` (about 4.3 ms per 500×375
-image on one core of a 16-core H200 node). Here the DataLoader workers only read the file, take
+Decoding is most of the host work left by ``--augment-on device`` (of 4.3 ms host CPU per
+500×375 image, measured on an H200 node). Here the DataLoader workers only read the file, take
 its size from the JPEG header and draw the two RandomResizedCrop boxes (with
 :meth:`TwoCropsLoader.draw_boxes`: the same distribution and the same random numbers, in the same
 order, as ``--decode-on loader``). The batch is then decoded in one
