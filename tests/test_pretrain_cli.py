@@ -1,6 +1,7 @@
 """tools/pretrain_moco.py end to end on CPU: acceptance command, exact resume after SIGKILL,
 multi-process launch, divergence stop and bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from moco_d2.errors import UserError
 from moco_d2.pretrain import main as pretrain
 from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.pretrain.device_decode import jpeg_size
 from moco_d2.pretrain.engine import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,10 +127,12 @@ def _wait_for(path, proc, timeout=180):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("augment_on", ["loader", "device"])
-def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on):
+@pytest.mark.parametrize(
+    "augment_on, decode_on", [("loader", "loader"), ("device", "loader"), ("device", "device")]
+)
+def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on, decode_on):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    speed = ("--augment-on", augment_on)
+    speed = ("--augment-on", augment_on, "--decode-on", decode_on)
     uninterrupted = subprocess.Popen(
         TOOL + _tiny(data_dir, full, "--epochs", "3", *speed),
         env=ENV,
@@ -151,7 +155,7 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert uninterrupted.wait(timeout=240) == 0, uninterrupted.stderr.read()[-3000:]
     log = (killed / "log.txt").read_text()
-    assert "resumed from" in log and f"augment on {augment_on}" in log
+    assert "resumed from" in log and f"augment on {augment_on}, decode on {decode_on}" in log
 
     a = torch.load(full / "checkpoint_0002.pth.tar", weights_only=True)
     b = torch.load(killed / "checkpoint_0002.pth.tar", weights_only=True)
@@ -169,6 +173,26 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on):
     assert not torch.equal(
         first["module.queue"], a["state_dict"]["module.queue"]
     )  # it did train on
+
+
+def test_decode_on_device_trains_and_counts_a_truncated_jpeg(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic_image_folder(str(data), num_images=16, size=40, seed=2, num_classes=2)
+    truncated = sorted(data.rglob("*.jpg"))[5]
+    truncated.write_bytes(truncated.read_bytes()[:-300])
+    assert jpeg_size(truncated.read_bytes()) == (40, 40)  # only the device decoder can tell
+    out = tmp_path / "out"
+    speed = ("--augment-on", "device", "--decode-on", "device")
+    result = _run(_tiny(data, out, "--epochs", "1", *speed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "augment on device, decode on device" in log
+    assert f"unreadable image skipped: {truncated}" in log
+    assert "1 unreadable images were replaced" in log and "kept its 2 iterations" in log
+    assert json.loads((out / "args.json").read_text())["decode_on"] == "device"
+    sd = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    assert int(sd["module.queue_ptr"]) == 0
 
 
 def test_multiprocessing_distributed_on_cpu(data_dir, tmp_path):
@@ -207,6 +231,7 @@ def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
         (["--bn-splits", "3"], "does not divide"),
         (["--resume", "missing.pth.tar"], "no such file"),
         (["-b", "64", "--moco-k", "64"], "fewer than one global batch"),
+        (["--augment-on", "loader", "--decode-on", "device"], "needs --augment-on device"),
     ],
 )
 def test_bad_flags_are_user_errors(data_dir, tmp_path, extra, message):

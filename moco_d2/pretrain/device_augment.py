@@ -13,6 +13,7 @@ run in float on the crop instead of on 8-bit PIL images.
 
 import math
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,21 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def resized_crops(
+    pixels: torch.Tensor, boxes: list, crop_size: int, scale: float = 1
+) -> torch.Tensor:
+    """Two-view uint8 ``(2, 3, crop, crop)`` from ``(top, left, h, w)`` boxes of the full image,
+    mapped onto ``pixels`` decoded at 1/``scale`` size; torch's uint8 antialiased bilinear
+    resize (within one grey level of PIL's, 2x faster), on whatever device ``pixels`` is."""
+    size = [crop_size, crop_size]
+    views = []
+    for top, left, h, w in boxes:
+        top, left = round(top / scale), round(left / scale)
+        h, w = max(1, round(h / scale)), max(1, round(w / scale))
+        views.append(TF.resized_crop(pixels, top, left, h, w, size, antialias=True))
+    return torch.stack(views)
+
+
 class TwoCropsLoader:
     """Worker side of ``--augment-on device``: decode one file, return two independent
     RandomResizedCrop(crop, scale 0.2–1.0) views as uint8 ``(2, 3, crop, crop)``.
@@ -223,29 +239,32 @@ class TwoCropsLoader:
 
     def __call__(self, path: str) -> torch.Tensor:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            width, height = img.size
-            boxes = [self._box(width, height) for _ in range(2)]
-            scale = 1
-            if self.draft and img.format == "JPEG":
-                smallest = min(min(h, w) for _, _, h, w in boxes)
-                wanted = max(1, smallest // self.crop_size)
-                img.draft("RGB", (math.ceil(width / wanted), math.ceil(height / wanted)))
-                scale = width / img.size[0]
-            img.load()
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-        pixels = transforms.functional.pil_to_tensor(img)
-        size = [self.crop_size, self.crop_size]
-        views = []
-        for top, left, h, w in boxes:
-            # torch's uint8 antialiased bilinear resize: within one grey level of PIL's, 2x faster
-            top, left = round(top / scale), round(left / scale)
-            h, w = max(1, round(h / scale)), max(1, round(w / scale))
-            views.append(TF.resized_crop(pixels, top, left, h, w, size, antialias=True))
-        return torch.stack(views)
+            return self.from_file(f)
 
-    def _box(self, width: int, height: int) -> tuple:
+    def from_file(self, f: BinaryIO) -> torch.Tensor:
+        """The two views of the image in the open file ``f`` (a file or in-memory bytes)."""
+        img = Image.open(f)
+        width, height = img.size
+        boxes = self.draw_boxes(width, height)
+        scale = 1
+        if self.draft and img.format == "JPEG":
+            smallest = min(min(h, w) for _, _, h, w in boxes)
+            wanted = max(1, smallest // self.crop_size)
+            img.draft("RGB", (math.ceil(width / wanted), math.ceil(height / wanted)))
+            scale = width / img.size[0]
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        pixels = transforms.functional.pil_to_tensor(img)
+        return resized_crops(pixels, boxes, self.crop_size, scale)
+
+    def draw_boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
+        """The query's then the key's RandomResizedCrop box ``(top, left, h, w)`` on a
+        ``width``×``height`` image, from torch's generator: every data path draws them here so
+        that they share the distribution and the order of random numbers."""
         # an empty (0, H, W) tensor tells get_params the size without decoding anything
         shape_only = torch.empty(0, height, width)
-        return transforms.RandomResizedCrop.get_params(shape_only, self.rrc.scale, self.rrc.ratio)
+        return [
+            transforms.RandomResizedCrop.get_params(shape_only, self.rrc.scale, self.rrc.ratio)
+            for _ in range(2)
+        ]

@@ -7,7 +7,7 @@ per-step ``.item()`` for comparison).
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -71,9 +71,13 @@ def train_one_epoch(
     channels_last: bool = False,
     sync_every_step: bool = False,
     health: HealthMonitor | None = None,
+    decode: Callable[[Any, torch.device], tuple[torch.Tensor, int]] | None = None,
 ) -> dict:
     """Train for one pass over ``loader``; return the epoch's mean loss, acc1, img/s,
-    unreadable count and the per-iteration losses."""
+    unreadable count and the per-iteration losses.
+
+    ``decode`` turns a batch of encoded images into uint8 crops on the device and says how many
+    it found unreadable (``--decode-on device``); they count with the loader's."""
     model.train()
     speed = ThroughputMeter()
     world = get_world_size()
@@ -94,6 +98,9 @@ def train_one_epoch(
     start = 0
     for i, (images, _, skipped) in enumerate(bar):
         unreadable += skipped.sum()
+        if decode is not None:
+            images, replaced = decode(images, device)
+            unreadable += replaced
         im_q, im_k = views_to_device(images, device, augment, channels_last)
         with autocast(device, amp):
             logits, labels = model(im_q, im_k)

@@ -21,7 +21,8 @@ from moco_d2.errors import UserError
 from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
 from moco_d2.pretrain.builder import MoCo
 from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
-from moco_d2.pretrain.device_augment import DeviceAugment, TwoCropsLoader
+from moco_d2.pretrain.device_augment import DeviceAugment
+from moco_d2.pretrain.device_decode import decode_setup
 from moco_d2.pretrain.engine import train_one_epoch
 from moco_d2.pretrain.health import (
     MIN_BN_VALUES,
@@ -29,7 +30,11 @@ from moco_d2.pretrain.health import (
     check_bn_groups,
     last_stage_positions,
 )
-from moco_d2.pretrain.speed_flags import add_speed_arguments, resolve_speed_arguments
+from moco_d2.pretrain.speed_flags import (
+    add_speed_arguments,
+    check_speed_arguments,
+    resolve_speed_arguments,
+)
 from moco_d2.training import checkpoint as ckpt
 from moco_d2.training.cli_args import (
     add_training_arguments,
@@ -159,6 +164,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Flags checked by their types; the data folder checked here, before any process starts."""
     args = build_parser().parse_args(argv)
     resolve_train_dir(args.data)
+    check_speed_arguments(args)
     per_process_batch(args.batch_size, max(procs_per_node(args), 1))
     return args
 
@@ -259,9 +265,10 @@ class Pretrainer:
         )
 
         train_dir = resolve_train_dir(args.data)
+        self.decoding = decode_setup(args.decode_on, args.crop_size)
         if args.augment_on == "device":
             self.augment = DeviceAugment(args.aug_plus)
-            self.dataset = TolerantImageFolder(train_dir, load=TwoCropsLoader(args.crop_size))
+            self.dataset = TolerantImageFolder(train_dir, load=self.decoding.load)
         else:
             self.augment = None
             transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
@@ -281,6 +288,7 @@ class Pretrainer:
             num_workers=args.workers,
             pin_memory=device.type == "cuda",
             drop_last=True,
+            collate_fn=self.decoding.collate_fn,
         )
 
         ckpt.seed_all(self.seed)
@@ -405,7 +413,7 @@ class Pretrainer:
         logger.info(
             "MoCo %s: arch %s, %d images, batch %d per process x %d processes, bn-splits %d, "
             "K %d, m %g, T %g, mlp %s, aug+ %s, cos %s, lr %g, seed %d, device %s, augment on %s, "
-            "channels-last %s, compile %s",
+            "decode on %s, channels-last %s, compile %s",
             "v2" if a.mlp and a.aug_plus else "v1-style",
             a.arch,
             len(self.dataset),
@@ -422,6 +430,7 @@ class Pretrainer:
             self.seed,
             self.device,
             a.augment_on,
+            a.decode_on,
             a.channels_last,
             a.compile,
         )
@@ -458,6 +467,7 @@ class Pretrainer:
                 augment=self.augment,
                 channels_last=a.channels_last,
                 health=self.health,
+                decode=self.decoding.decode,
             )
             logger.info(
                 "epoch %d/%d: loss %.4f, acc1 %.2f, lr %.4g, %.1f img/s",
