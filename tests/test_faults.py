@@ -362,6 +362,21 @@ def test_inverted_box_is_refused_by_train_net_check_and_loader(
         load_voc_instances(str(voc_copy / "VOC2007"), "test")
 
 
+def test_unreadable_difficult_in_the_test_split_is_refused_before_training(
+    voc_copy, converted_weights, tmp_path
+):
+    """The evaluator scores the loader's dicts, so preflight's loading is its check too."""
+    xml = _edit_first_box(voc_copy, "test")
+    tree = ET.parse(xml)
+    tree.getroot().find("object").find("difficult").text = "maybe"
+    tree.write(xml)
+    out = tmp_path / "o"
+    result = train_net(voc_copy, "MODEL.WEIGHTS", converted_weights, "OUTPUT_DIR", out)
+    assert_error(result, xml, "object 1", "<difficult> is 'maybe'")
+    assert not (out / "model_final.pth").exists()
+    assert_error(prepare_voc_check(voc_copy), xml, "object 1")
+
+
 def test_box_far_outside_is_an_error_and_on_the_border_is_clipped(voc_copy, caplog):
     from moco_d2.detection.data.voc import load_voc_instances
 
