@@ -394,6 +394,23 @@ def test_box_far_outside_is_an_error_and_on_the_border_is_clipped(voc_copy, capl
         load_voc_instances(str(tree), "test")
 
 
+def test_non_finite_training_loss_stops_train_net_without_metrics(synthetic_voc_root, tmp_path):
+    """Undefined metrics are reported, but a NaN loss still ends the run with an error.
+
+    A zero PIXEL_STD makes every input, hence the loss, non-finite at the first iteration.
+    (Of 2: Detectron2's EvalHook also evaluates after a failure in the last iteration.)
+    """
+    out = tmp_path / "o"
+    result = train_net(
+        synthetic_voc_root, "MODEL.WEIGHTS", "", "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]",
+        "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Starting training from iteration 0" in (out / "log.txt").read_text()
+    assert "nan" in result.stderr.lower()
+    assert not (out / "metrics_voc.json").exists() and not (out / "model_final.pth").exists()
+
+
 def test_resuming_a_finished_train_net_run_has_nothing_to_do(synthetic_voc_root, tmp_path):
     (tmp_path / "last_checkpoint").write_text("model_final.pth")
     torch.save({"model": {}, "iteration": 0}, tmp_path / "model_final.pth")  # MAX_ITER 1 done
