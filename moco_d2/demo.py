@@ -260,7 +260,7 @@ def main(argv: list[str]) -> int:
     make_synthetic_image_folder(
         os.path.join(pretrain_data, "train"), args.pretrain_images, size=96, seed=0
     )
-    # All 20 classes: the VOC metric averages over 20 and scores absent classes as 0.
+    # All 20 classes, as in VOC; enough test images that each class has ground truth.
     make_synthetic_voc(
         voc_root,
         num_train=args.det_train_images,

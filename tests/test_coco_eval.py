@@ -1,7 +1,9 @@
 """train_net's COCO evaluation: COCOEvaluator chosen by metadata, box and mask AP with known
-values from detections built out of the ground truth, and the metrics_coco.json layout."""
+values from detections built out of the ground truth, and the metrics_coco.json layout; an
+area range without ground truth is null with its reason, no detections score 0."""
 
 import json
+import logging
 
 import coco_tiny
 import numpy as np
@@ -13,6 +15,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
 
 from moco_d2.detection.data.coco import register_all_coco, register_coco
+from moco_d2.detection.evaluation import COCODetectionEvaluator
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, COCO_METRICS_FILE, Trainer, coco_metrics
 
 
@@ -29,20 +32,21 @@ class GroundTruthDetector(torch.nn.Module):
     """Outputs the ground truth of each image as detections (score 1), optionally with the
     objects smaller than 32² pixels given a wrong class; evaluation is under test."""
 
-    def __init__(self, dataset_name, wrong_class_for_small=False):
+    def __init__(self, dataset_name, wrong_class_for_small=False, nothing=False):
         super().__init__()
         self.records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
         self.wrong_class_for_small = wrong_class_for_small
+        self.nothing = nothing  # detect nothing at all
 
     def forward(self, inputs):
         outputs = []
         for x in inputs:
             record = self.records[x["image_id"]]
             h, w = record["height"], record["width"]
-            anns = record["annotations"]
+            anns = [] if self.nothing else record["annotations"]
             instances = Instances((h, w))
             boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
-            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+            instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
             instances.scores = torch.ones(len(anns))
             classes = [a["category_id"] for a in anns]
             if self.wrong_class_for_small:
@@ -50,17 +54,19 @@ class GroundTruthDetector(torch.nn.Module):
                 classes = [(c + 1) % 80 if s else c for c, s in zip(classes, small, strict=True)]
             instances.pred_classes = torch.tensor(classes, dtype=torch.int64)
             masks = [polygons_to_bitmask(a["segmentation"], h, w) for a in anns]
-            instances.pred_masks = torch.from_numpy(np.stack(masks))
+            instances.pred_masks = torch.from_numpy(
+                np.stack(masks) if masks else np.zeros((0, h, w))
+            )
             outputs.append({"instances": instances})
         return outputs
 
 
-def _cfg(out, mask_on=True):
+def _cfg(out, mask_on=True, test="coco_2017_val"):
     cfg = get_cfg()
     cfg.merge_from_file("configs/coco_R50_C4_2x.yaml")
     cfg.merge_from_list(
         ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0"]
-        + ["MODEL.MASK_ON", str(mask_on), "OUTPUT_DIR", str(out)]
+        + ["MODEL.MASK_ON", str(mask_on), "OUTPUT_DIR", str(out), "DATASETS.TEST", f"('{test}',)"]
     )
     return cfg
 
@@ -73,6 +79,7 @@ def test_perfect_detections_score_100_for_boxes_and_masks(coco_root, tmp_path):
     assert list(written) == ["coco_2017_val"]
     box = written["coco_2017_val"]
     segm = box.pop("segm")
+    assert box.pop("undefined") == []
     assert box == pytest.approx(full) and segm == pytest.approx(full)
     for task in ("bbox", "segm"):
         assert {k: reported[task][k] for k in COCO_METRIC_NAMES} == pytest.approx(full)
@@ -95,7 +102,10 @@ def test_box_only_model_writes_no_segm_block(coco_root, tmp_path):
     Trainer.test(cfg, GroundTruthDetector("coco_2017_val"))
     written = json.loads((tmp_path / "out" / COCO_METRICS_FILE).read_text())
     assert list(written) == ["coco_2017_val"]
-    assert written["coco_2017_val"] == pytest.approx({name: 100.0 for name in COCO_METRIC_NAMES})
+    assert written["coco_2017_val"] == {
+        **{name: pytest.approx(100.0) for name in COCO_METRIC_NAMES},
+        "undefined": [],
+    }
 
 
 def test_evaluator_is_chosen_by_metadata_not_name(coco_root, tmp_path):
@@ -106,6 +116,7 @@ def test_evaluator_is_chosen_by_metadata_not_name(coco_root, tmp_path):
     )
     try:
         evaluator = Trainer.build_evaluator(_cfg(tmp_path), "voc_lookalike")
+        assert isinstance(evaluator, COCODetectionEvaluator)
         assert isinstance(evaluator, COCOEvaluator)
         assert evaluator._tasks == ("bbox", "segm")
     finally:
@@ -113,9 +124,67 @@ def test_evaluator_is_chosen_by_metadata_not_name(coco_root, tmp_path):
         MetadataCatalog.remove("voc_lookalike")
 
 
+@pytest.fixture(scope="module")
+def coco_without_large(coco_root):
+    """coco_2017_val without its objects in COCO's large area range (above 96² pixels)."""
+    path = coco_root / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    large = [a for a in data["annotations"] if a["area"] > 96**2]
+    assert large, "the synthetic set has a large object per image"
+    data["annotations"] = [a for a in data["annotations"] if a["area"] <= 96**2]
+    filtered = coco_root / "instances_val2017_no_large.json"
+    filtered.write_text(json.dumps(data))
+    register_coco("coco_no_large", str(coco_root / "coco" / "val2017"), str(filtered))
+    yield "coco_no_large"
+    DatasetCatalog.remove("coco_no_large")
+    MetadataCatalog.remove("coco_no_large")
+
+
+def test_area_range_without_ground_truth_is_null_with_the_reason(
+    coco_without_large, tmp_path, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="moco_d2"):
+        Trainer.test(_cfg(tmp_path, test=coco_without_large), GroundTruthDetector("coco_no_large"))
+    written = json.loads((tmp_path / COCO_METRICS_FILE).read_text())["coco_no_large"]
+    defined = {name: pytest.approx(100.0) for name in COCO_METRIC_NAMES if name != "APl"}
+    assert written["segm"] == {**defined, "APl": None}
+    reason = "no ground-truth objects in this area range (large)"
+    assert written.pop("undefined") == [
+        {"metric": "APl", "task": task, "reason": reason} for task in ("bbox", "segm")
+    ]
+    written.pop("segm")
+    assert written == {**defined, "APl": None}
+    path = tmp_path / COCO_METRICS_FILE
+    assert f"coco_no_large: bbox, segm APl undefined, null in {path}: {reason}" in caplog.text
+
+
+@pytest.mark.parametrize("dataset", ["coco_2017_val", "coco_no_large"])
+def test_no_detections_score_zero_where_there_is_ground_truth(
+    coco_without_large, tmp_path, dataset
+):
+    Trainer.test(_cfg(tmp_path, test=dataset), GroundTruthDetector(dataset, nothing=True))
+    written = json.loads((tmp_path / COCO_METRICS_FILE).read_text())[dataset]
+    undefined = {"APl"} if dataset == "coco_no_large" else set()
+    expected = {name: None if name in undefined else 0.0 for name in COCO_METRIC_NAMES}
+    assert written.pop("segm") == expected
+    assert [(u["task"], u["metric"]) for u in written.pop("undefined")] == [
+        (task, name) for task in ("bbox", "segm") for name in sorted(undefined)
+    ]
+    assert written == expected
+
+
 def test_missing_task_or_undefined_ap_stops_with_the_dataset_named():
     values = {name: 50.0 for name in COCO_METRIC_NAMES}
     with pytest.raises(RuntimeError, match="coco_2017_val: the COCO evaluator returned no segm"):
         coco_metrics({"coco_2017_val": {"bbox": values}})
-    with pytest.raises(RuntimeError, match="coco_2017_val: segm APs not finite"):
-        coco_metrics({"coco_2017_val": {"bbox": values, "segm": {**values, "APs": float("nan")}}})
+    # A NaN is an error unless the evaluator said the metric has no ground truth.
+    results = {"coco_2017_val": {"bbox": values, "segm": {**values, "APs": float("nan")}}}
+    with pytest.raises(RuntimeError, match="coco_2017_val: segm APs not finite although"):
+        coco_metrics(results)
+    bbox_aps = [{"metric": "APs", "task": "bbox", "reason": "none small"}]
+    with pytest.raises(RuntimeError, match="coco_2017_val: segm APs not finite although"):
+        coco_metrics(results, undefined={"coco_2017_val": bbox_aps})
+    segm_aps = [{"metric": "APs", "task": "segm", "reason": "none small"}]
+    metrics = coco_metrics(results, undefined={"coco_2017_val": segm_aps})["coco_2017_val"]
+    assert metrics["segm"]["APs"] is None and metrics["APs"] == 50.0
+    assert metrics["undefined"] == segm_aps

@@ -59,3 +59,26 @@ def test_coco_trial_without_a_mask_metric_is_a_user_error(tmp_path):
     assert trials.trial_metrics_path(str(tmp_path / "trial_0")) == str(path)
     with pytest.raises(UserError, match=f"{path}: missing or bad metric 'APl'"):
         trials.read_trial_metrics(str(path))
+
+
+def test_undefined_metrics_average_over_the_trials_that_have_them(tmp_path):
+    """null (an area range without ground truth) is left out of the mean; n/a when in none."""
+    box = [[40.0, 60.0, 43.0, 22.0, 44.0, None], [42.0, 62.0, 45.0, 24.0, 46.0, 50.0]]
+    segm = [[35.0, 57.0, 37.0, 16.0, 37.0, None], [37.0, 59.0, 39.0, 18.0, 39.0, None]]
+    for index in range(2):
+        _write_trial(tmp_path / f"trial_{index}", box[index], segm[index])
+    per_trial = [
+        trials.read_trial_metrics(str(tmp_path / f"trial_{i}" / COCO_METRICS_FILE))
+        for i in range(2)
+    ]
+    assert per_trial[0]["APl"] is None and per_trial[1]["APl"] == 50.0
+    summary = trials.summarize(per_trial)
+    assert summary["AP"] == {"mean": 41.0, "std": pytest.approx(2**0.5), "n": 2}
+    assert summary["APl"] == {"mean": 50.0, "std": 0.0, "n": 1}
+    assert summary["segm"]["APl"] == {"mean": None, "std": None, "n": 0}
+    json.dumps(summary, allow_nan=False)  # strict JSON: no NaN stands in for "undefined"
+    markdown = trials.format_markdown(per_trial, summary, reference=None)
+    rows = [line.split(" | ") for line in markdown.splitlines()]
+    assert rows[2][6] == "n/a" and rows[3][6] == "50.00"  # box APl per trial
+    assert rows[4][6] == "**50.00 ± 0.00** (1 of 2)"
+    assert rows[4][12] == "n/a |"  # mask APl, last column

@@ -362,6 +362,21 @@ def test_inverted_box_is_refused_by_train_net_check_and_loader(
         load_voc_instances(str(voc_copy / "VOC2007"), "test")
 
 
+def test_unreadable_difficult_in_the_test_split_is_refused_before_training(
+    voc_copy, converted_weights, tmp_path
+):
+    """The evaluator scores the loader's dicts, so preflight's loading is its check too."""
+    xml = _edit_first_box(voc_copy, "test")
+    tree = ET.parse(xml)
+    tree.getroot().find("object").find("difficult").text = "maybe"
+    tree.write(xml)
+    out = tmp_path / "o"
+    result = train_net(voc_copy, "MODEL.WEIGHTS", converted_weights, "OUTPUT_DIR", out)
+    assert_error(result, xml, "object 1", "<difficult> is 'maybe'")
+    assert not (out / "model_final.pth").exists()
+    assert_error(prepare_voc_check(voc_copy), xml, "object 1")
+
+
 def test_box_far_outside_is_an_error_and_on_the_border_is_clipped(voc_copy, caplog):
     from moco_d2.detection.data.voc import load_voc_instances
 
@@ -377,6 +392,23 @@ def test_box_far_outside_is_an_error_and_on_the_border_is_clipped(voc_copy, capl
     _edit_first_box(voc_copy, "test", xmax=width + 3)
     with pytest.raises(UserError, match=f"{xml}, object 1 .*outside"):
         load_voc_instances(str(tree), "test")
+
+
+def test_non_finite_training_loss_stops_train_net_without_metrics(synthetic_voc_root, tmp_path):
+    """Undefined metrics are reported, but a NaN loss still ends the run with an error.
+
+    A zero PIXEL_STD makes every input, hence the loss, non-finite at the first iteration.
+    (Of 2: Detectron2's EvalHook also evaluates after a failure in the last iteration.)
+    """
+    out = tmp_path / "o"
+    result = train_net(
+        synthetic_voc_root, "MODEL.WEIGHTS", "", "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]",
+        "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out,
+    )  # fmt: skip
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Starting training from iteration 0" in (out / "log.txt").read_text()
+    assert "nan" in result.stderr.lower()
+    assert not (out / "metrics_voc.json").exists() and not (out / "model_final.pth").exists()
 
 
 def test_resuming_a_finished_train_net_run_has_nothing_to_do(synthetic_voc_root, tmp_path):

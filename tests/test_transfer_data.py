@@ -49,6 +49,27 @@ def test_loads_boxes_classes_and_difficult(voc_dir):
     assert cat["category_id"] == CLASS_NAMES.index("cat") and cat["difficult"] == 0
 
 
+@pytest.mark.parametrize(
+    "written, read",
+    [("1", 1), ("0", 0), (" YES ", 1), ("no", 0), ("True", 1), ("false", 0), ("", 0)],
+)
+def test_difficult_spellings_of_annotation_tools(voc_dir, written, read):
+    path = voc_dir / "Annotations" / "000001.xml"
+    path.write_text(
+        ANNOTATION.replace("<difficult>1</difficult>", f"<difficult>{written}</difficult>")
+    )
+    (record,) = load_voc_instances(str(voc_dir), "test")
+    assert [a["difficult"] for a in record["annotations"]] == [read, 0]
+
+
+def test_decimal_coordinates_are_kept_and_pose_truncated_optional(voc_dir):
+    path = voc_dir / "Annotations" / "000001.xml"
+    path.write_text(ANNOTATION.replace("<xmin>1</xmin>", "<xmin>17.5</xmin>"))
+    assert "<pose>" not in ANNOTATION and "<truncated>" not in ANNOTATION
+    (record,) = load_voc_instances(str(voc_dir), "test")
+    assert record["annotations"][0]["bbox"] == [16.5, 1.0, 30.0, 40.0]
+
+
 def expect_error(voc_dir, path):
     with pytest.raises(UserError) as e:
         load_voc_instances(str(voc_dir), "test")
@@ -86,6 +107,10 @@ def test_missing_annotation(voc_dir):
         (ANNOTATION.replace("<xmax>30</xmax>", "<xmax>3O</xmax>"), "3O"),
         (ANNOTATION.replace("<name>dog</name>", "<name>dragon</name>"), "dragon"),
         (ANNOTATION.replace("<width>60</width>", ""), "width"),
+        (
+            ANNOTATION.replace("<difficult>1</difficult>", "<difficult>maybe</difficult>"),
+            "object 1 (dog): <difficult> is 'maybe' (expected 0 or 1",
+        ),
     ],
 )
 def test_malformed_annotation(voc_dir, broken, reason):

@@ -86,5 +86,5 @@ def test_train_net_two_cpu_processes(registered_voc, tmp_path, monkeypatch):
     assert "World size: 2" in log and "Running precise-BN" in log
     assert "NORM: naiveSyncBN" in (out / "config.yaml").read_text()
     metrics = json.loads((out / METRICS_FILE).read_text())
-    assert set(metrics["voc_2007_test"]) == {"AP", "AP50", "AP75"}
+    assert set(metrics["voc_2007_test"]) == {"AP", "AP50", "AP75", "per_class", "undefined"}
     assert (out / "model_final.pth").exists()

@@ -13,6 +13,7 @@ import torch
 from transfer_tiny import TINY_OPTS
 
 import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.detection.data.voc import CLASS_NAMES, load_voc_instances
 from moco_d2.detection.trainer import METRICS_FILE
 
 
@@ -44,8 +45,14 @@ def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_pa
     metrics = json.loads((out / METRICS_FILE).read_text())
     assert set(metrics) == {"voc_2007_test"}
     values = metrics["voc_2007_test"]
-    assert set(values) == {"AP", "AP50", "AP75"}
-    assert all(math.isfinite(v) and 0 <= v <= 100 for v in values.values())
+    assert set(values) == {"AP", "AP50", "AP75", "per_class", "undefined"}
+    assert all(math.isfinite(values[k]) and 0 <= values[k] <= 100 for k in ("AP", "AP50", "AP75"))
+    # The classes absent from the synthetic test split have no AP.
+    test_split = load_voc_instances(str(synthetic_voc_root / "VOC2007"), "test")
+    present = {CLASS_NAMES[a["category_id"]] for d in test_split for a in d["annotations"]}
+    nulls = {c for c, v in values["per_class"].items() if v["AP"] is None}
+    assert nulls == set(CLASS_NAMES) - present
+    assert {u["class"] for u in values["undefined"]} == nulls
     assert [f"{values[k]:.2f}" for k in ("AP", "AP50", "AP75")] == list(printed.groups())
     log = (out / "log.txt").read_text()
     assert "Running precise-BN for 2 iterations" in log
@@ -100,4 +107,6 @@ def test_one_gpu_keeps_sync_bn(synthetic_voc_root, converted_weights, tmp_path):
         "AP",
         "AP50",
         "AP75",
+        "per_class",
+        "undefined",
     }

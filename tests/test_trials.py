@@ -106,10 +106,10 @@ def test_summary_statistics_against_known_values():
         {"AP": 54.0, "AP50": 81.0, "AP75": 57.0},
     ]
     summary = trials.summarize(per_trial)
-    assert summary["AP"] == {"mean": 52.0, "std": 2.0}
-    assert summary["AP50"] == {"mean": 81.0, "std": 1.0}
-    assert summary["AP75"] == {"mean": 57.0, "std": 2.0}
-    assert trials.summarize(per_trial[:1])["AP"] == {"mean": 50.0, "std": 0.0}
+    assert summary["AP"] == {"mean": 52.0, "std": 2.0, "n": 3}
+    assert summary["AP50"] == {"mean": 81.0, "std": 1.0, "n": 3}
+    assert summary["AP75"] == {"mean": 57.0, "std": 2.0, "n": 3}
+    assert trials.summarize(per_trial[:1])["AP"] == {"mean": 50.0, "std": 0.0, "n": 1}
 
 
 def test_unreadable_trial_metrics_is_a_user_error(tmp_path):

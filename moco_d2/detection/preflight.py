@@ -113,7 +113,9 @@ def _registered(name: str, key: str) -> None:
 
 def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Every dataset used is registered, its files exist, and it has images (training: with
-    annotations). Loading validates every annotation, once, here."""
+    annotations). Loading validates every annotation, once, here. A VOC test set's dicts are
+    also what its evaluator scores against (:mod:`moco_d2.detection.evaluation`), so an
+    annotation the evaluation could not read is refused here, not after training."""
     used = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]
     if not args.eval_only:
         used = [("DATASETS.TRAIN", n) for n in cfg.DATASETS.TRAIN] + used

@@ -11,12 +11,13 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from moco_d2.detection import compat
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.detection.evaluation import COCODetectionEvaluator, VOCDetectionEvaluator
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_write_text
 
@@ -68,9 +69,9 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         metadata = MetadataCatalog.get(dataset_name)
         evaluator_type = metadata.get("evaluator_type")
         if evaluator_type == "pascal_voc":
-            return PascalVOCDetectionEvaluator(dataset_name)
+            return VOCDetectionEvaluator(dataset_name)
         if evaluator_type == "coco" and metadata.get("json_file"):
-            return COCOEvaluator(
+            return COCODetectionEvaluator(
                 dataset_name,
                 tasks=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
                 output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
@@ -90,81 +91,158 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         model: torch.nn.Module,
         evaluators: DatasetEvaluator | list[DatasetEvaluator] | None = None,
     ) -> dict:
-        """DefaultTrainer.test, then the AP metrics per dataset printed and written to JSON."""
+        """DefaultTrainer.test, then the AP metrics per dataset printed and written to JSON;
+        a metric an evaluator lists as undefined is written as null, with the reason."""
+        if evaluators is None:
+            evaluators = [cls.build_evaluator(cfg, name) for name in cfg.DATASETS.TEST]
+        elif isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             # DefaultTrainer.test unwraps the results of a single dataset.
             single = len(cfg.DATASETS.TEST) == 1
             per_dataset = {cfg.DATASETS.TEST[0]: results} if single else results
+            undefined = {
+                name: getattr(evaluator, "undefined", [])
+                for name, evaluator in zip(cfg.DATASETS.TEST, evaluators, strict=True)
+            }
             by_type = {}
             for name, res in per_dataset.items():
                 by_type.setdefault(MetadataCatalog.get(name).get("evaluator_type"), {})[name] = res
             if "pascal_voc" in by_type:
-                write_metrics(by_type["pascal_voc"], cfg.OUTPUT_DIR)
+                write_metrics(by_type["pascal_voc"], cfg.OUTPUT_DIR, undefined)
             if "coco" in by_type:
                 tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-                write_coco_metrics(by_type["coco"], cfg.OUTPUT_DIR, tasks)
+                write_coco_metrics(by_type["coco"], cfg.OUTPUT_DIR, tasks, undefined)
         return results
 
 
-def box_metrics(results: dict) -> dict[str, dict[str, float]]:
-    """``{dataset: {"AP", "AP50", "AP75"}}`` from the evaluators' ``{dataset: {"bbox": ...}}``."""
-    return {
-        name: {key: float(res["bbox"][key]) for key in METRIC_NAMES}
-        for name, res in results.items()
-    }
+def _metric_key(entry: dict) -> tuple[str, str]:
+    """``(task, key in the evaluator's results)`` of an ``undefined`` entry."""
+    cls = entry.get("class")
+    return entry["task"], entry["metric"] + (f"-{cls}" if cls else "")
 
 
-def write_metrics(results: dict, output_dir: str) -> dict[str, dict[str, float]]:
+def checked_values(
+    name: str, task: str, values: dict, keys: list[str], undefined: list[dict]
+) -> dict[str, float | None]:
+    """``{key: value}``, None for a metric listed as undefined; any other non-finite value
+    stops with the dataset named ("finite is not healthy")."""
+    missing = {_metric_key(entry) for entry in undefined}
+    checked, bad = {}, []
+    for key in keys:
+        value = float(values[key])
+        if (task, key) in missing:
+            checked[key] = None
+        elif math.isfinite(value):
+            checked[key] = value
+        else:
+            bad.append(key)
+    if bad:
+        raise RuntimeError(
+            f"{name}: {task} {', '.join(bad)} not finite although the test set has ground "
+            "truth for it (NaN detections from a diverged model?)"
+        )
+    return checked
+
+
+def _format(values: dict, keys: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {'n/a' if values[k] is None else f'{values[k]:.2f}'}" for k in keys)
+
+
+def log_undefined(name: str, undefined: list[dict], path: str) -> None:
+    """One line per reason, in words: which metrics are undefined, written as null."""
+    by_reason = {}
+    for entry in undefined:
+        group = by_reason.setdefault(entry["reason"], ({}, {}, {}))
+        for names, key in zip(group, ("task", "metric", "class"), strict=True):
+            if key in entry:
+                names[entry[key]] = None  # an ordered set
+    for reason, (tasks, metrics, classes) in by_reason.items():
+        of = f" of {len(classes)} classes ({', '.join(classes)})" if classes else ""
+        logger.warning(
+            "%s: %s %s%s undefined, null in %s: %s",
+            name,
+            ", ".join(tasks),
+            ", ".join(metrics),
+            of,
+            path or "the results",
+            reason,
+        )
+
+
+def box_metrics(results: dict, undefined: dict[str, list[dict]] | None = None) -> dict:
+    """``{dataset: {"AP", "AP50", "AP75", "per_class": {class: {...}}, "undefined": [...]}}``
+    from the evaluators' ``{dataset: {"bbox": ...}}``; undefined values are None."""
+    metrics = {}
+    for name, res in results.items():
+        missing = (undefined or {}).get(name, [])
+        box = res["bbox"]
+        classes = [key[len("AP50-") :] for key in box if key.startswith("AP50-")]
+        keys = list(METRIC_NAMES) + [f"{m}-{c}" for c in classes for m in METRIC_NAMES]
+        values = checked_values(name, "bbox", box, keys, missing)
+        metrics[name] = {key: values[key] for key in METRIC_NAMES}
+        if classes:
+            metrics[name]["per_class"] = {
+                c: {m: values[f"{m}-{c}"] for m in METRIC_NAMES} for c in classes
+            }
+        metrics[name]["undefined"] = missing
+    return metrics
+
+
+def write_metrics(
+    results: dict, output_dir: str, undefined: dict[str, list[dict]] | None = None
+) -> dict:
     """Log AP, AP50, AP75 per test dataset and write them to ``output_dir/metrics_voc.json``."""
-    metrics = box_metrics(results)
+    metrics = box_metrics(results, undefined)
+    path = os.path.join(output_dir, METRICS_FILE) if output_dir else ""
     for name, values in metrics.items():
-        logger.info("%s: %s", name, "  ".join(f"{k} {v:.2f}" for k, v in values.items()))
+        logger.info("%s: %s", name, _format(values, METRIC_NAMES))
+        log_undefined(name, values["undefined"], path)
     if output_dir:
-        path = os.path.join(output_dir, METRICS_FILE)
-        atomic_write_text(json.dumps(metrics, indent=2) + "\n", path)
+        atomic_write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", path)
         logger.info("AP, AP50, AP75 written to %s", path)
     return metrics
 
 
-def coco_metrics(results: dict, tasks: tuple[str, ...] = ("bbox", "segm")) -> dict:
-    """``{dataset: {"AP", ..., "APl", "segm": {"AP", ..., "APl"}}}``: box AP at the top, as in
-    the VOC file, and one block per further task; a missing task or a non-finite value (no
-    detections, or no ground truth in an area range) stops with the dataset named.
+def coco_metrics(
+    results: dict,
+    tasks: tuple[str, ...] = ("bbox", "segm"),
+    undefined: dict[str, list[dict]] | None = None,
+) -> dict:
+    """``{dataset: {"AP", ..., "APl", "segm": {"AP", ..., "APl"}, "undefined": [...]}}``: box
+    AP at the top, as in the VOC file, and one block per further task; undefined values are
+    None, a missing task or any other non-finite value stops with the dataset named.
     """
     metrics = {}
     for name, res in results.items():
+        missing = (undefined or {}).get(name, [])
         blocks = {}
         for task in tasks:
             if not res.get(task):
                 raise RuntimeError(
-                    f"{name}: the COCO evaluator returned no {task} AP (no detections?)"
+                    f"{name}: the COCO evaluator returned no {task} AP (no test images?)"
                 )
-            values = {key: float(res[task][key]) for key in COCO_METRIC_NAMES}
-            bad = [key for key, value in values.items() if not math.isfinite(value)]
-            if bad:
-                raise RuntimeError(
-                    f"{name}: {task} {', '.join(bad)} not finite (COCOeval found no ground truth "
-                    "in that area range, or no detections)"
-                )
-            blocks[task] = values
-        metrics[name] = {**blocks.pop("bbox"), **blocks}
+            blocks[task] = checked_values(name, task, res[task], COCO_METRIC_NAMES, missing)
+        metrics[name] = {**blocks.pop("bbox"), **blocks, "undefined": missing}
     return metrics
 
 
 def write_coco_metrics(
-    results: dict, output_dir: str, tasks: tuple[str, ...] = ("bbox", "segm")
+    results: dict,
+    output_dir: str,
+    tasks: tuple[str, ...] = ("bbox", "segm"),
+    undefined: dict[str, list[dict]] | None = None,
 ) -> dict:
     """Log box and mask AP per COCO test dataset; write them to ``output_dir/metrics_coco.json``."""
-    metrics = coco_metrics(results, tasks)
+    metrics = coco_metrics(results, tasks, undefined)
+    path = os.path.join(output_dir, COCO_METRICS_FILE) if output_dir else ""
     for name, values in metrics.items():
         for task in tasks:
             block = values if task == "bbox" else values[task]
-            logger.info(
-                "%s %s: %s", name, task, "  ".join(f"{k} {block[k]:.2f}" for k in COCO_METRIC_NAMES)
-            )
+            logger.info("%s %s: %s", name, task, _format(block, COCO_METRIC_NAMES))
+        log_undefined(name, values["undefined"], path)
     if output_dir:
-        path = os.path.join(output_dir, COCO_METRICS_FILE)
-        atomic_write_text(json.dumps(metrics, indent=2) + "\n", path)
+        atomic_write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", path)
         logger.info("COCO %s AP written to %s", " and ".join(tasks), path)
     return metrics

@@ -53,9 +53,15 @@ def trial_metrics_path(directory: str) -> str:
     return os.path.join(directory, METRICS_FILE)
 
 
+def _metric(value: Any) -> float | None:
+    """A metric as written by train_net: a number, or null where it is undefined."""
+    return None if value is None else float(value)
+
+
 def read_trial_metrics(path: str) -> dict:
     """The (single) test dataset's metrics in one trial's file: ``{"AP", "AP50", "AP75"}``
     for VOC; for COCO box ``AP`` ... ``APl`` and, for Mask R-CNN, a ``"segm"`` block of the same.
+    An undefined metric (null in the file) is None.
     """
     try:
         with open(path) as f:
@@ -67,9 +73,9 @@ def read_trial_metrics(path: str) -> dict:
     (values,) = metrics.values()
     names = COCO_METRIC_NAMES if "APs" in values else METRIC_NAMES
     try:
-        trial = {name: float(values[name]) for name in names}
+        trial = {name: _metric(values[name]) for name in names}
         if "segm" in values:
-            trial["segm"] = {name: float(values["segm"][name]) for name in COCO_METRIC_NAMES}
+            trial["segm"] = {name: _metric(values["segm"][name]) for name in COCO_METRIC_NAMES}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: missing or bad metric {e}") from None
     return trial
@@ -170,13 +176,15 @@ def run_trial(
 
 
 def summarize(per_trial: list[dict]) -> dict:
-    """Mean and sample standard deviation (n-1) of each metric over trials; box metrics at the
-    top level and, when the trials have masks, a ``"segm"`` block of the same."""
+    """Mean and sample standard deviation (n-1) of each metric over the ``n`` trials where it
+    is defined (None when it is in none); box metrics at the top level and, when the trials
+    have masks, a ``"segm"`` block of the same."""
     summary = {}
     for name in (name for name in per_trial[0] if name != "segm"):
-        values = [trial[name] for trial in per_trial]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary[name] = {"mean": statistics.fmean(values), "std": std}
+        values = [trial[name] for trial in per_trial if trial[name] is not None]
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        summary[name] = {"mean": mean, "std": std, "n": len(values)}
     if "segm" in per_trial[0]:
         summary["segm"] = summarize([trial["segm"] for trial in per_trial])
     return summary
@@ -206,12 +214,19 @@ def format_markdown(per_trial: list[dict], summary: dict, reference: str | None)
         "|---|" + "---|" * len(columns),
     ]
     for index, trial in enumerate(per_trial):
-        lines.append(f"| trial {index} | " + cells(trial, lambda v: f"{v:.2f}") + " |")
-    lines.append(
-        f"| **mean ± std ({len(per_trial)} trials)** | "
-        + cells(summary, lambda v: f"**{v['mean']:.2f} ± {v['std']:.2f}**")
-        + " |"
-    )
+        lines.append(
+            f"| trial {index} | "
+            + cells(trial, lambda v: "n/a" if v is None else f"{v:.2f}")
+            + " |"
+        )
+
+    def mean_std(v: dict) -> str:
+        if v["mean"] is None:
+            return "n/a"
+        partial = f" ({v['n']} of {len(per_trial)})" if v["n"] < len(per_trial) else ""
+        return f"**{v['mean']:.2f} ± {v['std']:.2f}**{partial}"
+
+    lines.append(f"| **mean ± std ({len(per_trial)} trials)** | " + cells(summary, mean_std) + " |")
     if reference and set(per_trial[0]) == set(METRIC_NAMES):
         published = VOC_DETECTION[reference]
         lines.append(

@@ -117,9 +117,8 @@ def make_synthetic_voc(
     ``{dataset name: number of images}``. Files are written fresh; ``root`` must not
     already hold a VOC tree.
 
-    The VOC metric averages over all 20 classes and scores a class absent from the test
-    split as 0, so with ``num_classes_used`` k the reported AP is at most k/20 of the
-    per-class AP of the classes used (use 20 for an undiluted number).
+    The VOC metric averages over the classes present in the test split; the others are
+    reported as undefined (``moco_d2.detection.evaluation``).
     """
     if num_train < 2 or num_test < 1:
         raise ValueError("need num_train >= 2 (VOC2007 and VOC2012) and num_test >= 1")

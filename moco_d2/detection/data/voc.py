@@ -11,6 +11,12 @@ never be matched, in training Detectron2 drops it without a word. An inverted or
 split listing no image are errors naming the file and the object. A box that touches or
 crosses the border by up to a pixel is clipped to the image, as VOC practice does, and
 counted in the log.
+
+This parser is also the ground truth of the evaluator (:mod:`moco_d2.detection.evaluation`),
+so an annotation either fails here, before training, or is scored as read here. Coordinates
+are used as written, decimals kept: the VOC devkit reads them with ``str2double`` and does
+not round. ``<pose>`` and ``<truncated>`` are optional, as in the devkit; ``<difficult>`` is
+0/1, yes/no or true/false (any case), missing meaning 0.
 """
 
 import logging
@@ -120,6 +126,24 @@ def _number(node, tag, path, kind=float):
         raise UserError(f"malformed VOC annotation {path}: <{tag}> is {text!r}") from None
 
 
+# <difficult> spellings that annotation tools write; anything else is refused.
+_DIFFICULT = {"0": 0, "1": 1, "no": 0, "yes": 1, "false": 0, "true": 1}
+
+
+def _difficult(obj, where):
+    node = obj.find("difficult")
+    text = (node.text or "").strip() if node is not None else ""
+    if not text:
+        return 0
+    try:
+        return _DIFFICULT[text.lower()]
+    except KeyError:
+        raise UserError(
+            f"malformed VOC annotation {where}: <difficult> is {text!r} "
+            "(expected 0 or 1; yes/no and true/false are read too)"
+        ) from None
+
+
 def _checked_box(box, width, height, where):
     """VOC's 1-based inclusive box as 0-based XYXY, clipped; ``(box, clipped?)``."""
     x0, y0, x1, y1 = box
@@ -169,20 +193,20 @@ def parse_annotation(path: str, class_names: list[str]) -> tuple[dict, int]:
         box = obj.find("bndbox")
         if box is None:
             raise UserError(f"malformed VOC annotation {path}: <object> without <bndbox>")
+        where = f"{path}, object {index} ({name})"
         bbox, was_clipped = _checked_box(
             [_number(box, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax")],
             record["width"],
             record["height"],
-            f"{path}, object {index} ({name})",
+            where,
         )
         clipped += was_clipped
-        difficult = obj.find("difficult")
         objects.append(
             {
                 "category_id": class_names.index(name),
                 "bbox": bbox,
                 "bbox_mode": BoxMode.XYXY_ABS,
-                "difficult": int(difficult.text) if difficult is not None and difficult.text else 0,
+                "difficult": _difficult(obj, where),
             }
         )
     record["annotations"] = objects
