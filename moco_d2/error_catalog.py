@@ -50,6 +50,7 @@ PACKAGE = os.path.dirname(os.path.abspath(__file__))
 ROOTS = {
     "UserError": "moco_d2.cli.run_tool prints `error: MESSAGE`, exit 2",
     "InstallError": "python -m moco_d2.install_detectron2 prints `error: MESSAGE`, exit 2",
+    "NothingToDo": "pretraining logs `nothing to do: MESSAGE`, exit 0",
     "ArgumentTypeError": "argparse reports `argument FLAG: MESSAGE` through "
     "moco_d2.cli.ArgumentParser.error, a UserError",
 }

@@ -71,6 +71,7 @@ class Trunk:
     tensors: dict[str, torch.Tensor]  # torchvision name → tensor; may be incomplete
     dropped: list[str]  # names (as in the file) left out on purpose
     arch: str | None = None  # the ``arch`` the file records, if any
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)  # torchvision → file name
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -208,10 +209,17 @@ def find_trunk(obj: Any, path: str) -> Trunk:
         if prefix:
             layout += f" with {prefix}* names"
     dropped += [k for n, k in names.items() if _NOT_TRUNK.fullmatch(n)]
-    tensors = {n: state[k] for n, k in names.items() if not _NOT_TRUNK.fullmatch(n)}
-    if not tensors:
+    sources = {n: k for n, k in names.items() if not _NOT_TRUNK.fullmatch(n)}
+    if not sources:
         raise UserError(f"{path} ({layout}) has no trunk weights, only a head")
-    return Trunk(kind=kind, format=layout, tensors=tensors, dropped=sorted(dropped), arch=arch)
+    return Trunk(
+        kind=kind,
+        format=layout,
+        tensors={n: state[k] for n, k in sources.items()},
+        dropped=sorted(dropped),
+        arch=arch,
+        sources=sources,
+    )
 
 
 def read_trunk(path: str) -> Trunk:

@@ -226,6 +226,10 @@ def bad_inputs(r50, d):
     no_buffer = released(r50)
     del no_buffer["state_dict"]["module.encoder_q.layer3.5.bn3.running_mean"]
     wrong_prefix = {"state_dict": {"module.backbone." + k: v for k, v in r50.items()}}
+    nan = released(r50)  # two bad tensors: the first in torchvision order is named
+    nan["state_dict"] = {k: v.clone() for k, v in nan["state_dict"].items()}
+    nan["state_dict"]["module.encoder_q.layer4.2.conv3.weight"][0, 0] = float("inf")
+    nan["state_dict"]["module.encoder_q.layer2.1.bn2.running_var"][:3] = float("nan")
     cases = {
         "missing": (d / "nope.pth", None, "no such file: "),
         "directory": (d, None, "is a directory"),
@@ -244,6 +248,12 @@ def bad_inputs(r50, d):
         "bn buffer": (d / "nobuf.pth", no_buffer, "1 missing (layer3.5.bn3.running_mean)"),
         "prefix": (d / "prefix.pth", wrong_prefix, "265 missing (conv1.weight, bn1.weight"),
         "code": (d / "code.pth", {"state_dict": {}, "hook": Custom()}, "refused to load"),
+        "non-finite": (
+            d / "nan.pth.tar",
+            nan,
+            "tensor module.encoder_q.layer2.1.bn2.running_var holds non-finite values "
+            "(3 NaN, 0 inf of 128)",
+        ),
         "plain pickle": (
             d / "converted.pkl",
             pickle.dumps({"model": {"a": np.zeros(2)}}),
@@ -284,6 +294,7 @@ def bad(r50, tmp_path_factory):
         "code",
         "plain pickle",
         "truncated",
+        "non-finite",
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_output(bad, case, tmp_path, capsys):
@@ -305,7 +316,7 @@ def test_output_must_be_pkl_for_detectron2(bad, tmp_path, capsys):
     assert code == 2 and "must end in .pkl" in err and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("case", ["truncated", "resnet18"])
+@pytest.mark.parametrize("case", ["truncated", "resnet18", "non-finite"])
 def test_real_tool_fails_cleanly(bad, case, tmp_path):
     path, _, says = bad[case]
     result = subprocess.run(

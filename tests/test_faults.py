@@ -171,6 +171,19 @@ def test_lincls_stops_on_a_nan_loss_and_writes_no_results(lincls_data, tmp_path)
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_lincls_nan_loss_under_multiprocessing_is_one_line(lincls_data, tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"].fill_(float("nan"))
+    torch.save(state, tmp_path / "broken.pth")
+    result = lincls(
+        lincls_data, tmp_path / "out", "--pretrained", tmp_path / "broken.pth",
+        "--multiprocessing-distributed", "--nproc-per-node", "2",
+    )  # fmt: skip
+    assert_error(result, "not finite", tmp_path / "broken.pth")
+    assert "ProcessExitedException" not in result.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_lincls_cleans_temporaries_writes_strict_json_and_resume_of_a_finished_run(
     lincls_data, tmp_path
 ):

@@ -156,6 +156,30 @@ def test_resume_continues_the_run(data, pretrained, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
+def test_resume_with_other_pretrained_weights_is_refused_before_training(
+    data, pretrained, tmp_path, capsys
+):
+    common = [str(data), *SMALL, "--lr", "0.05", "--output-dir", str(tmp_path / "run")]
+    main([*common, "--epochs", "1", "--pretrained", pretrained])
+    checkpoint = tmp_path / "run" / "checkpoint.pth.tar"
+    before = checkpoint.read_bytes()
+    other = torchvision.models.resnet18().state_dict()  # another (random) trunk
+    torch.save(other, tmp_path / "other.pth")
+    capsys.readouterr()  # the first run's progress bars
+    code, err = run_cli(
+        [*common, "--epochs", "2", "--pretrained", str(tmp_path / "other.pth")]
+        + ["--resume", str(checkpoint)],
+        capsys,
+    )
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(
+        f"error: --resume {checkpoint} was trained on other pretrained weights than "
+        f"--pretrained {tmp_path / 'other.pth'}: "
+    )
+    assert "trunk tensors differ (bn1.running_mean, bn1.running_var, conv1.weight, " in err[0]
+    assert checkpoint.read_bytes() == before  # no epoch ran
+
+
 def test_resume_from_a_pretraining_checkpoint(data, pretrained, tmp_path, capsys):
     code, err = run_cli(
         [str(data), *SMALL, "--resume", pretrained, "--output-dir", str(tmp_path)], capsys

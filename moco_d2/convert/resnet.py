@@ -1,4 +1,5 @@
-"""The ResNet-50 trunk: its 265 tensors, their Detectron2 names, and the completeness check.
+"""The ResNet-50 trunk: its 265 tensors, their Detectron2 names, and the completeness and
+finiteness checks.
 
 Renaming by string replacement "converts" a ResNet-18 or a wrongly prefixed checkpoint
 without complaint; here every name is parsed, and the whole trunk must be present with the
@@ -128,3 +129,17 @@ def check_complete(trunk: Mapping[str, "torch.Tensor"]) -> None:
     depth = guess_depth(trunk)
     looks = f"; it looks like {depth}" if depth and depth != "ResNet-50" else ""
     raise UserError(f"not a complete ResNet-50 trunk{looks}: " + "; ".join(problems))
+
+
+def check_finite(trunk: Mapping[str, "torch.Tensor"], sources: Mapping[str, str]) -> None:
+    """Raise :class:`UserError` naming the first tensor (in torchvision order, by its name in
+    the file) holding NaN or inf: a diverged run must not become detection weights."""
+    for name in resnet50_shapes():
+        values = trunk[name]
+        if values.is_floating_point() and not bool(values.isfinite().all()):
+            nan = int(values.isnan().sum())
+            inf = int(values.isinf().sum())
+            raise UserError(
+                f"tensor {sources.get(name, name)} holds non-finite values ({nan} NaN, {inf} inf "
+                f"of {values.numel()}): the pretraining run diverged or the file is damaged"
+            )

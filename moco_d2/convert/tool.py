@@ -21,6 +21,7 @@ def convert(input_path: str) -> tuple[weights.Trunk, dict[str, str]]:
     trunk = weights.read_trunk(input_path)
     try:
         resnet.check_complete(trunk.tensors)
+        resnet.check_finite(trunk.tensors, trunk.sources)
     except UserError as e:
         raise UserError(f"{input_path} ({trunk.format}): {e}; nothing written") from None
     return trunk, {name: resnet.to_detectron2(name) for name in resnet.resnet50_shapes()}

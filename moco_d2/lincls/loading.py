@@ -52,13 +52,30 @@ def load_pretrained(model: torch.nn.Module, path: str, arch: str) -> dict[str, t
     return state
 
 
+def _differing(model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> set[str]:
+    current = model.state_dict()
+    return {k for k, v in pretrained.items() if not torch.equal(current[k].cpu(), v)}
+
+
 def check_backbone_unchanged(model: torch.nn.Module, path: str) -> None:
     """Compare every trunk tensor (BN running stats too) with the file: the freeze worked."""
-    pretrained = weights.read_trunk(path).tensors
-    current = model.state_dict()
-    changed = [k for k, v in pretrained.items() if not torch.equal(current[k].cpu(), v)]
+    changed = _differing(model, weights.read_trunk(path).tensors)
     if changed:
         raise RuntimeError(
-            f"backbone changed during linear classification: {_listed(set(changed))}; "
+            f"backbone changed during linear classification: {_listed(changed)}; "
             "the freeze is broken"
+        )
+
+
+def check_resumed_backbone(
+    model: torch.nn.Module, pretrained: dict[str, torch.Tensor], resume: str, path: str
+) -> None:
+    """A resumed classifier must sit on the ``--pretrained`` trunk it was trained on: checked
+    when it loads, not by the sanity check after training."""
+    differ = _differing(model, pretrained)
+    if differ:
+        raise UserError(
+            f"--resume {resume} was trained on other pretrained weights than --pretrained "
+            f"{path}: trunk tensors differ ({_listed(differ)}); "
+            "resume with the --pretrained of that run, or start a new --output-dir"
         )

@@ -16,7 +16,7 @@ from moco_d2 import weights
 from moco_d2.errors import UserError
 from moco_d2.lincls.data import build_datasets
 from moco_d2.lincls.engine import evaluate, train_one_epoch
-from moco_d2.lincls.loading import check_backbone_unchanged, load_pretrained
+from moco_d2.lincls.loading import check_backbone_unchanged, check_resumed_backbone, load_pretrained
 from moco_d2.lincls.model import build_model, build_optimizer, unwrap
 from moco_d2.training.amp import bf16_supported
 from moco_d2.training.checkpoint import (
@@ -70,9 +70,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     """
     train_set, val_set = build_datasets(args.data, args.crop_size, args.resize)
     model = build_model(args.arch, num_classes=len(train_set.classes))
-    if args.pretrained:
-        load_pretrained(model, args.pretrained, args.arch)
+    pretrained = load_pretrained(model, args.pretrained, args.arch) if args.pretrained else None
     resumed = _load_resume(args.resume, model, args) if args.resume else None
+    if resumed is not None and pretrained is not None:
+        check_resumed_backbone(model, pretrained, args.resume, args.pretrained)
     return train_set, val_set, model, resumed
 
 

@@ -30,6 +30,13 @@ from moco_d2.pretrain.health import (
     check_bn_groups,
     last_stage_positions,
 )
+from moco_d2.pretrain.resume import (
+    NothingToDo,
+    check_epochs,
+    check_resume,
+    check_unfinished,
+    recorded_settings,
+)
 from moco_d2.pretrain.speed_flags import (
     add_speed_arguments,
     check_speed_arguments,
@@ -165,6 +172,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     resolve_train_dir(args.data)
     check_speed_arguments(args)
+    check_epochs(args)
     per_process_batch(args.batch_size, max(procs_per_node(args), 1))
     return args
 
@@ -184,6 +192,8 @@ def main_worker(local_rank: int, args: argparse.Namespace) -> None:
     handlers = setup_logging(args.output_dir if is_main else None, is_main)
     try:
         Pretrainer(args, device).run()
+    except NothingToDo as e:
+        logger.info("%s", e)
     finally:
         teardown_logging(handlers)
         cleanup()
@@ -263,6 +273,11 @@ class Pretrainer:
             last_stage_positions(base_encoder, args.crop_size),
             args.crop_size,
         )
+        self.settings = recorded_settings(args, self.bn_splits, self.batch, self.global_batch)
+        self.settings.update(arch=args.arch, seed=self.seed)
+        self.resume_changes = []
+        if self.resume_state is not None:
+            self.resume_changes = check_resume(self.resume_state, self.resume_path, self.settings)
 
         train_dir = resolve_train_dir(args.data)
         self.decoding = decode_setup(args.decode_on, args.crop_size)
@@ -339,10 +354,6 @@ class Pretrainer:
             raise UserError(
                 f"--resume {path}: not a MoCo pretraining checkpoint (no {', '.join(missing)})"
             )
-        if state["arch"] != self.args.arch:
-            raise UserError(
-                f"--resume {path}: checkpoint is {state['arch']}, but -a {self.args.arch}"
-            )
         self.resume_path = path
         return state
 
@@ -367,6 +378,7 @@ class Pretrainer:
                 f"--resume {self.resume_path}: does not match this model "
                 f"(--moco-* / --mlp / -a flags?): {state_dict_error(e)}"
             ) from None
+        check_unfinished(state, self.resume_path, self.args.epochs)
         if "rng" in state:
             ckpt.set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"])
@@ -386,26 +398,14 @@ class Pretrainer:
         )
 
     def checkpoint_state(self, epoch: int, lr: float) -> dict:
-        a = self.args
         return {
+            **self.settings,
             "epoch": epoch + 1,
-            "arch": a.arch,
             "state_dict": ckpt.add_module_prefix(self.model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
-            "seed": self.seed,
             "lr": lr,
             "rng": ckpt.get_rng_state(),
-            "moco": {
-                "dim": a.moco_dim,
-                "K": a.moco_k,
-                "m": a.moco_m,
-                "T": a.moco_t,
-                "mlp": a.mlp,
-                "aug_plus": a.aug_plus,
-                "cos": a.cos,
-                "bn_splits": self.bn_splits,
-                "global_batch": self.global_batch,
-            },
+            "resume_changes": self.resume_changes,
         }
 
     def run(self) -> None:

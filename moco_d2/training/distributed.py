@@ -7,13 +7,18 @@ Three ways to launch, as in the released MoCo code plus torchrun:
 * ``--multiprocessing-distributed``: this process spawns one worker per GPU (``--nproc-per-node``
   on CPU); ``--world-size`` is then the number of nodes and ``--rank`` this node's rank.
 
-The backend defaults to NCCL on GPU and gloo on CPU.
+The backend defaults to NCCL on GPU and gloo on CPU. Forming the process group is bounded by
+``--dist-timeout``; a :class:`UserError` in a spawned worker reaches the launching process as
+itself, so every launch mode reports bad input and divergence as one line.
 """
 
 import argparse
 import os
 import socket
+import sys
+import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -21,9 +26,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moco_d2.errors import UserError
-from moco_d2.training.cli_args import positive_int
+from moco_d2.training.cli_args import positive_float, positive_int
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# torch's and Detectron2's own default. It bounds every collective too, and ranks wait in one
+# while rank 0 alone runs the kNN monitor or writes a checkpoint, so it must outlast those.
+DEFAULT_DIST_TIMEOUT_S = 1800
+# What made NCCL initialise on a one-node VM where it otherwise hung (docs/pretraining.md).
+NCCL_VM_VARS = (
+    "NCCL_SOCKET_IFNAME=lo NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 "
+    "NCCL_NVLS_ENABLE=0 NCCL_CUMEM_ENABLE=0"
+)
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -53,6 +66,14 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse._Argu
         default=None,
         choices=["nccl", "gloo"],
         help="default: nccl on GPU, gloo on CPU",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        default=DEFAULT_DIST_TIMEOUT_S,
+        type=positive_float,
+        metavar="SECONDS",
+        help="stop when the process group has not formed after this long; also the limit of "
+        f"every collective (default: {DEFAULT_DIST_TIMEOUT_S})",
     )
     group.add_argument(
         "--multiprocessing-distributed",
@@ -94,7 +115,7 @@ def launch(
                     "multi-node --multiprocessing-distributed needs --dist-url tcp://HOST:PORT"
                 )
             args.dist_url = f"tcp://127.0.0.1:{free_port()}"
-        mp.spawn(_spawned, nprocs=nprocs, args=(worker, args))
+        _spawn(worker, args, nprocs)
         return None
     if all(v in os.environ for v in _TORCHRUN_VARS):
         if args.world_size == -1:
@@ -122,9 +143,25 @@ def procs_per_node(args: argparse.Namespace) -> int:
     return 1
 
 
-def _spawned(local_rank: int, worker: Callable, args: argparse.Namespace) -> None:
+def _spawn(worker: Callable, args: argparse.Namespace, nprocs: int) -> None:
+    """``mp.spawn`` whose workers' :class:`UserError` is raised here as itself (one line through
+    :func:`moco_d2.cli.run_tool`) instead of as mp.spawn's traceback of the worker."""
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(_spawned, nprocs=nprocs, args=(worker, args, errors))
+    except mp.ProcessExitedException:
+        if errors.empty():
+            raise
+        raise errors.get() from None
+
+
+def _spawned(local_rank: int, worker: Callable, args: argparse.Namespace, errors: Any) -> None:
     args.rank = args.node_rank * args.nproc_per_node + local_rank
-    worker(local_rank, args)
+    try:
+        worker(local_rank, args)
+    except UserError as e:
+        errors.put(e)
+        sys.exit(2)
 
 
 def init_process(local_rank: int | None, args: argparse.Namespace) -> torch.device:
@@ -142,10 +179,70 @@ def init_process(local_rank: int | None, args: argparse.Namespace) -> torch.devi
             "--dist-url env:// needs MASTER_ADDR/MASTER_PORT (torchrun sets them); "
             "or pass --dist-url tcp://HOST:PORT"
         )
-    dist.init_process_group(
-        backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
-    )
+    _join_group(args, backend, device)
     return device
+
+
+def _join_group(args: argparse.Namespace, backend: str, device: torch.device) -> None:
+    """``init_process_group`` and a first barrier, both within ``--dist-timeout``: the TCP
+    rendezvous honours the timeout itself, but NCCL connects only at the first collective and
+    can block there for ever, so that barrier is waited for on a watched thread."""
+    timeout = timedelta(seconds=args.dist_timeout)
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method=args.dist_url,
+            world_size=args.world_size,
+            rank=args.rank,
+            timeout=timeout,
+        )
+        _run_within(timeout, _first_barrier, device)
+    except (RuntimeError, ValueError, TimeoutError) as e:  # torch's DistError is a RuntimeError
+        raise UserError(_no_group(args, backend, e)) from None
+
+
+def _first_barrier(device: torch.device) -> None:
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _run_within(timeout: timedelta, fn: Callable, *fn_args: Any) -> None:
+    """``fn(*fn_args)`` on a daemon thread; TimeoutError if it has not returned in time (the
+    thread is left behind: a blocked C++ call cannot be interrupted, and the process exits)."""
+    failure: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            fn(*fn_args)
+        except BaseException as e:  # re-raised on the calling thread
+            failure.append(e)
+
+    thread = threading.Thread(target=call, name="dist-rendezvous", daemon=True)
+    thread.start()
+    thread.join(timeout.total_seconds())
+    if thread.is_alive():
+        raise TimeoutError(f"no reply from every rank after {timeout.total_seconds():g} s")
+    if failure:
+        raise failure[0]
+
+
+def _no_group(args: argparse.Namespace, backend: str, error: BaseException) -> str:
+    """One line: where the rendezvous was, who this process is, why it failed, what to check."""
+    address = args.dist_url
+    if address == "env://":
+        address += f" ({os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})"
+    lines = str(error).strip().splitlines()
+    reason = lines[0].rstrip(".") if lines else type(error).__name__
+    advice = (
+        "check that every other rank started with the same --dist-url and --world-size and "
+        "that this address and port are reachable from here"
+    )
+    if backend == "nccl":
+        advice += f"; for NCCL on one node of a VM, try the variables {NCCL_VM_VARS}"
+    return (
+        f"could not form the process group at --dist-url {address} (world size "
+        f"{args.world_size}, rank {args.rank}, {backend}) within --dist-timeout "
+        f"{args.dist_timeout:g} s: {reason}; {advice}"
+    )
 
 
 def resolve_device(spec: str | None, local_rank: int | None = None) -> torch.device:
