@@ -36,8 +36,9 @@ class _GroupedBatchNorm(torch.autograd.Function):
     The channel is dim ``channel_dim`` (2 or 3); statistics reduce over dim 0 and the other
     trailing dim, in two passes (mean, then centred squares) as the native CPU kernel does.
     Arithmetic is fp32 (fp64 for fp64 input) whatever the input dtype, and the output has the
-    input's dtype, as ``nn.BatchNorm2d`` gives under autocast. Each pass writes into the one
-    full-size buffer that becomes the result: a fresh large tensor costs page faults on CPU.
+    input's dtype, as ``nn.BatchNorm2d`` gives under autocast. For fp32 input each pass writes
+    into the one full-size buffer that becomes the result (a fresh large tensor costs page
+    faults on CPU); a bf16 input adds one fp32 upcast per pass.
     """
 
     @staticmethod
