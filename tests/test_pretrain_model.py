@@ -1,4 +1,4 @@
-"""MoCo model: logits, momentum update, queue and SplitBatchNorm against independent references."""
+"""MoCo model: logits, momentum update, queue and shuffled SplitBatchNorm keys vs references."""
 
 import copy
 
@@ -10,7 +10,6 @@ import torchvision
 from torch import nn
 
 from moco_d2.pretrain import MoCo
-from moco_d2.pretrain.split_bn import SplitBatchNorm, convert_split_bn
 
 
 class LinearEncoder(nn.Module):
@@ -89,33 +88,6 @@ def test_released_state_dict_names_and_heads():
     assert "encoder_q.fc.0.weight" not in v1.state_dict()
 
 
-def test_split_batchnorm_equals_batchnorm_per_group():
-    torch.manual_seed(1)
-    x = torch.randn(12, 5, 4, 4) * 3 + 1
-    bn = nn.BatchNorm2d(5)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.uniform_(-1, 1)
-    split = convert_split_bn(copy.deepcopy(bn), 3)
-    assert isinstance(split, SplitBatchNorm)
-    out = split(x)
-    groups = [copy.deepcopy(bn) for _ in range(3)]
-    expected = torch.cat([g(chunk) for g, chunk in zip(groups, x.chunk(3))])
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(
-        split.running_mean, torch.stack([g.running_mean for g in groups]).mean(0)
-    )
-    torch.testing.assert_close(
-        split.running_var, torch.stack([g.running_var for g in groups]).mean(0)
-    )
-    assert int(split.num_batches_tracked) == 1
-    split.eval()
-    bn.load_state_dict(split.state_dict())
-    bn.eval()
-    torch.testing.assert_close(split(x), bn(x))
-    with pytest.raises(ValueError, match="not divisible"):
-        split.train()(x[:10])
-
-
 def test_local_shuffle_with_split_bn_matches_per_group_reference():
     """Keys are encoded in a shuffled order by per-group BN, then put back in input order."""
     torch.manual_seed(2)
@@ -145,14 +117,13 @@ def test_local_shuffle_with_split_bn_matches_per_group_reference():
     with torch.no_grad():
         for p, value in zip(plain_k.parameters(), expected_k_params):
             p.copy_(value)
-        groups = im_k[perm].chunk(splits)
-        plain_bns = [copy.deepcopy(plain_k) for _ in groups]
-        feats = torch.cat([F.normalize(enc(g), dim=1) for enc, g in zip(plain_bns, groups)])
-    expected = torch.empty_like(feats)
-    expected[perm] = feats
+        plain_bns = [copy.deepcopy(plain_k) for _ in range(splits)]
+        expected = torch.empty_like(keys)
+        for g, enc in enumerate(plain_bns):  # group g: shuffled positions g, g + splits, ...
+            expected[perm[g::splits]] = F.normalize(enc(im_k[perm[g::splits]]), dim=1)
     torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5)
-    unshuffled = F.normalize(copy.deepcopy(plain_bns[0])(im_k[: n // 2]), dim=1)
-    assert not torch.allclose(unshuffled, keys[: n // 2], atol=1e-3)  # BN groups saw a mixed batch
+    unshuffled = F.normalize(copy.deepcopy(plain_bns[0])(im_k[::splits]), dim=1)
+    assert not torch.allclose(unshuffled, keys[::splits], atol=1e-3)  # BN groups saw a mixed batch
 
 
 def test_queue_size_must_be_multiple_of_batch():

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Cost of SplitBatchNorm against nn.BatchNorm2d: forward + backward of one layer.
+
+Times each candidate way of normalising ``num_splits`` groups separately, in NCHW and
+channels_last, back to back with plain BatchNorm2d on the same tensor:
+
+- ``module``: ``SplitBatchNorm`` as shipped (``native-view`` for NCHW, ``function`` for
+  channels_last);
+- ``transpose``: the earlier implementation, reshape → transpose → reshape to lay contiguous
+  chunks side by side along channels, native BN, and the inverse (two copies each way);
+- ``chunks-cat``: native BN on each contiguous batch chunk, then one ``torch.cat``;
+- ``native-view``: native BN on the free interleaved view ``x.view(n // s, s * c, h, w)``
+  (channels_last input is converted to NCHW first and back after);
+- ``function``: the hand-written autograd Function on the free ``(n // s, s, ...)`` view of the
+  tensor's own memory layout (no layout copy in either format).
+
+``--dtype bf16`` feeds a bf16 tensor under bf16 autocast, as a convolution's output would be.
+Each repeat times ``--iters`` steps of BatchNorm2d and then of the candidate; the table gives the
+median ms over repeats and the median of the per-repeat ratios (so load changes between repeats
+cancel out). JSON: ``{"device", "config", "rows": [{format, impl, ms_bn2d, ms_split, ratio}]}``.
+
+    python benchmarks/split_bn_overhead.py --device cpu --json split_bn.json
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_d2.pretrain.split_bn import SplitBatchNorm, grouped_batch_norm
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def transpose_bn(bn, x):
+    n, c, h, w = x.shape
+    s = bn.num_splits
+    grouped = x.reshape(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)
+    out = F.batch_norm(
+        grouped, None, None, bn.weight.repeat(s), bn.bias.repeat(s), True, 0.0, bn.eps
+    )
+    return out.reshape(n // s, s, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+
+
+def chunks_cat_bn(bn, x):
+    chunks = x.chunk(bn.num_splits)
+    return torch.cat(
+        [F.batch_norm(g, None, None, bn.weight, bn.bias, True, 0.0, bn.eps) for g in chunks]
+    )
+
+
+def is_channels_last(x):
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def native_view_bn(bn, x):
+    n, c, h, w = x.shape
+    s = bn.num_splits
+    view = x.contiguous().view(n // s, s * c, h, w)
+    out = F.batch_norm(view, None, None, bn.weight.repeat(s), bn.bias.repeat(s), True, 0.0, bn.eps)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return out.view(n, c, h, w).contiguous(memory_format=fmt)
+
+
+def function_bn(bn, x):
+    n, c, h, w = x.shape
+    s = bn.num_splits
+    if is_channels_last(x):
+        view = x.permute(0, 2, 3, 1).view(n // s, s, h * w, c)
+        out = grouped_batch_norm(view, bn.weight, bn.bias, bn.eps, 3)[0]
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+    out = grouped_batch_norm(x.view(n // s, s, c, h * w), bn.weight, bn.bias, bn.eps, 2)[0]
+    return out.view(n, c, h, w)
+
+
+IMPLS = {
+    "module": lambda bn, x: bn(x),
+    "transpose": transpose_bn,
+    "chunks-cat": chunks_cat_bn,
+    "native-view": native_view_bn,
+    "function": function_bn,
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument(
+        "--shape", type=int, nargs=4, default=[64, 256, 28, 28], metavar=("N", "C", "H", "W")
+    )
+    p.add_argument("--num-splits", type=int, default=8)
+    p.add_argument("--impl", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--format", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    p.add_argument("--iters", type=int, default=10, help="forward+backward steps per timing")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", default="split_bn_overhead.json", help="where to write results")
+    args = p.parse_args(argv)
+    if args.shape[0] % args.num_splits:
+        p.error(f"batch {args.shape[0]} is not divisible by --num-splits {args.num_splits}")
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_ms(fn, x, grad, iters, device, amp):
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = fn(x)
+        out.backward(grad)
+    sync(device)
+    return (time.perf_counter() - start) * 1000 / iters
+
+
+def measure(args, device, fmt, impl):
+    amp = args.dtype == "bf16"
+    dtype = torch.bfloat16 if amp else torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(args.shape, device=device, dtype=dtype).contiguous(memory_format=FORMATS[fmt])
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    bn = nn.BatchNorm2d(args.shape[1], device=device)
+    split = SplitBatchNorm(args.shape[1], args.num_splits, device=device)
+    fn = IMPLS[impl]
+    plain = (bn, lambda t: bn(t))
+    candidate = (split, lambda t: fn(split, t))
+    for _ in range(args.warmup):
+        for _module, f in (plain, candidate):
+            step_ms(f, x, grad, 1, device, amp)
+    plain_ms, split_ms, ratios = [], [], []
+    for _ in range(args.repeats):
+        plain_ms.append(step_ms(plain[1], x, grad, args.iters, device, amp))
+        split_ms.append(step_ms(candidate[1], x, grad, args.iters, device, amp))
+        ratios.append(split_ms[-1] / plain_ms[-1])
+    return {
+        "format": fmt,
+        "impl": impl,
+        "ms_bn2d": statistics.median(plain_ms),
+        "ms_split": statistics.median(split_ms),
+        "ratio": statistics.median(ratios),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    rows = [measure(args, device, fmt, impl) for fmt in args.format for impl in args.impl]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    name = name or device.type
+    threads = torch.get_num_threads()
+    print(f"{name}, {args.dtype}, {tuple(args.shape)}, {args.num_splits} splits, {threads} threads")
+    print(f"{'format':<14} {'impl':<12} {'ms BN2d':>9} {'ms SplitBN':>11} {'ratio':>7}")
+    for r in rows:
+        ms = f"{r['ms_bn2d']:9.2f} {r['ms_split']:11.2f}"
+        print(f"{r['format']:<14} {r['impl']:<12} {ms} {r['ratio']:7.2f}")
+    out = {
+        "device": name,
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "rows": rows,
+    }
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
