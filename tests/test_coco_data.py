@@ -1,25 +1,32 @@
 """COCO 2017 registration under $DETECTRON2_DATASETS, the synthetic generator, and the checks
 that turn a bad COCO tree into one line naming the path."""
 
+import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import coco_tiny
 import pytest
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from moco_d2.detection.data import json_stream
 from moco_d2.detection.data.coco import (
     SPLITS,
     check_coco_datasets,
     coco_categories,
     register_all_coco,
+    register_coco,
 )
-from moco_d2.detection.data.synthetic_coco import polygon_area
+from moco_d2.detection.data.synthetic_coco import polygon_area, write_sized_annotations
+from moco_d2.detection.preflight import check_datasets
 from moco_d2.errors import UserError
 
 NAMES = tuple(SPLITS)
@@ -189,3 +196,195 @@ def test_train_net_on_a_broken_annotation_file_is_one_line(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: not a valid COCO instances file {_json(tmp_path, 'val')}: ")
     assert "Traceback" not in result.stderr
+
+
+def _edit(root, split, edit):
+    """Apply ``edit`` to the parsed annotation file of ``split`` and write it back."""
+    path = _json(root, split)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _set_box(index, bbox):
+    def edit(data):
+        data["annotations"][index]["bbox"] = bbox
+
+    return edit
+
+
+def test_inverted_box_is_refused_by_the_check_and_the_loader(coco_root):
+    # The case that took box AP from 100 to 72.1 when it was accepted.
+    path = _edit(coco_root, "val", _set_box(1, [50.0, 20.0, -30.0, 40.0]))
+    says = f"invalid COCO annotation {path}, annotation 2 \\(image 1\\): bbox \\[50, 20, -30, 40\\]"
+    with pytest.raises(UserError, match=f"{says} is inverted"):
+        check_coco_datasets(["coco_2017_val"])
+    with pytest.raises(UserError, match=f"{says} is inverted"):
+        DatasetCatalog.get("coco_2017_val")
+
+
+def test_box_far_outside_is_refused_and_on_the_border_is_clipped(coco_root, caplog):
+    # Image 1 is 192 x 192; like VOC, up to a pixel over the border is clipped and counted.
+    path = _edit(coco_root, "val", _set_box(0, [-0.5, 10.0, 192.0, 20.0]))
+    (summary,) = check_coco_datasets(["coco_2017_val"]).values()
+    assert (summary.images, summary.objects, summary.clipped, summary.empty) == (2, 6, 1, 0)
+    with caplog.at_level("INFO"):
+        dicts = DatasetCatalog.get("coco_2017_val")
+    assert dicts[0]["annotations"][0]["bbox"] == [0.0, 10.0, 191.5, 20.0]
+    assert "0 empty boxes (zero width or height) dropped, 1 boxes touching or crossing" in (
+        caplog.text
+    )
+    assert "id" not in dicts[0]["annotations"][0]  # kept only for the messages
+    _edit(coco_root, "val", _set_box(0, [100.0, 10.0, 93.5, 20.0]))
+    says = f"{path}, annotation 1 \\(image 1\\): bbox .* lies more than 1 pixel outside"
+    with pytest.raises(UserError, match=says):
+        check_coco_datasets(["coco_2017_val"])
+    with pytest.raises(UserError, match=says):
+        DatasetCatalog.get("coco_2017_val")
+
+
+def test_empty_box_is_dropped_in_training_and_refused_in_a_test_set(coco_root, caplog):
+    # instances_train2017.json itself holds two zero-height boxes, e.g. annotation 918.
+    _edit(coco_root, "train", _set_box(3, [20.0, 30.0, 1.03, 0.0]))
+    summary = check_coco_datasets(NAMES, test_names=["coco_2017_val"])["coco_2017_train"]
+    assert (summary.objects, summary.empty) == (8, 1)
+    with caplog.at_level("INFO"):
+        dicts = DatasetCatalog.get("coco_2017_train")
+    assert [len(d["annotations"]) for d in dicts] == [3, 2, 3]
+    assert "1 empty boxes (zero width or height) dropped" in caplog.text
+    path = _edit(coco_root, "val", _set_box(4, [20.0, 30.0, 0.0, 5.0]))
+    with pytest.raises(UserError) as e:
+        check_coco_datasets(NAMES, test_names=["coco_2017_val"])
+    assert str(e.value) == (
+        f"invalid COCO annotation {path}, annotation 5 (image 2): bbox [20, 30, 0, 5] is empty "
+        "(zero width or height): test set 'coco_2017_val' would keep it as ground truth that no "
+        "detection can match (1 such box(es); training sets drop them)"
+    )
+
+
+@pytest.mark.parametrize("segmentation", [None, [], [[]], {}])
+def test_mask_task_refuses_a_missing_or_empty_segmentation(coco_root, segmentation):
+    def edit(data):
+        if segmentation is None:
+            del data["annotations"][2]["segmentation"]
+        else:
+            data["annotations"][2]["segmentation"] = segmentation
+
+    path = _edit(coco_root, "train", edit)
+    check_coco_datasets(NAMES)  # boxes only: fine
+    with pytest.raises(UserError) as e:
+        check_coco_datasets(NAMES, masks=True)
+    assert str(e.value) == (
+        f"invalid COCO annotation {path}, annotation 3 (image 1): no segmentation (missing or "
+        "empty), which Mask R-CNN (MODEL.MASK_ON) needs"
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        (lambda d: d["images"][1].update(id=1), 'image id 1 appears twice in "images"'),
+        (lambda d: d["annotations"][1].update(id=1), "annotation id 1 appears twice"),
+        (
+            lambda d: d["annotations"][5].update(category_id=12),  # not one of COCO's ids
+            "annotation 6 names unknown category 12",
+        ),
+        (lambda d: d["images"][0].update(width=0), "image 1 has size 0x192"),
+    ],
+)
+def test_duplicate_ids_unknown_categories_and_bad_sizes_name_the_file(coco_root, edit, why):
+    path = _edit(coco_root, "val", edit)
+    with pytest.raises(UserError, match=f"not a valid COCO instances file {path}: {why}"):
+        check_coco_datasets(["coco_2017_val"])
+
+
+def test_the_check_reads_annotations_listed_before_images(coco_root):
+    path = _json(coco_root, "val")
+    data = json.loads(path.read_text())
+    reordered = {k: data[k] for k in ("categories", "annotations", "images")}
+    path.write_text(json.dumps(reordered))
+    (summary,) = check_coco_datasets(["coco_2017_val"]).values()
+    assert (summary.images, summary.objects) == (2, 6)
+    reordered["annotations"][4]["image_id"] = 7
+    path.write_text(json.dumps(reordered))
+    with pytest.raises(UserError, match=f"{path}: annotation 5 names unknown image 7"):
+        check_coco_datasets(["coco_2017_val"])
+
+
+def test_mask_r_cnn_without_a_segmentation_stops_before_launch(tmp_path):
+    # Was KeyError: 'segmentation' once Mask R-CNN trained.
+    coco_tiny.make_synthetic_coco(tmp_path, num_train=2, num_val=1)
+    path = _edit(tmp_path, "train", lambda d: d["annotations"][4].pop("segmentation"))
+    out = tmp_path / "out"
+    result = _train_net(tmp_path, "OUTPUT_DIR", str(out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: invalid COCO annotation {path}, annotation 5 (image 2): no segmentation "
+        "(missing or empty), which Mask R-CNN (MODEL.MASK_ON) needs"
+    ]
+    assert not out.exists()
+
+
+def _stream(text, monkeypatch, chunk):
+    monkeypatch.setattr(json_stream, "CHUNK", chunk)
+    return list(json_stream.iter_top_level(io.StringIO(text), ("a", "b")))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 22])
+def test_streamed_elements_equal_json_load_at_any_buffer_size(monkeypatch, chunk):
+    # Numbers, strings and nested values cut at every buffer boundary decode whole.
+    value = {
+        "info": {"x": [1.5, "a,]}"], "y": None},
+        "a": [12345, {"s": 'é\\"}', "n": [[1, 2], []]}, -0.25e3, "x y", True],
+        "b": [],
+        "z": 987654321,
+    }
+    text = json.dumps(value, indent=1)
+    items = _stream(text, monkeypatch, chunk)
+    end = json_stream.END
+    assert items == [
+        ("info", value["info"]),
+        *[("a", element) for element in value["a"]],
+        ("a", end),
+        ("b", end),
+        ("z", value["z"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ('{"a": [1, 2', "Expecting ',' delimiter at char 11"),
+        ('{"a": [1 2]}', "Expecting ',' delimiter at char 9"),
+        ('{"a": 3}', '"a" is not a list'),
+        ('{"a": []} x', "Extra data at char 10"),
+        ("", "the file is empty"),
+    ],
+)
+def test_stream_errors_give_the_offset(monkeypatch, text, says):
+    with pytest.raises(json_stream.JSONStreamError, match=f"^{says}$"):
+        _stream(text, monkeypatch, 4)
+
+
+def test_the_pre_launch_check_does_not_hold_the_parsed_file(tmp_path):
+    # json.load's peak is what the launcher held before the check streamed the file.
+    json_file, image_root = str(tmp_path / "a.json"), str(tmp_path / "images")
+    write_sized_annotations(json_file, image_root, num_images=500, num_annotations=20000)
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST, cfg.MODEL.MASK_ON = ("coco_sized",), (), True
+    register_coco("coco_sized", image_root, json_file)
+    try:
+        tracemalloc.start()
+        with open(json_file) as f:
+            json.load(f)
+        parsed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        check_datasets(cfg, argparse.Namespace(eval_only=False))
+        checked = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        DatasetCatalog.remove("coco_sized")
+        MetadataCatalog.remove("coco_sized")
+    assert os.path.getsize(json_file) > 8e6
+    assert checked < parsed / 4, (checked, parsed)

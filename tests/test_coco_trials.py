@@ -2,10 +2,12 @@
 
 import json
 
+import coco_tiny
 import numpy as np
 import pytest
 
 from moco_d2.detection import trials
+from moco_d2.detection.data.coco import register_all_coco
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, COCO_METRICS_FILE
 from moco_d2.errors import UserError
 
@@ -25,14 +27,25 @@ def test_finished_coco_trials_aggregate_box_and_mask(tmp_path):
     box = [[40.0, 60.0, 43.0, 22.0, 44.0, 55.0], [41.0, 61.0, 44.5, 23.0, 45.0, 57.0]]
     segm = [[35.0, 57.0, 37.0, 16.0, 37.0, 52.0], [35.5, 58.0, 38.0, 17.0, 38.0, 51.0]]
     opts = ("MODEL.WEIGHTS", "")
-    # As a first run would: the set's fingerprint, then two finished trials.
-    trials.claim_output_dir(
-        str(tmp_path), trials.fingerprint("configs/coco_R50_C4_2x.yaml", opts), restart=False
-    )
-    for index in range(2):
-        _write_trial(tmp_path / f"trial_{index}", box[index], segm[index])
-    # Both trials are done, so nothing is trained: the summary comes from their files.
-    result, markdown = trials.run_trials("configs/coco_R50_C4_2x.yaml", str(tmp_path), 2, opts=opts)
+    out = tmp_path / "trials"
+    # The fingerprint hashes the annotation files of the registered COCO names.
+    coco_tiny.make_synthetic_coco(tmp_path / "data", num_train=1, num_val=1)
+    register_all_coco(str(tmp_path / "data"))
+    try:
+        # As a first run would: the set's fingerprint, then two finished trials.
+        trials.claim_output_dir(
+            str(out), trials.fingerprint("configs/coco_R50_C4_2x.yaml", opts), restart=False
+        )
+        for index in range(2):
+            _write_trial(out / f"trial_{index}", box[index], segm[index])
+        # Both trials are done, so nothing is trained: the summary comes from their files.
+        result, markdown = trials.run_trials("configs/coco_R50_C4_2x.yaml", str(out), 2, opts=opts)
+    finally:
+        register_all_coco()
+    val_json = tmp_path / "data" / "coco" / "annotations" / "instances_val2017.json"
+    assert result["fingerprint"]["datasets"]["test"] == {
+        "coco_2017_val": trials.sha256_of(str(val_json))
+    }
     summary = result["summary"]
     for block, values in ((summary, np.array(box)), (summary["segm"], np.array(segm))):
         assert [name for name in block if name != "segm"] == list(COCO_METRIC_NAMES)
@@ -49,7 +62,7 @@ def test_finished_coco_trials_aggregate_box_and_mask(tmp_path):
     assert lines[4].startswith("| **mean ± std (2 trials)** | **40.50 ± 0.71** |")
     # The published row is VOC's; it is not printed under COCO numbers.
     assert len(lines) == 5 and "published" not in markdown
-    saved = json.loads((tmp_path / trials.SUMMARY_JSON).read_text())
+    saved = json.loads((out / trials.SUMMARY_JSON).read_text())
     assert saved["trials"][1]["segm"]["APl"] == 51.0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,7 +91,11 @@ def test_two_trials_resume_and_aggregate(
 
 def test_restart_discards_earlier_trials_and_unfingerprinted_trials_are_refused(tmp_path):
     (tmp_path / "trial_0").mkdir()
-    current = {"weights_sha256": "ab", "config": {"SOLVER": {"BASE_LR": 0.02}}}
+    current = {
+        "weights_sha256": "ab",
+        "config": {"SOLVER": {"BASE_LR": 0.02}},
+        "datasets": {"train": {"voc_2007_trainval": "cd"}, "test": {"voc_2007_test": "ef"}},
+    }
     with pytest.raises(UserError, match="without a trials_fingerprint.json.*--restart"):
         trials.claim_output_dir(str(tmp_path), current, restart=False)
     trials.claim_output_dir(str(tmp_path), current, restart=True)
@@ -117,3 +122,45 @@ def test_unreadable_trial_metrics_is_a_user_error(tmp_path):
     path.write_text("{not json")
     with pytest.raises(trials.UserError, match="cannot read trial metrics"):
         trials.read_trial_metrics(str(path))
+
+
+def test_fingerprint_of_an_older_version_without_datasets_is_refused(tmp_path):
+    current = {"weights_sha256": "ab", "config": {}, "datasets": {"train": {}, "test": {}}}
+    older = {"weights_sha256": "ab", "config": {}}
+    (tmp_path / trials.FINGERPRINT_JSON).write_text(json.dumps(older))
+    with pytest.raises(UserError, match="fingerprinted without their datasets.*--restart"):
+        trials.claim_output_dir(str(tmp_path), current, restart=False)
+    trials.claim_output_dir(str(tmp_path), current, restart=True)
+    assert json.loads((tmp_path / trials.FINGERPRINT_JSON).read_text()) == current
+
+
+def test_trials_on_a_tree_with_another_split_are_refused(
+    tmp_path, synthetic_voc_root, converted_weights
+):
+    from moco_d2.detection.data.voc import register_all_voc
+
+    other = tmp_path / "other_voc"
+    shutil.copytree(synthetic_voc_root, other)
+    split = other / "VOC2007" / "ImageSets" / "Main" / "test.txt"
+    split.write_text("\n".join(split.read_text().split()[:-1]) + "\n")
+    out = tmp_path / "trials"
+    opts = ["MODEL.WEIGHTS", str(converted_weights), "SOLVER.MAX_ITER", "2", *TINY_OPTS]
+    # The set as a first run on the original tree claims it.
+    register_all_voc(str(synthetic_voc_root))
+    try:
+        first = trials.fingerprint(os.path.join(REPO, "configs", "voc_R50_C4.yaml"), opts)
+    finally:
+        register_all_voc()
+    assert first["datasets"]["test"] == {
+        "voc_2007_test": trials.sha256_of(
+            str(synthetic_voc_root / "VOC2007" / "ImageSets" / "Main" / "test.txt")
+        )
+    }
+    trials.claim_output_dir(str(out), first, restart=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = _run_trials(out, 1, other, converted_weights)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert "holds trials of other settings (datasets.test.voc_2007_test differ" in line, line
+    assert "--restart" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

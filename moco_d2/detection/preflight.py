@@ -2,7 +2,8 @@
 exit 2 within seconds, not a traceback per process after hours of training.
 
 Each check raises :class:`UserError` naming the config key or file at fault. The datasets
-are loaded here once (annotations validated), the weights file is read the safe way and its
+are loaded here once (annotations validated; a COCO annotation file is streamed instead, so
+the launcher never holds it parsed), the weights file is read the safe way and its
 kind checked, and the solver settings are those fvcore would reject only when the scheduler
 is built.
 """
@@ -17,6 +18,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from moco_d2.detection.checkpoint import read_detectron2_file
 from moco_d2.detection.data.coco import check_coco_datasets
+from moco_d2.detection.data.coco_check import CocoSummary
 from moco_d2.detection.data.voc import check_split_files
 from moco_d2.errors import UserError
 
@@ -111,11 +113,21 @@ def _registered(name: str, key: str) -> None:
         raise UserError(f"{key}: dataset {name!r} is not registered{hint}")
 
 
+def _images_and_objects(name: str, coco: CocoSummary | None) -> tuple[int, int]:
+    """A COCO dataset's counts come from its streaming check: loading it here would hold the
+    whole parsed annotation file in the launcher while the workers load their own."""
+    if coco is not None:
+        return coco.images, coco.objects
+    dicts = DatasetCatalog.get(name)
+    return len(dicts), sum(len(d.get("annotations") or ()) for d in dicts)
+
+
 def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Every dataset used is registered, its files exist, and it has images (training: with
-    annotations). Loading validates every annotation, once, here. A VOC test set's dicts are
-    also what its evaluator scores against (:mod:`moco_d2.detection.evaluation`), so an
-    annotation the evaluation could not read is refused here, not after training."""
+    annotations). Every annotation is validated, once, here; with MODEL.MASK_ON a COCO
+    annotation needs a segmentation. A VOC test set's dicts are also what its evaluator scores
+    against (:mod:`moco_d2.detection.evaluation`), so an annotation the evaluation could not
+    read is refused here, not after training."""
     used = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]
     if not args.eval_only:
         used = [("DATASETS.TRAIN", n) for n in cfg.DATASETS.TRAIN] + used
@@ -124,12 +136,16 @@ def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     for key, name in used:
         _registered(name, key)
     check_split_files([name for _, name in used])
-    check_coco_datasets([name for _, name in used])
+    coco = check_coco_datasets(
+        [name for _, name in used],
+        masks=cfg.MODEL.MASK_ON,
+        test_names=[name for key, name in used if key == "DATASETS.TEST"],
+    )
     for key, name in used:
-        dicts = DatasetCatalog.get(name)
-        if not dicts:
+        images, objects = _images_and_objects(name, coco.get(name))
+        if not images:
             raise UserError(f"{key}: dataset {name!r} has no images")
-        if key == "DATASETS.TRAIN" and not any(d.get("annotations") for d in dicts):
+        if key == "DATASETS.TRAIN" and not objects:
             raise UserError(f"{key}: dataset {name!r} has no annotated object to train on")
         if key == "DATASETS.TEST" and not MetadataCatalog.get(name).get("evaluator_type"):
             raise UserError(f"{key}: dataset {name!r} has no evaluator_type in its metadata")

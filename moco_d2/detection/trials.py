@@ -6,9 +6,11 @@ file exists is done, one with a checkpoint but no metrics is resumed, so rerunni
 command finishes a half-done set instead of starting over.
 
 Trials of different runs never mix: before the first trial the set's fingerprint (the
-weights file's sha256 and the whole merged config except OUTPUT_DIR and SEED) is written to
-``OUTPUT/trials_fingerprint.json`` and later stored in the summary; a rerun whose fingerprint
-differs is refused, unless ``--restart`` discards the earlier trials.
+weights file's sha256, the whole merged config except OUTPUT_DIR and SEED, and the sha256 of
+each dataset's split file: VOC's ImageSets/Main/<split>.txt, COCO's annotation json) is
+written to ``OUTPUT/trials_fingerprint.json`` and later stored in the summary; a rerun whose
+fingerprint differs, or whose earlier fingerprint has no datasets (an older version), is
+refused, unless ``--restart`` discards the earlier trials.
 """
 
 import argparse
@@ -82,8 +84,8 @@ def read_trial_metrics(path: str) -> dict:
 
 
 def fingerprint(config_file: str, opts: Sequence[str]) -> dict[str, Any]:
-    """What makes two sets of trials comparable: the weights' content and every config value
-    except OUTPUT_DIR and SEED (which differ per trial by design)."""
+    """What makes two sets of trials comparable: the weights' content, every config value
+    except OUTPUT_DIR and SEED (which differ per trial by design), and the datasets."""
     import yaml
 
     from moco_d2.detection.train_net import load_config
@@ -99,7 +101,38 @@ def fingerprint(config_file: str, opts: Sequence[str]) -> dict[str, Any]:
         weights_id = sha256_of(weights)
     else:
         weights_id = weights or None
-    return {"weights_sha256": weights_id, "config": config}
+    return {"weights_sha256": weights_id, "config": config, "datasets": dataset_identity(cfg)}
+
+
+def _split_file(name: str) -> str | None:
+    """The file that lists a registered dataset's images: VOC's ImageSets/Main/<split>.txt,
+    COCO's annotation json; None for a name that is not registered (train_net refuses it)
+    or a dataset of another kind. A missing file is the loaders' own one-line error."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from moco_d2.detection.data.coco import check_coco_tree
+    from moco_d2.detection.data.voc import read_split, split_file
+
+    if name not in DatasetCatalog.list():
+        return None
+    metadata = MetadataCatalog.get(name)
+    if metadata.get("evaluator_type") == "pascal_voc":
+        read_split(metadata.dirname, metadata.split)
+        return split_file(metadata.dirname, metadata.split)
+    if metadata.get("json_file"):
+        check_coco_tree(metadata.image_root, metadata.json_file)
+        return metadata.json_file
+    return None
+
+
+def dataset_identity(cfg: Any) -> dict[str, dict[str, str | None]]:
+    """The sha256 of each DATASETS.TRAIN/TEST split file, by dataset name: the same names on
+    another DETECTRON2_DATASETS tree, with other images or boxes, are other trials."""
+    identity: dict[str, dict[str, str | None]] = {}
+    for key in ("TRAIN", "TEST"):
+        files = {name: _split_file(name) for name in cfg.DATASETS[key]}
+        identity[key.lower()] = {name: path and sha256_of(path) for name, path in files.items()}
+    return identity
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -136,6 +169,12 @@ def claim_output_dir(output_dir: str, current: dict[str, Any], restart: bool) ->
                 earlier = json.load(f)
             except ValueError:
                 earlier = None
+        if isinstance(earlier, dict) and "datasets" not in earlier:
+            raise UserError(
+                f"{output_dir} holds trials fingerprinted without their datasets (an older "
+                f"version; see {path}), so they cannot be told apart from trials on other "
+                f"data: {fix}"
+            )
         if earlier != json.loads(json.dumps(current)):
             changed = (
                 _differences(earlier, current) if isinstance(earlier, dict) else ["unreadable"]

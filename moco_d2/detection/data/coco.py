@@ -4,22 +4,33 @@ Detectron2 registers ``coco_2017_train``/``coco_2017_val`` when ``detectron2.dat
 imported, with its own paths under ``$DETECTRON2_DATASETS`` and its 80-class metadata. This
 module registers the same two names again under :func:`datasets_root` (read now, with ``~``
 expanded), keeping detectron2's metadata and loader (``load_coco_json``) and adding a
-validation layer: a missing folder, an annotation file that is not COCO instances JSON, or
-one that names missing images is a :class:`UserError` naming the path, before launch
-(:func:`check_coco_datasets`) and again in the loader.
+validation layer: a missing folder, an annotation file that is not COCO instances JSON, one
+that names missing images, and an invalid box are a :class:`UserError` naming the path and
+the annotation, before launch (:func:`check_coco_datasets`, streaming the file) and again in
+the loader, which applies the same box rule (:mod:`coco_check`).
 """
 
-import json
+import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
 from moco_d2.detection.data.catalog import register_replacing
+from moco_d2.detection.data.coco_check import (
+    CocoSummary,
+    check_coco_file,
+    checked_box,
+    invalid,
+    where,
+)
 from moco_d2.detection.data.voc import datasets_root
 from moco_d2.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # name -> (image folder, annotation file) under the datasets root, as detectron2 lays them out.
 SPLITS = {
@@ -28,8 +39,6 @@ SPLITS = {
 }
 
 _ROOT_HINT = "set DETECTRON2_DATASETS to the folder holding coco/ (datasets/README.md)"
-_IMAGE_KEYS = ("id", "file_name", "height", "width")
-_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 
 
 def coco_categories() -> list[dict]:
@@ -37,65 +46,6 @@ def coco_categories() -> list[dict]:
     meta = _get_builtin_metadata("coco")
     ids = sorted(meta["thing_dataset_id_to_contiguous_id"])
     return [{"id": i, "name": name} for i, name in zip(ids, meta["thing_classes"], strict=True)]
-
-
-def _invalid(json_file: str, why: str) -> UserError:
-    return UserError(f"not a valid COCO instances file {json_file}: {why}")
-
-
-def _check_records(records: object, keys: tuple[str, ...], what: str, json_file: str) -> None:
-    if not isinstance(records, list):
-        raise _invalid(json_file, f'"{what}" is not a list')
-    for index, record in enumerate(records):
-        missing = [k for k in keys if not isinstance(record, dict) or k not in record]
-        if missing:
-            raise _invalid(json_file, f'{what}[{index}] lacks "{missing[0]}"')
-
-
-def validate_coco_json(json_file: str, image_root: str) -> dict:
-    """Parse ``json_file`` and check what the loader and COCOEvaluator rely on.
-
-    Checks: valid JSON with ``images``, ``annotations`` and ``categories`` lists; each image
-    has an id, file name and size and exists under ``image_root``; each annotation names a
-    listed image and category; the categories are COCO's 80, which detectron2's metadata
-    for these names fixes. Returns the parsed file.
-    """
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"COCO annotation file not found: {json_file}; {_ROOT_HINT}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _invalid(json_file, str(e)) from None
-    if not isinstance(data, dict):
-        raise _invalid(json_file, "the top level is not an object")
-    _check_records(data.get("images"), _IMAGE_KEYS, "images", json_file)
-    _check_records(data.get("annotations"), _ANNOTATION_KEYS, "annotations", json_file)
-    _check_records(data.get("categories"), ("id", "name"), "categories", json_file)
-    categories = sorted((c["id"], c["name"]) for c in data["categories"])
-    if categories != [(c["id"], c["name"]) for c in coco_categories()]:
-        raise _invalid(json_file, "its categories are not COCO's 80 (ids and names)")
-    image_ids = {image["id"] for image in data["images"]}
-    category_ids = {c["id"] for c in data["categories"]}
-    for ann in data["annotations"]:
-        if ann["image_id"] not in image_ids:
-            raise _invalid(
-                json_file, f"annotation {ann['id']} names unknown image {ann['image_id']}"
-            )
-        if ann["category_id"] not in category_ids:
-            raise _invalid(
-                json_file, f"annotation {ann['id']} names unknown category {ann['category_id']}"
-            )
-    missing = [
-        os.path.join(image_root, image["file_name"])
-        for image in data["images"]
-        if not os.path.isfile(os.path.join(image_root, image["file_name"]))
-    ]
-    if missing:
-        raise UserError(
-            f"{json_file} names {len(missing)} image(s) that do not exist, e.g. {missing[0]}"
-        )
-    return data
 
 
 def check_coco_tree(image_root: str, json_file: str) -> None:
@@ -106,30 +56,90 @@ def check_coco_tree(image_root: str, json_file: str) -> None:
         raise UserError(f"COCO image folder not found: {image_root}; {_ROOT_HINT}")
 
 
-def check_coco_datasets(dataset_names: Iterable[str]) -> None:
-    """Fail before launch if a registered COCO dataset's folder or annotation file is bad.
+def _expected_categories(metadata: Any) -> list[tuple[int, str]] | None:
+    """The ``(id, name)`` pairs the metadata fixes (COCO's 80 for the protocol's names);
+    None for a dataset registered without them, e.g. by ``register_coco_instances``."""
+    id_map = metadata.get("thing_dataset_id_to_contiguous_id")
+    classes = metadata.get("thing_classes")
+    if not id_map or not classes:
+        return None
+    return [(i, classes[id_map[i]]) for i in sorted(id_map)]
 
-    Datasets whose metadata is not ``evaluator_type == "coco"`` are left to their own checks.
+
+def check_coco_datasets(
+    dataset_names: Iterable[str], masks: bool = False, test_names: Iterable[str] = ()
+) -> dict[str, CocoSummary]:
+    """Fail before launch if a registered COCO dataset's folder or annotation file is bad;
+    return what each holds. Datasets whose metadata is not ``evaluator_type == "coco"``
+    are left to their own checks.
+
+    ``masks``: every annotation needs a segmentation. ``test_names``: evaluated datasets,
+    where an empty box is refused, since COCOeval reads the file and would count it.
     """
+    summaries = {}
     for name in dataset_names:
         metadata = MetadataCatalog.get(name)
-        if metadata.get("evaluator_type") == "coco" and metadata.get("json_file"):
-            check_coco_tree(metadata.image_root, metadata.json_file)
-            validate_coco_json(metadata.json_file, metadata.image_root)
+        if metadata.get("evaluator_type") != "coco" or not metadata.get("json_file"):
+            continue
+        check_coco_tree(metadata.image_root, metadata.json_file)
+        summary = check_coco_file(
+            metadata.json_file, metadata.image_root, _expected_categories(metadata), masks
+        )
+        if summary.empty and name in test_names:
+            raise UserError(
+                f"invalid COCO annotation {summary.first_empty} is empty (zero width or "
+                f"height): test set {name!r} would keep it as ground truth that no detection "
+                f"can match ({summary.empty} such box(es); training sets drop them)"
+            )
+        _log_dropped(metadata.json_file, summary.empty, summary.clipped)
+        summaries[name] = summary
+    return summaries
+
+
+def _log_dropped(json_file: str, empty: int, clipped: int) -> None:
+    if empty or clipped:
+        logger.info(
+            "%s: %d empty boxes (zero width or height) dropped, %d boxes touching or crossing "
+            "the image border clipped to it",
+            json_file,
+            empty,
+            clipped,
+        )
+
+
+def _apply_box_rule(dicts: list[dict], json_file: str) -> None:
+    """The check's box rule on loaded records (XYWH boxes): clip, drop empty ones, refuse
+    the rest; the annotation ids kept for the messages are removed again."""
+    empty = clipped = 0
+    for record in dicts:
+        kept = []
+        for ann in record["annotations"]:
+            at = where(json_file, ann.pop("id", "?"), record["image_id"])
+            box, was_clipped = checked_box(ann["bbox"], record["width"], record["height"], at)
+            if box is None:
+                empty += 1
+                continue
+            clipped += was_clipped
+            ann["bbox"] = box
+            kept.append(ann)
+        record["annotations"] = kept
+    _log_dropped(json_file, empty, clipped)
 
 
 def load_coco_instances(json_file: str, image_root: str, name: str) -> list[dict]:
-    """detectron2's ``load_coco_json`` behind the checks of :func:`check_coco_tree`."""
+    """detectron2's ``load_coco_json`` behind the checks of :func:`check_coco_tree`, with the
+    box rule of :func:`check_coco_file` applied, so training never sees an invalid box."""
     check_coco_tree(image_root, json_file)
     try:
-        dicts = load_coco_json(json_file, image_root, name)
+        dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
     except (AssertionError, KeyError, TypeError, ValueError) as e:
-        raise _invalid(json_file, f"{type(e).__name__}: {e}") from None
+        raise invalid(json_file, f"{type(e).__name__}: {e}") from None
     for record in dicts:
         if not os.path.isfile(record["file_name"]):
             raise UserError(
                 f"{json_file} names an image that does not exist: {record['file_name']}"
             )
+    _apply_box_rule(dicts, json_file)
     return dicts
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import random
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from moco_d2.detection.data.coco import SPLITS, coco_categories
@@ -31,13 +32,15 @@ def polygon_area(xy: list[float]) -> float:
     return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
 
 
-def _polygon(rng: random.Random, cx: float, cy: float, radius: float) -> list[float]:
-    """A star-convex polygon around (cx, cy), vertex radii in [0.9, 1] x ``radius``."""
+def _polygon(rng: random.Random, cx: float, cy: float, radius: float, size: int) -> list[float]:
+    """A star-convex polygon around (cx, cy), vertex radii in [0.9, 1] x ``radius``, inside
+    the ``size`` x ``size`` image (the jitter can push an edge shape past the border)."""
     xy = []
     for k in range(_VERTICES):
         angle = 2 * math.pi * k / _VERTICES
         r = radius * rng.uniform(0.9, 1.0)
-        xy += [round(cx + r * math.cos(angle), 2), round(cy + r * math.sin(angle), 2)]
+        for v in (cx + r * math.cos(angle), cy + r * math.sin(angle)):
+            xy.append(round(min(max(v, 0.0), float(size)), 2))
     return xy
 
 
@@ -51,7 +54,7 @@ def _image_and_annotations(
         category_id, colour = rng.choice(_USED)
         jitter = 0.02 * size
         cx, cy = fx * size + rng.uniform(-jitter, jitter), fy * size + rng.uniform(-jitter, jitter)
-        xy = _polygon(rng, cx, cy, fr * size)
+        xy = _polygon(rng, cx, cy, fr * size, size)
         draw.polygon(xy, fill=colour)
         xs, ys = xy[0::2], xy[1::2]
         annotations.append(
@@ -100,3 +103,66 @@ def make_synthetic_coco(
     write_split(str(root), "coco_2017_train", num_train, image_size, rng)
     write_split(str(root), "coco_2017_val", num_val, image_size, rng)
     return str(root)
+
+
+def write_sized_annotations(
+    json_file: str,
+    image_root: str,
+    num_images: int,
+    num_annotations: int,
+    vertices: int = 22,
+    seed: int = 0,
+) -> None:
+    """An instances file shaped like ``instances_train2017.json`` (its 118,287 images and
+    860,001 polygon annotations make about 450 MB with the defaults), for measuring the
+    checks; the images are empty files, which is all a check that only stats them needs.
+
+    Written record by record, so writing it never holds the whole file in memory.
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(image_root, exist_ok=True)
+    os.makedirs(os.path.dirname(json_file) or ".", exist_ok=True)
+    width, height = 640, 480
+    category_ids = [c["id"] for c in coco_categories()]
+    angles = np.linspace(0, 2 * np.pi, vertices, endpoint=False)
+    with open(json_file, "w") as f:
+        f.write('{"info": {"description": "synthetic"}, "licenses": [], "images": [')
+        for index in range(num_images):
+            file_name = f"{index + 1:012d}.jpg"
+            open(os.path.join(image_root, file_name), "wb").close()
+            image = {
+                "license": 1,
+                "file_name": file_name,
+                "coco_url": f"http://images.cocodataset.org/train2017/{file_name}",
+                "height": height,
+                "width": width,
+                "date_captured": "2013-11-14 16:28:13",
+                "flickr_url": f"http://farm4.staticflickr.com/1/{index}_0123456789_z.jpg",
+                "id": index + 1,
+            }
+            f.write(("," if index else "") + json.dumps(image))
+        f.write('], "annotations": [')
+        batch = 10000
+        for start in range(0, num_annotations, batch):
+            n = min(batch, num_annotations - start)
+            radius = rng.uniform(4, 100, (n, 2))
+            centre = rng.uniform(radius, [width, height] - radius)
+            jitter = rng.uniform(0.8, 1.0, (n, vertices))
+            xs = np.round(centre[:, :1] + radius[:, :1] * jitter * np.cos(angles), 2)
+            ys = np.round(centre[:, 1:] + radius[:, 1:] * jitter * np.sin(angles), 2)
+            polygons = np.stack([xs, ys], axis=2).reshape(n, -1)
+            images = rng.integers(1, num_images + 1, n)
+            categories = rng.choice(category_ids, n)
+            for k in range(n):
+                x0, y0, x1, y1 = xs[k].min(), ys[k].min(), xs[k].max(), ys[k].max()
+                ann = {
+                    "segmentation": [polygons[k].tolist()],
+                    "area": round(polygon_area(polygons[k].tolist()), 4),
+                    "iscrowd": 0,
+                    "image_id": int(images[k]),
+                    "bbox": [float(x0), float(y0), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "category_id": int(categories[k]),
+                    "id": start + k + 1,
+                }
+                f.write(("," if start + k else "") + json.dumps(ann))
+        f.write('], "categories": ' + json.dumps(coco_categories()) + "}")
