@@ -5,7 +5,9 @@ Detectron2 reads ``.pkl`` weights with plain ``pickle.load``, which runs whateve
 file names; here every file goes through :mod:`moco_d2.weights` (a restricted unpickler for
 ``.pkl``, ``torch.load(weights_only=True)`` otherwise). Detectron2 also only logs a warning
 for model tensors a checkpoint does not provide, so a wrong file trains a half-random
-backbone; here any ResNet trunk tensor left unloaded is an error.
+backbone; here any ResNet trunk tensor left unloaded is an error. And Detectron2 writes
+checkpoints in place, so a full disk or a kill left a truncated file that ``last_checkpoint``
+might name; here they are written atomically (:mod:`moco_d2.utils.fileio`).
 """
 
 import os
@@ -13,11 +15,16 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 
 from moco_d2 import weights
 from moco_d2.errors import UserError
+from moco_d2.utils.fileio import atomic_torch_save, atomic_write_text
+
+LAST_CHECKPOINT = "last_checkpoint"  # the file Detectron2's checkpointer keeps in OUTPUT_DIR
 
 # ResNet trunk tensors wherever the model nests them: ``backbone.stem.*``,
 # ``backbone.res2.0.*`` ... and, in R50-C4, ``roi_heads.res5.0.*`` (res5 is the box head).
@@ -65,6 +72,34 @@ def read_detectron2_file(path: str) -> dict[str, Any]:
     return loaded if "model" in loaded else {"model": loaded}
 
 
+def local_weights(url: str, key: str = "MODEL.WEIGHTS") -> str:
+    """The local copy of a weights URL as Detectron2 resolves it (``http(s)://``,
+    ``detectron2://``, ``catalog://``): iopath's download cache (``$FVCORE_CACHE``, default
+    ``~/.torch/iopath_cache``) if it holds the file, else downloaded there now."""
+    import detectron2.checkpoint.catalog  # noqa: F401  (registers catalog://)
+
+    try:
+        return PathManager.get_local_path(url)
+    except Exception as e:  # URLError, HTTPError, OSError, KeyError (unknown catalog name)
+        reason = getattr(e, "reason", None) or e
+        raise UserError(
+            f"{key} {url} cannot be downloaded here ({type(e).__name__}: {reason}): download "
+            f"it on a machine with network access and set {key} to the local file"
+        ) from None
+
+
+def non_finite_tensor(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor or array in ``state`` holding a NaN or inf."""
+    for name, value in state.items():
+        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+            if not np.isfinite(value).all():
+                return name
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not torch.isfinite(value).all():
+                return name
+    return None
+
+
 def trunk_names(names: Iterable[str]) -> list[str]:
     """Those of ``names`` (model state_dict keys) that belong to the pretrained ResNet trunk."""
     return [n for n in names if _TRUNK.search(n)]
@@ -86,6 +121,23 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
             )
         self._path = path
         return super().load(path, *args, **kwargs)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """fvcore's ``save``, written atomically: on a full disk the error names the file,
+        and the earlier checkpoints and ``last_checkpoint`` stay as they were."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_torch_save(data, path)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write_text(last_filename_basename, os.path.join(self.save_dir, LAST_CHECKPOINT))
 
     def _load_file(self, filename: str) -> dict[str, Any]:
         return read_detectron2_file(filename)

@@ -16,13 +16,17 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from moco_d2.detection.checkpoint import read_detectron2_file
+from moco_d2.detection.checkpoint import (
+    LAST_CHECKPOINT,
+    local_weights,
+    non_finite_tensor,
+    read_detectron2_file,
+)
 from moco_d2.detection.data.coco import check_coco_datasets
 from moco_d2.detection.data.coco_check import CocoSummary
 from moco_d2.detection.data.voc import check_split_files
+from moco_d2.detection.images import check_images
 from moco_d2.errors import UserError
-
-LAST_CHECKPOINT = "last_checkpoint"  # the file Detectron2's checkpointer keeps in OUTPUT_DIR
 
 
 def check_before_launch(cfg: CfgNode, args: argparse.Namespace) -> None:
@@ -89,20 +93,28 @@ def resume_checkpoint(output_dir: str) -> str | None:
 
 def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
     """The file that will be loaded (the resume checkpoint, else MODEL.WEIGHTS) is readable
-    without running code and is Detectron2 weights."""
+    without running code, is Detectron2 weights and holds only finite numbers. A URL is
+    fetched now (or found in the download cache), not in every process after launch."""
     path = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
     key = f"--resume ({os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)})"
     if path is None:
         path, key = cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"
-    if not path or "://" in path:
-        return  # "" is random init on purpose; URLs are fetched by Detectron2
+    if not path:
+        return  # random init on purpose
+    if "://" in path:
+        path = local_weights(path, key)
     if not os.path.isfile(path):
         raise UserError(
             f"{key} file not found: {path!r} (convert a pretraining checkpoint with "
             'tools/convert-to-d2.py; MODEL.WEIGHTS "" trains from random initialization '
             "on purpose)"
         )
-    read_detectron2_file(path)
+    bad = non_finite_tensor(read_detectron2_file(path)["model"])
+    if bad:
+        raise UserError(
+            f"{key} {path} holds non-finite values (NaN or inf), first in tensor {bad}: the "
+            "run that wrote it diverged; use weights from before the divergence"
+        )
 
 
 def _registered(name: str, key: str) -> None:
@@ -113,21 +125,24 @@ def _registered(name: str, key: str) -> None:
         raise UserError(f"{key}: dataset {name!r} is not registered{hint}")
 
 
-def _images_and_objects(name: str, coco: CocoSummary | None) -> tuple[int, int]:
-    """A COCO dataset's counts come from its streaming check: loading it here would hold the
-    whole parsed annotation file in the launcher while the workers load their own."""
+def _images_and_objects(key: str, name: str, coco: CocoSummary | None) -> tuple[int, int]:
+    """Counts of a dataset whose images have been checked. A COCO dataset's come from its
+    streaming check, which also read the image headers: loading it here would hold the whole
+    parsed annotation file in the launcher while the workers load their own."""
     if coco is not None:
         return coco.images, coco.objects
     dicts = DatasetCatalog.get(name)
+    check_images(dicts, f"{key} {name}")
     return len(dicts), sum(len(d.get("annotations") or ()) for d in dicts)
 
 
 def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Every dataset used is registered, its files exist, and it has images (training: with
     annotations). Every annotation is validated, once, here; with MODEL.MASK_ON a COCO
-    annotation needs a segmentation. A VOC test set's dicts are also what its evaluator scores
-    against (:mod:`moco_d2.detection.evaluation`), so an annotation the evaluation could not
-    read is refused here, not after training."""
+    annotation needs a segmentation; every image's header is read (decodable, of the annotated
+    size). A VOC test set's dicts are also what its evaluator scores against
+    (:mod:`moco_d2.detection.evaluation`), so an annotation the evaluation could not read is
+    refused here, not after training."""
     used = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]
     if not args.eval_only:
         used = [("DATASETS.TRAIN", n) for n in cfg.DATASETS.TRAIN] + used
@@ -142,7 +157,7 @@ def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
         test_names=[name for key, name in used if key == "DATASETS.TEST"],
     )
     for key, name in used:
-        images, objects = _images_and_objects(name, coco.get(name))
+        images, objects = _images_and_objects(key, name, coco.get(name))
         if not images:
             raise UserError(f"{key}: dataset {name!r} has no images")
         if key == "DATASETS.TRAIN" and not objects:

@@ -15,6 +15,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from moco_d2.cli import ArgumentParser
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, read_detectron2_file
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
@@ -22,6 +23,14 @@ from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
 from moco_d2.detection.trainer import METRICS_FILE, Trainer
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import remove_stale_temporaries
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` (its flags and ``--help``), whose mistakes are
+    one line and exit 2 like those of the other tools, not a usage block."""
+    parser = default_argument_parser()
+    parser.__class__ = ArgumentParser
+    return parser
 
 
 def load_config(args: argparse.Namespace) -> CfgNode:
@@ -80,7 +89,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
 
 def main(argv: list[str]) -> int:
-    args = default_argument_parser().parse_args(argv)
+    args = argument_parser().parse_args(argv)
     cfg = load_config(args)
     if finished(cfg, args):
         return 0

@@ -1,14 +1,20 @@
 """Detectron2's DefaultTrainer adapted to the VOC and COCO transfer protocols on GPUs and CPUs."""
 
+import itertools
 import json
 import logging
 import math
 import os
+import sys
 import weakref
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import DatasetEvaluator
@@ -18,6 +24,8 @@ from detectron2.utils.logger import setup_logger
 from moco_d2.detection import compat
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
 from moco_d2.detection.evaluation import COCODetectionEvaluator, VOCDetectionEvaluator
+from moco_d2.detection.images import CheckedDatasetMapper
+from moco_d2.detection.launch import EveryRankError
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_write_text
 
@@ -60,6 +68,42 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+        )
+
+    def run_step(self) -> None:
+        """One step; a non-finite loss, or weights made non-finite by the step, stop the run
+        before any hook (PreciseBN, the checkpointer, evaluation) sees the broken model."""
+        try:
+            super().run_step()
+        except FloatingPointError:  # detectron2's check of the loss, on the main process
+            raise self._diverged("the loss or the model's outputs became NaN or infinite") from None
+        if not all_finite(self.model):
+            raise self._diverged("the optimizer step made the weights non-finite")
+
+    def _diverged(self, what: str) -> EveryRankError:
+        lr = self.optimizer.param_groups[0]["lr"]
+        last = self.checkpointer.get_checkpoint_file()
+        kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written"
+        return EveryRankError(
+            f"training diverged at iteration {self.iter + 1} of {self.max_iter} (learning rate "
+            f"{lr:g}): {what}; {kept} and nothing of the diverged model was saved; lower "
+            "SOLVER.BASE_LR, or check MODEL.WEIGHTS"
+        )
+
+    def after_train(self) -> None:
+        # TrainerBase.train calls this in a `finally`: with an exception in flight the model
+        # may be broken or the disk full, so no hook (evaluation, writers) runs on it.
+        if sys.exc_info()[1] is None:
+            super().after_train()
 
     @classmethod
     def build_evaluator(
@@ -115,6 +159,13 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
                 tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
                 write_coco_metrics(by_type["coco"], cfg.OUTPUT_DIR, tasks, undefined)
         return results
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite (one sync)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    checks = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _metric_key(entry: dict) -> tuple[str, str]:

@@ -108,7 +108,10 @@ def atomic_torch_save(obj: Any, path: "str | os.PathLike[str]") -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # Our own handle, closed as the error leaves this block: a handle torch opened stays
+        # open in the traceback's frames, so the full disk's space would not come back.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
 
 
 def atomic_write_text(text: str, path: "str | os.PathLike[str]") -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from moco_d2.detection.data.json_stream import END, JSONStreamError, iter_top_level
 from moco_d2.detection.data.voc import BORDER_TOLERANCE
+from moco_d2.detection.images import image_size, size_mismatch
 from moco_d2.errors import UserError
 
 LIST_KEYS = ("images", "annotations", "categories")
@@ -130,6 +131,8 @@ class _Checker:
         if not os.path.isfile(path):
             self.missing += 1
             self.first_missing = self.first_missing or path
+        elif (actual := image_size(path)) != (width, height):
+            raise UserError(size_mismatch(path, actual, image))
 
     def annotation(self, ann: Any) -> None:
         self._record("annotations", ann)
@@ -197,10 +200,10 @@ def check_coco_file(
     """Stream ``json_file`` and check what the loader, Mask R-CNN and COCOEvaluator rely on.
 
     Checks: a JSON object with ``images``, ``annotations`` and ``categories`` lists; unique
-    image and annotation ids; each image has a positive size and exists under
-    ``image_root``; each annotation names a listed image and category and has a valid box
-    (module docstring), and with ``masks`` a segmentation; the categories, when
-    ``expected_categories`` is given, are exactly those ``(id, name)`` pairs.
+    image and annotation ids; each image has a positive size, exists under ``image_root``,
+    opens and has that size (its header is read); each annotation names a listed image and
+    category and has a valid box (module docstring), and with ``masks`` a segmentation; the
+    categories, when ``expected_categories`` is given, are exactly those ``(id, name)`` pairs.
     """
     checker = _Checker(json_file, image_root, masks)
     handlers = {
