@@ -199,7 +199,9 @@ STEPS="$WORK/steps.tsv"
 START=$SECONDS
 echo "PYTHONPATH=$PYTHONPATH"
 case $PYTHONPATH in
-    *.device/site*) [ -d .device/site ] || echo "warning: no .device/site; run benchmarks/gpu_prepare.sh" >&2 ;;
+    *.device/site*)
+        [ -d .device/site ] || echo "warning: no .device/site; run benchmarks/gpu_prepare.sh" >&2
+        ;;
 esac
 
 run_step env 60 env_report
@@ -224,6 +226,7 @@ run_step train_net 150 train_net_voc
 
 "$PYTHON" - "$STEPS" "$OUT" "$WORK" "$TINY" "$DEVICE" $((SECONDS - START)) <<'PY'
 """Key figures from each step's files; one table on stdout and summary.json."""
+
 import datetime
 import json
 import os
@@ -243,8 +246,13 @@ def load_json(path):
         return None
 
 
-def fmt(value, spec=".0f", unit=""):
-    return "n/a" if value is None else f"{value:{spec}}{unit}"
+def fmt(value, spec=None, unit=""):
+    """``spec`` None: 0, 1 or 2 decimals for >= 100, >= 1, smaller (img/s on GPUs and CPUs)."""
+    if value is None:
+        return "n/a"
+    if spec is None:
+        spec = ".0f" if abs(value) >= 100 else ".1f" if abs(value) >= 1 else ".2f"
+    return f"{value:{spec}}{unit}"
 
 
 def env():
@@ -331,11 +339,17 @@ def cli():
     for when, epoch, rate in epochs:
         wall = (stamp(when) - previous).total_seconds() if previous else None
         outside = wall - images / float(rate) if wall is not None and float(rate) > 0 else None
-        rows.append({"epoch": int(epoch), "img_per_s": float(rate), "wall_s": wall,
-                     "outside_steps_s": outside})
+        rows.append(
+            {
+                "epoch": int(epoch),
+                "img_per_s": float(rate),
+                "wall_s": wall,
+                "outside_steps_s": outside,
+            }
+        )
         previous = stamp(when)
     text = "; ".join(
-        f"epoch {r['epoch']}: {r['img_per_s']:.0f} img/s, {fmt(r['wall_s'], '.1f', ' s')} "
+        f"epoch {r['epoch']}: {fmt(r['img_per_s'])} img/s, {fmt(r['wall_s'], '.1f', ' s')} "
         f"({fmt(r['outside_steps_s'], '.1f', ' s')} outside steps)"
         for r in rows
     )
@@ -366,11 +380,12 @@ def train_net():
         pass
     timed = [r for r in records if "time" in r]
     late = [r for r in timed if r["iteration"] >= 39] or timed[-1:]
-    figures = {
-        "s_per_iter": statistics.mean(r["time"] for r in late) if late else None,
-        "data_s_per_iter": statistics.mean(r.get("data_time", 0) for r in late) if late else None,
-        "iterations": [r["iteration"] for r in late],
-    }
+    figures = {"s_per_iter": None, "data_s_per_iter": None, "iterations": []}
+    if late:
+        figures["s_per_iter"] = statistics.mean(r["time"] for r in late)
+        figures["data_s_per_iter"] = statistics.mean(r.get("data_time", 0) for r in late)
+        # the 1-based iterations that those medians cover
+        figures["iterations"] = [max(1, late[0]["iteration"] - 18), late[-1]["iteration"] + 1]
     try:
         with open(os.path.join(out, "train_net.log")) as f:
             log = f.read()
@@ -383,32 +398,53 @@ def train_net():
     if not timed and not overall:
         return figures, "n/a"
     text = (
-        f"{fmt(figures['s_per_iter'], '.3f')} s/iter (data {fmt(figures['data_s_per_iter'], '.3f')})"
-        f" over iterations {figures['iterations'] and 'to ' + str(figures['iterations'][-1] + 1)}"
+        f"{fmt(figures['s_per_iter'], '.3f')} s/iter "
+        f"(data {fmt(figures['data_s_per_iter'], '.3f')}) over iterations "
+        f"{'-'.join(map(str, figures['iterations']))}"
         f"; overall {fmt(figures['overall_s_per_iter'], '.3f')} s/iter; max mem "
         f"{fmt(figures['max_mem_mib'], '', ' MiB')}"
     )
     return figures, text
 
 
-readers = {"env": env, "throughput": throughput, "tests": tests, "cli": cli, "demo": demo,
-           "train_net": train_net}
+readers = {
+    "env": env,
+    "throughput": throughput,
+    "tests": tests,
+    "cli": cli,
+    "demo": demo,
+    "train_net": train_net,
+}
 rows = []
 with open(steps_file) as f:
     for line in f:
         name, status, seconds = line.rstrip("\n").split("\t")
         ran = name in readers and not status.startswith("skipped")
         figures, text = readers[name]() if ran else ({}, "")
-        rows.append({"step": name, "status": status, "figures": figures, "text": text,
-                     "seconds": int(seconds), "log": os.path.join(out, f"{name}.log")})
+        rows.append(
+            {
+                "step": name,
+                "status": status,
+                "figures": figures,
+                "text": text,
+                "seconds": int(seconds),
+                "log": os.path.join(out, f"{name}.log"),
+            }
+        )
 
 print(f"\nGPU check ({'tiny, ' if tiny == '1' else ''}device {device}), {total} s in all")
 widths = [max(len(r["step"]) for r in rows), max(len(r["status"]) for r in rows)]
 print(f"{'step':<{widths[0]}} | {'status':<{widths[1]}} | key figures | seconds")
 for r in rows:
     print(f"{r['step']:<{widths[0]}} | {r['status']:<{widths[1]}} | {r['text']} | {r['seconds']}")
-summary = {"device": device, "tiny": tiny == "1", "total_s": int(total), "work": work,
-           "steps": rows, "throughput_json": load_json(os.path.join(work, "throughput.json"))}
+summary = {
+    "device": device,
+    "tiny": tiny == "1",
+    "total_s": int(total),
+    "work": work,
+    "steps": rows,
+    "throughput_json": load_json(os.path.join(work, "throughput.json")),
+}
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
 print(f"summary: {os.path.join(out, 'summary.json')}; logs in {out}; outputs in {work}")
