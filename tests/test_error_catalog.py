@@ -64,10 +64,10 @@ def test_package_catalog_finds_known_sites(package_sites):
             "non-finite loss ({…}) at epoch {…}, {…}, lr {…}: lower --lr, check the data, or "
             "try without --amp; the last checkpoint is intact",
         ),
-        # a factory (_invalid) called with a literal reason
+        # a factory (invalid) called with an f-string reason
         (
-            "moco_d2/detection/data/coco.py",
-            "not a valid COCO instances file {…}: the top level is not an object",
+            "moco_d2/detection/data/coco_check.py",
+            'not a valid COCO instances file {…}: image id {…} appears twice in "images"',
         ),
         # a module constant filled in with .format
         (
