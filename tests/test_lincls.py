@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,12 +10,14 @@ import torchvision
 from PIL import Image
 
 from moco_d2.cli import run_tool
+from moco_d2.errors import UserError
 from moco_d2.lincls.engine import evaluate
 from moco_d2.lincls.main import main, parse_args
 from moco_d2.lincls.model import build_model, build_optimizer
 from moco_d2.lincls.train import _loaders
 from moco_d2.training.meters import accuracy
 
+CPU = torch.device("cpu")
 COLORS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
 SMALL = [
     "-a",
@@ -215,9 +218,19 @@ def test_top1_top5_on_a_hand_made_batch():
     assert top1.item() == pytest.approx(100 * 2 / 5)
     assert top5.item() == pytest.approx(100 * 4 / 5)
     # evaluate() weights unequal batches by their size: 2 of 5 and 1 of 1 → 3 of 6 top-1.
-    batches = [(logits, target), (torch.tensor([[0.0, 0, 0, 0, 0, 1]]), torch.tensor([5]))]
-    acc1, acc5 = evaluate(torch.nn.Identity(), batches, torch.device("cpu"))
-    assert (acc1, acc5) == (pytest.approx(50.0), pytest.approx(100 * 5 / 6))
+    last = (torch.tensor([[0.0, 0, 0, 0, 0, 1]]), torch.tensor([5]))
+    batches = [(logits, target, torch.zeros(5, dtype=torch.long)), (*last, torch.zeros(1))]
+    acc1, acc5, unreadable = evaluate(torch.nn.Identity(), batches, torch.device("cpu"))
+    assert (acc1, acc5, unreadable) == (pytest.approx(50.0), pytest.approx(100 * 5 / 6), 0)
+    # An item with skipped > 0 stands for an unreadable image: the rows of the 3rd and 4th
+    # samples (top-1 miss, top-5 miss) are left out, not scored: 2 of 3 top-1, 3 of 3 top-5.
+    skipped = torch.tensor([0, 0, 1, 2, 0])
+    batches = [(logits, target, skipped), (*last, torch.ones(1, dtype=torch.long))]
+    acc1, acc5, unreadable = evaluate(torch.nn.Identity(), batches, torch.device("cpu"))
+    assert (acc1, acc5, unreadable) == (pytest.approx(100 * 2 / 3), pytest.approx(100.0), 3)
+    # None readable (files broken after launch): no accuracy to give, one line instead of 0 %.
+    with pytest.raises(UserError, match="no val image could be read: all 6 were unreadable"):
+        evaluate(torch.nn.Identity(), [(logits, target, skipped + 1), last + (torch.ones(1),)], CPU)
 
 
 def test_missing_val_folder(pretrained, tmp_path, capsys):
@@ -232,6 +245,17 @@ def test_images_without_class_folders(pretrained, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(data / "train" / "loose.png")
     code, err = run_cli([str(data), *SMALL, "--pretrained", pretrained], capsys)
     assert code == 2 and len(err) == 1 and "train is not an ImageFolder" in err[0]
+
+
+def test_class_folder_without_images(pretrained, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", splits=(("train", 1), ("val", 1)))
+    for image in (data / "val" / "green").iterdir():
+        image.unlink()
+    code, err = run_cli([str(data), *SMALL, "--pretrained", pretrained], capsys)
+    assert code == 2 and err == [
+        f"error: {data / 'val'} is not an ImageFolder (one sub-folder of images per class): "
+        "no images in green"
+    ]
 
 
 def test_train_and_val_classes_differ(pretrained, tmp_path, capsys):
@@ -265,15 +289,6 @@ def test_batch_is_per_node_and_workers_per_process(data, launch, procs):
     assert (train_loader.num_workers, val_loader.num_workers) == (2, 2)
 
 
-def test_two_processes_on_cpu(data, pretrained, tmp_path):
-    argv = [str(data), *SMALL, "--pretrained", pretrained, "--epochs", "1", "--lr", "0.05"]
-    launch = ["--multiprocessing-distributed", "--nproc-per-node", "2"]
-    main([*argv, *launch, "--output-dir", str(tmp_path)])
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["backbone_unchanged"] is True and len(results["history"]) == 1
-    assert results["batch_size"] == 8 and 0 <= results["acc1"] <= 100
-
-
 def data_set(root):
     return torchvision.datasets.ImageFolder(str(root / "train"))
 
@@ -293,3 +308,108 @@ def test_batch_not_divisible_by_the_processes_of_a_node(data, capsys):
 def test_flag_values_are_checked_by_their_types(data, flag, value, expected, capsys):
     code, (line,) = run_cli([str(data), *SMALL, flag, value], capsys)
     assert code == 2 and flag in line and expected in line and value in line
+
+
+# Unreadable images: train ones replaced and counted, val ones left out and counted.
+
+
+def add_unreadable_images(root, split):
+    """A 0-byte file in red/ and a truncated JPEG in green/: each sorts last in its class, so
+    the two are never neighbours in the folder's order. Returns their paths."""
+    empty = root / split / "red" / "zero.jpg"
+    empty.write_bytes(b"")
+    cut = root / split / "green" / "cut.jpg"
+    noise = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=torch.Generator())
+    Image.fromarray(noise.numpy()).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
+    with pytest.raises(OSError):  # what the tool meets: PIL cannot decode either
+        Image.open(cut).convert("RGB")
+    return [empty, cut]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """(data with 2 unreadable images in train/ and in val/, the same data without them, the
+    unreadable paths). One val image of red/ is blue, so top-1 is below 100 % for any good
+    classifier and depends on which images it is taken over."""
+    clean = make_image_folder(tmp_path_factory.mktemp("clean"))
+    Image.new("RGB", (40, 40), COLORS["blue"]).save(clean / "val" / "red" / "3.png")
+    data = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(clean, data)
+    bad = add_unreadable_images(data, "train") + add_unreadable_images(data, "val")
+    return data, clean, bad
+
+
+def evaluate_on(data, checkpoint, out):
+    """top-1, top-5 of the saved classifier on ``data``, by the tool's -e."""
+    main([str(data), *SMALL, "-e", "--resume", str(checkpoint), "--output-dir", str(out)])
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def scalars(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
+
+
+def test_unreadable_images_are_counted_and_left_out_of_val(damaged, pretrained, tmp_path):
+    data, clean, bad = damaged
+    out = tmp_path / "run"
+    argv = [str(data), *SMALL, "--pretrained", pretrained, "--lr", "0.05", "--epochs", "2"]
+    assert main([*argv, "-j", "1", "--output-dir", str(out)]) == 0  # a worker reads and logs
+
+    results = json.loads((out / "results.json").read_text())
+    assert [(h["train_unreadable"], h["val_unreadable"]) for h in results["history"]] == [
+        (2, 2),
+        (2, 2),
+    ]
+    assert results["val_unreadable"] == 2
+    assert scalars(out / "tb", "train_unreadable") == [2, 2]
+    assert scalars(out / "tb", "val_unreadable") == [2, 2]
+    log = (out / "log.txt").read_text()
+    for path in bad:
+        assert f"unreadable image skipped: {path}" in log
+    assert "epoch 1: 2 unreadable train images were replaced by the next readable one" in log
+    assert "epoch 1: 2 unreadable val images were left out" in log
+
+    # top-1/top-5 are those of the same classifier on val/ without the unreadable files: 12
+    # images, not 14 (unreadable ones counted as misses) nor 14 with two counted twice.
+    checkpoint = out / "checkpoint.pth.tar"
+    reference = evaluate_on(clean, checkpoint, tmp_path / "clean")
+    assert reference["val_unreadable"] == 0
+    assert (results["acc1"], results["acc5"]) == (reference["acc1"], reference["acc5"])
+    assert round(results["acc1"] * 12 / 100, 6).is_integer()
+    assert evaluate_on(data, checkpoint, out)["val_unreadable"] == 2
+
+
+def test_two_processes_on_cpu(damaged, pretrained, tmp_path):
+    """gloo, 2 processes: the unreadable counts are summed, and top-1/top-5 over the readable
+    val images equal one process's evaluation of the same classifier without them."""
+    data, clean, _ = damaged
+    argv = [str(data), *SMALL, "--pretrained", pretrained, "--epochs", "1", "--lr", "0.05"]
+    launch = ["--multiprocessing-distributed", "--nproc-per-node", "2"]
+    assert main([*argv, *launch, "--output-dir", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["backbone_unchanged"] is True and len(results["history"]) == 1
+    assert results["batch_size"] == 8
+    # 26 train images split 13/13 (no padding): each unreadable one is met once.
+    assert results["history"][0]["train_unreadable"] == 2 and results["val_unreadable"] == 2
+    reference = evaluate_on(clean, tmp_path / "run" / "checkpoint.pth.tar", tmp_path / "clean")
+    assert (results["acc1"], results["acc5"]) == (reference["acc1"], reference["acc5"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_of_only_unreadable_images_is_refused_before_launch(
+    pretrained, split, tmp_path, capsys
+):
+    data = make_image_folder(tmp_path / "d", splits=(("train", 1), ("val", 1)))
+    for image in (data / split).rglob("*.png"):
+        image.write_bytes(b"")
+    out = tmp_path / "out"
+    argv = [str(data), *SMALL, "--pretrained", pretrained, "--output-dir", str(out)]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: no readable image under {data / split}: ")
+    assert not out.exists()

@@ -21,14 +21,17 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     args: argparse.Namespace,
-) -> tuple[float, float]:
-    """SGD on the fc over ``loader``; returns (mean loss, top-1 %) on this process's share."""
+) -> tuple[float, float, int]:
+    """SGD on the fc over ``loader``; returns (mean loss, top-1 %) on this process's share and
+    the unreadable images replaced on all processes."""
     # Eval mode for the whole model: the frozen BN layers must use (and keep) the pretrained
     # running statistics. The fc has no train/eval difference, so it still learns.
     model.eval()
     losses, top1 = AverageMeter(LOSS), AverageMeter(ACC1)
+    unreadable = torch.zeros(1, dtype=torch.long)
     bar = tqdm(loader, desc=f"train {epoch}", disable=not is_main_process(), leave=False)
-    for i, (images, target) in enumerate(bar):
+    for i, (images, target, skipped) in enumerate(bar):
+        unreadable += skipped.sum()
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, args.amp):
@@ -42,7 +45,10 @@ def train_one_epoch(
         top1.update(accuracy(output, target, topk=(1,))[0].item(), images.shape[0])
         if i % args.print_freq == 0:
             bar.set_postfix({LOSS: f"{losses.avg:.4f}", ACC1: f"{top1.avg:.2f}"})
-    return losses.avg, top1.avg
+    unreadable = unreadable.to(device)
+    if is_distributed():
+        torch.distributed.all_reduce(unreadable)
+    return losses.avg, top1.avg, int(unreadable.item())
 
 
 def _stop_unless_finite(loss, epoch, iteration, args):
@@ -63,19 +69,35 @@ def _stop_unless_finite(loss, epoch, iteration, args):
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, loader: Iterable, device: torch.device, amp: bool = False
-) -> tuple[float, float]:
-    """(top-1 %, top-5 %) over the whole val set, summed over every process's shard."""
+) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, unreadable images) over the whole val set, summed over every
+    process's shard. Items with ``skipped > 0`` stand for unreadable images (their pixels are
+    another image's): they are counted and left out, so top-1/top-5 are over the readable ones."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
-    for images, target in tqdm(loader, desc="val", disable=not is_main_process(), leave=False):
+    # top-1 hits, top-5 hits, readable images, unreadable images
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, target, skipped in tqdm(
+        loader, desc="val", disable=not is_main_process(), leave=False
+    ):
+        readable = skipped == 0
+        if not readable.all():  # masking copies the batch: only when one is unreadable
+            totals[3] += (~readable).sum().item()
+            images, target = images[readable], target[readable]
+            if not target.numel():
+                continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
             output = model(images)
         acc1, acc5 = accuracy(output.float(), target, topk=(1, 5))
         n = target.shape[0]
-        totals += torch.stack(
+        totals[:3] += torch.stack(
             [acc1 * n / 100, acc5 * n / 100, torch.tensor(n, device=device)]
         ).double()
-    hits1, hits5, count = all_gather_cat(totals[None]).sum(0).round().tolist()
-    return 100.0 * hits1 / count, 100.0 * hits5 / count
+    hits1, hits5, count, unreadable = all_gather_cat(totals[None]).sum(0).round().tolist()
+    if not count:
+        raise UserError(
+            f"no val image could be read: all {int(unreadable)} were unreadable (paths in the "
+            "log), so top-1/top-5 are undefined; check the val folder"
+        )
+    return 100.0 * hits1 / count, 100.0 * hits5 / count, int(unreadable)

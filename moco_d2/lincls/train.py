@@ -56,6 +56,10 @@ LAST_CHECKPOINT = "checkpoint.pth.tar"
 BEST_CHECKPOINT = "model_best.pth.tar"
 RESULTS = "results.json"
 EVALUATION = "evaluation.json"  # -e/--evaluate: kept apart so it never replaces a run's results
+# Per-epoch counts of unreadable images (history, TensorBoard, JSON): train ones were replaced by
+# the next readable image, val ones left out of top-1/top-5.
+TRAIN_UNREADABLE = "train_unreadable"
+VAL_UNREADABLE = "val_unreadable"
 
 logger = logging.getLogger("moco_d2.lincls")
 
@@ -198,10 +202,15 @@ def _run(device, args, prepared):
             logger.info("removed %s, left by an interrupted write", path)
 
     if args.evaluate:
-        acc1, acc5 = evaluate(model, loaders[1], device, args.amp)
+        acc1, acc5, val_unreadable = evaluate(model, loaders[1], device, args.amp)
         if is_main_process():
             logger.info("val: top-1 %.2f  top-5 %.2f", acc1, acc5)
-            _write_results(args, {"resume": args.resume, ACC1: acc1, ACC5: acc5}, EVALUATION)
+            _log_val_unreadable("val", val_unreadable)
+            _write_results(
+                args,
+                {"resume": args.resume, ACC1: acc1, ACC5: acc5, VAL_UNREADABLE: val_unreadable},
+                EVALUATION,
+            )
         return
     history = _fit(model, optimizer, loaders, device, progress, args)
     barrier()
@@ -227,13 +236,14 @@ def _fit(
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, epoch, args)
-        loss, train_acc1 = train_one_epoch(
+        loss, train_acc1, train_unreadable = train_one_epoch(
             model, train_loader, criterion, optimizer, device, epoch, args
         )
-        acc1, acc5 = evaluate(model, val_loader, device, args.amp)
+        acc1, acc5, val_unreadable = evaluate(model, val_loader, device, args.amp)
         is_best = acc1 > best_acc1 or not history
         best_acc1 = max(acc1, best_acc1)
-        # train_loss/train_acc1 are the main process's share; acc1/acc5 cover the whole val set.
+        # train_loss/train_acc1 are the main process's share; acc1/acc5 cover the readable
+        # images of the whole val set; the unreadable counts cover every process.
         history.append(
             {
                 "epoch": epoch,
@@ -242,6 +252,8 @@ def _fit(
                 TRAIN_ACC1: train_acc1,
                 ACC1: acc1,
                 ACC5: acc5,
+                TRAIN_UNREADABLE: train_unreadable,
+                VAL_UNREADABLE: val_unreadable,
             }
         )
         if writer is None:
@@ -255,6 +267,14 @@ def _fit(
             acc5,
             best_acc1,
         )
+        if train_unreadable:
+            logger.warning(
+                "epoch %d: %d unreadable train images were replaced by the next readable one "
+                "(paths above in the log)",
+                epoch,
+                train_unreadable,
+            )
+        _log_val_unreadable(f"epoch {epoch}", val_unreadable)
         for name, value in history[-1].items():
             if name != "epoch":
                 writer.add_scalar(name, value, epoch)
@@ -263,6 +283,16 @@ def _fit(
     if writer is not None:
         writer.close()
     return history
+
+
+def _log_val_unreadable(when: str, count: int) -> None:
+    if count:
+        logger.warning(
+            "%s: %d unreadable val images were left out: top-1/top-5 are over the readable "
+            "ones (paths above in the log)",
+            when,
+            count,
+        )
 
 
 def _finish(model, history, args):
@@ -279,6 +309,7 @@ def _finish(model, history, args):
             "best_epoch": best.get("epoch"),
             ACC1: last.get(ACC1),
             ACC5: last.get(ACC5),
+            VAL_UNREADABLE: last.get(VAL_UNREADABLE),
             "backbone_unchanged": True if args.pretrained else None,
             "history": history,
         },
