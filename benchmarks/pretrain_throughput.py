@@ -9,11 +9,11 @@ they run through the tool's loader and its ``train_one_epoch`` on one process:
   batch (``--bn-splits 1``), fp32, ``--augment-on loader`` (PIL in the workers), a host sync
   every step, the per-parameter momentum loop, per-parameter SGD, and workers restarted every
   epoch.
-- ``fast``: the tool's defaults for the device: ``--amp`` (bf16 autocast) where the device is
-  CUDA with bf16 (fp32 on CPU, where bf16 autocast is slower without native bf16 units),
-  ``--augment-on device``, channels-last on CUDA, the default ``--bn-splits``, one set of
-  workers for the whole run, the sync-free step, foreach momentum and fused/foreach SGD
-  (``--compile`` adds torch.compile).
+- ``fast``: the tool's defaults for the device plus ``--amp`` (bf16 autocast) where the device
+  is CUDA with bf16 (fp32 on CPU, where bf16 autocast is slower without native bf16 units) and
+  ``--augment-on device`` (the default on CUDA, chosen on CPU too); channels-last on CUDA, the
+  default ``--bn-splits``, one set of workers for the whole run, the sync-free step, foreach
+  momentum and fused/foreach SGD (``--compile`` adds torch.compile).
 
 The end-to-end pass runs ``--e2e-epochs`` epochs of ``--e2e-iters`` steps each (the folder is
 read as a dataset of ``--e2e-iters`` batches, cycling over its files). Epoch 0 warms up (workers
@@ -170,6 +170,7 @@ def tool_args(args, device, data, fast):
     if not fast:
         argv += ["--bn-splits", "1", "--augment-on", "loader", "--no-channels-last"]
     else:
+        argv += ["--augment-on", "device"]
         # bf16 autocast on CUDA only: CPUs without native bf16 units run it slower than fp32
         if device.type == "cuda" and bf16_supported(device):
             argv.append("--amp")
