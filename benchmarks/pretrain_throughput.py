@@ -1,19 +1,42 @@
 #!/usr/bin/env python
 """MoCo pretraining throughput, end to end, released recipe against the fast path in one run.
 
-Two modes on the same device and the same folder of JPEGs:
+Both modes are built by the functions ``tools/pretrain_moco.py`` builds its runs with
+(:mod:`moco_d2.pretrain.setup`), from the tool's own parser, so that the defaults cannot drift;
+they run through the tool's loader and its ``train_one_epoch`` on one process:
 
-- ``released``: fp32, PIL augmentation in the DataLoader workers, a host sync every step, the
-  per-parameter momentum loop and per-parameter SGD: what the released main_moco.py does.
-- ``fast``: bf16 autocast (on CUDA where supported; fp32 on CPU), ``--augment-on device``, the
-  sync-free step, foreach momentum update, fused (CUDA) or foreach SGD, channels-last on CUDA,
-  optionally torch.compile.
+- ``released``: what the released main_moco.py does on one process: plain BatchNorm over the
+  batch (``--bn-splits 1``), fp32, ``--augment-on loader`` (PIL in the workers), a host sync
+  every step, the per-parameter momentum loop, per-parameter SGD, and workers restarted every
+  epoch.
+- ``fast``: the tool's defaults for the device plus ``--amp`` (bf16 autocast) where the device
+  is CUDA with bf16 (fp32 on CPU, where bf16 autocast is slower without native bf16 units) and
+  ``--augment-on device`` (the default on CUDA, chosen on CPU too), ``--decode-on`` as the tool's
+  default (device on CUDA) or as ``--decode-on`` says; channels-last on CUDA, the
+  default ``--bn-splits``, one set of workers for the whole run, the sync-free step, foreach
+  momentum and fused/foreach SGD (``--compile`` adds torch.compile).
 
-For each mode: end-to-end img/s (decode → augment → step), img/s of the step alone on tensors
-already on the device, host CPU ms per image spent in the data pipeline (CPU time of each
-item's decode, crop and, on the loader path, PIL augmentation, measured inside the workers; the
-fast mode's device augmentation is device work and is reported separately as
-``device_augment_ms_per_img``), peak memory, GFLOPs per image, TFLOP/s and MFU.
+The end-to-end pass runs ``--e2e-epochs`` epochs of ``--e2e-iters`` steps each (the folder is
+read as a dataset of ``--e2e-iters`` batches, cycling over its files). Epoch 0 warms up (workers
+start, autotuning, compilation) and is not timed. Per mode:
+
+- ``img_per_s``: images per second end to end in the steady part of the timed epochs: from the
+  end of each epoch's first step to the end of its last (the device synced at both ends);
+- ``epoch_overhead_s``: what an epoch boundary costs on top of a step: the wall time from the
+  end of the last step of epoch e to the end of the first step of epoch e+1, minus the median
+  steady step time, median over the boundaries. It holds the restart of the workers and the
+  refill of the pipeline (released), and what the training loop does between epochs;
+- ``step_img_per_s``: the step alone on tensors already on the device (``fast`` also reports
+  ``step_img_per_s_bn_splits_1``, the same step with plain BN, so the cost of the shuffle-BN
+  emulation is visible);
+- host CPU ms per image spent in the data pipeline (CPU time of each item's decode, crop and,
+  on the loader path, PIL augmentation, measured inside the workers; the fast mode's device
+  augmentation is device work and is reported separately as ``device_augment_ms_per_img``);
+- ``main_process_cpu_ms_per_img``: CPU time of the training process itself per image in the
+  steady window: the host side of the step (kernel launches, and with ``--decode-on device`` the
+  host share of nvJPEG's decoding); on a CPU device it is the whole step. The host cost of the
+  GPU path is this plus ``host_ms_per_img``;
+- peak memory, GFLOPs per image, TFLOP/s and MFU.
 
 GFLOPs per image: fvcore's FlopCountAnalysis of the encoder (trunk + projection head) at the
 crop size counts one multiply-add as one flop; ×2 gives FLOPs; a training image costs the query
@@ -24,10 +47,12 @@ queue logits (128 × K multiply-adds per image) are left out.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -36,18 +61,28 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 
-from moco_d2.pretrain import MoCo
-from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
 from moco_d2.pretrain.builder import build_encoder
-from moco_d2.pretrain.data import TolerantImageFolder
-from moco_d2.pretrain.device_augment import DeviceAugment, TwoCropsLoader
+from moco_d2.pretrain.device_augment import DeviceAugment
 from moco_d2.pretrain.engine import train_one_epoch
-from moco_d2.pretrain.health import last_stage_positions
-from moco_d2.pretrain.main import compile_encoders, resolve_bn_splits, sgd_kernel
+from moco_d2.pretrain.main import build_parser
+from moco_d2.pretrain.setup import (
+    bn_splits_for,
+    build_model,
+    build_optimizer,
+    build_train_data,
+    build_train_loader,
+    epoch_seed,
+    wrap_for_training,
+)
+from moco_d2.pretrain.speed_flags import resolve_speed_arguments
 from moco_d2.training.amp import bf16_supported
-from moco_d2.training.distributed import resolve_device
+from moco_d2.training.checkpoint import seed_all
+from moco_d2.training.distributed import one_process, resolve_device
+
+SEED = 0
+LR = 0.03
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (V100: fp16, no bf16).
 PEAK_TFLOPS = [
@@ -62,8 +97,18 @@ PEAK_TFLOPS = [
 ]
 
 
+def at_least(minimum):
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--data", default=None, help="folder of JPEGs (default: generate them)")
     p.add_argument("--num-images", default=512, type=int, help="JPEGs to generate without --data")
     p.add_argument("-a", "--arch", default="resnet50")
@@ -71,11 +116,20 @@ def parse_args(argv):
     p.add_argument("-j", "--workers", default=min(16, os.cpu_count() or 1), type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--crop-size", default=224, type=int)
-    p.add_argument("--bn-splits", default=None, type=int, help="default: as pretrain_moco.py")
+    p.add_argument("--bn-splits", default=None, type=int, help="fast mode (default: the tool's)")
+    p.add_argument(
+        "--decode-on",
+        default=None,
+        choices=["loader", "device"],
+        help="fast mode's JPEG decoding (default: the tool's: device on CUDA, else loader)",
+    )
     p.add_argument("--moco-k", default=65536, type=int)
-    p.add_argument("--warmup", default=3, type=int, help="untimed steps first")
-    p.add_argument("--iters", default=20, type=int, help="timed steps of the step alone")
-    p.add_argument("--e2e-iters", default=20, type=int, help="timed end-to-end steps")
+    p.add_argument("--warmup", default=3, type=int, help="untimed steps before the step alone")
+    p.add_argument("--iters", default=10, type=int, help="timed steps of the step alone")
+    p.add_argument("--e2e-iters", default=10, type=at_least(2), help="steps per end-to-end epoch")
+    p.add_argument(
+        "--e2e-epochs", default=3, type=at_least(3), help="end-to-end epochs, the first untimed"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the fast mode's model")
     p.add_argument("--json", default="pretrain_throughput.json", help="where to write results")
     return p.parse_args(argv)
@@ -117,100 +171,141 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-class TimedDataset(Dataset):
-    """``dataset``'s items with the CPU seconds spent producing each (decode, crop, and on the
-    loader path the PIL augmentations) in place of the target, which training ignores."""
+def tool_args(args, device, data, fast):
+    """The parsed and resolved flags of ``tools/pretrain_moco.py`` for this mode, on one
+    process."""
+    K = args.moco_k - args.moco_k % args.batch_size
+    argv = [data, "-a", args.arch, "-b", str(args.batch_size), "-j", str(args.workers)]
+    argv += ["--crop-size", str(args.crop_size), "--moco-k", str(K), "--lr", str(LR)]
+    argv += ["--epochs", str(args.e2e_epochs), "--seed", str(SEED), "--device", str(device)]
+    if not fast:
+        argv += ["--bn-splits", "1", "--augment-on", "loader", "--no-channels-last"]
+    else:
+        argv += ["--augment-on", "device"]
+        if args.decode_on is not None:
+            argv += ["--decode-on", args.decode_on]
+        # bf16 autocast on CUDA only: CPUs without native bf16 units run it slower than fp32
+        if device.type == "cuda" and bf16_supported(device):
+            argv.append("--amp")
+        if args.bn_splits is not None:
+            argv += ["--bn-splits", str(args.bn_splits)]
+        if args.compile:
+            argv.append("--compile")
+    tool = one_process(build_parser().parse_args(argv))
+    resolve_speed_arguments(tool, device)
+    return tool
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+
+class TimedItems(Dataset):
+    """``dataset`` read as ``length`` items (cycling over it), each with the CPU seconds spent
+    producing it (decode, crop, and on the loader path the PIL augmentations) in place of the
+    target, which training ignores."""
+
+    def __init__(self, dataset, length):
+        self.dataset, self.length = dataset, length
 
     def __len__(self):
-        return len(self.dataset)
+        return self.length
 
     def __getitem__(self, index):
         start = time.thread_time()
-        images, _, skipped = self.dataset[index]
+        images, _, skipped = self.dataset[index % len(self.dataset)]
         return images, torch.tensor(time.thread_time() - start, dtype=torch.float64), skipped
 
 
 class TimedLoader:
     """Yields ``loader``'s batches; marks the start of the timed window after ``warmup``
-    batches (device synced first) and sums the per-image pipeline CPU time."""
+    batches (device synced first)."""
 
     def __init__(self, loader, warmup, device):
         self.loader, self.warmup, self.device = loader, warmup, device
         self.start = None
-        self.pipeline_cpu_s = 0.0
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        it = iter(self.loader)
-        for i in range(len(self.loader)):
+        for i, batch in enumerate(self.loader):
             if i == self.warmup:
                 sync(self.device)
                 self.start = time.perf_counter()
-            batch = next(it)
-            if isinstance(batch[1], torch.Tensor) and batch[1].dtype == torch.float64:
-                self.pipeline_cpu_s += float(batch[1].sum())
             yield batch
 
 
-def build(args, device, fast):
-    torch.manual_seed(0)
-    encoder = torchvision.models.__dict__[args.arch]
-    splits = resolve_bn_splits(
-        args.bn_splits,
-        args.batch_size,
-        False,
-        last_stage_positions(encoder, args.crop_size),
-        args.crop_size,
-    )
-    K = args.moco_k - args.moco_k % args.batch_size
-    model = MoCo(encoder, K=K, bn_splits=splits, foreach_momentum=fast).to(device)
-    channels_last = fast and device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        0.03,
-        momentum=0.9,
-        weight_decay=1e-4,
-        **(sgd_kernel(device) if fast else {"foreach": False}),
-    )
-    if fast and args.compile:
-        compile_encoders(model)
-    return model, model, opt, channels_last, splits, K
+class EpochClock:
+    """Yields the batches of the epoch set in ``batches``; records, device synced, when the
+    epoch's first step and its last step ended, and sums the per-image pipeline CPU time that
+    the items carry."""
+
+    def __init__(self, device):
+        self.device = device
+        self.batches = None
+        self.first_done, self.done = [], []
+        self.cpu_first_done, self.cpu_done = [], []
+        self.pipeline_cpu_s = 0.0
+        self.images = 0
+
+    def _now(self):
+        sync(self.device)
+        return time.perf_counter()
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        it = iter(self.batches)
+        for i in range(len(self.batches)):
+            if i == 1:
+                self.first_done.append(self._now())
+                self.cpu_first_done.append(time.process_time())
+            images, seconds, skipped = next(it)
+            self.pipeline_cpu_s += float(seconds.sum())
+            self.images += len(seconds)
+            yield images, seconds, skipped
+        self.done.append(self._now())
+        self.cpu_done.append(time.process_time())
+
+    def report(self, batch, steps):
+        """(steady img/s, epoch overhead s, training-process CPU ms per image) of the epochs
+        after the first (see the module)."""
+        steady = [d - f for f, d in zip(self.first_done[1:], self.done[1:])]
+        step_s = statistics.median(steady) / (steps - 1)
+        boundaries = [f - d for d, f in zip(self.done, self.first_done[1:])]
+        images = batch * (steps - 1) * len(steady)
+        cpu = sum(d - f for f, d in zip(self.cpu_first_done[1:], self.cpu_done[1:]))
+        return images / sum(steady), statistics.median(boundaries) - step_s, cpu / images * 1e3
 
 
-def step_only(args, device, fast, train_model, opt, channels_last, amp):
+def _timed_epoch(
+    train_model, batches, opt, device, amp, channels_last, fast, augment=None, decode=None
+):
+    """One pass of the real training loop over ``batches``, with the mode's step settings."""
+    train_one_epoch(
+        train_model,
+        batches,
+        opt,
+        0,
+        device,
+        LR,
+        amp=amp,
+        print_freq=len(batches),
+        show_progress=False,
+        augment=augment,
+        channels_last=channels_last,
+        sync_every_step=not fast,
+        decode=decode,
+    )
+    sync(device)
+
+
+def step_only(args, device, fast, train_model, opt, tool):
     """img/s of forward + backward + SGD + momentum + queue on normalised device tensors."""
     shape = (args.batch_size, 3, args.crop_size, args.crop_size)
     views = [torch.randn(shape, device=device) for _ in range(2)]
     on_device = [(views, None, torch.zeros(1, dtype=torch.long))] * (args.warmup + args.iters)
     timed = TimedLoader(on_device, args.warmup, device)
-    _timed_epoch(train_model, timed, opt, device, amp, channels_last, fast)
+    _timed_epoch(train_model, timed, opt, device, tool.amp, tool.channels_last, fast)
     return args.batch_size * args.iters / (time.perf_counter() - timed.start)
-
-
-def _timed_epoch(train_model, timed, opt, device, amp, channels_last, fast, augment=None):
-    """One pass of the real training loop over ``timed``, with the mode's step settings."""
-    train_one_epoch(
-        train_model,
-        timed,
-        opt,
-        0,
-        device,
-        0.03,
-        amp=amp,
-        print_freq=len(timed),
-        show_progress=False,
-        augment=augment,
-        channels_last=channels_last,
-        sync_every_step=not fast,
-    )
-    sync(device)
 
 
 def device_augment_ms(args, device):
@@ -228,29 +323,40 @@ def device_augment_ms(args, device):
     return (time.perf_counter() - start) / (5 * args.batch_size) * 1e3
 
 
-def end_to_end(args, device, fast, train_model, opt, channels_last, amp, data):
-    if fast:
-        dataset = TolerantImageFolder(data, load=TwoCropsLoader(args.crop_size))
-        augment = DeviceAugment(True)
-    else:
-        transform = TwoCropsTransform(moco_augmentation(True, args.crop_size))
-        dataset = TolerantImageFolder(data, transform)
-        augment = None
-    steps = args.warmup + args.e2e_iters
-    images = steps * args.batch_size
-    sampler = RandomSampler(dataset, replacement=True, num_samples=images)
-    loader = DataLoader(
-        TimedDataset(dataset),
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-    )
-    timed = TimedLoader(loader, args.warmup, device)
-    _timed_epoch(train_model, timed, opt, device, amp, channels_last, fast, augment)
-    elapsed = time.perf_counter() - timed.start
-    return args.batch_size * args.e2e_iters / elapsed, timed.pipeline_cpu_s / images * 1e3
+def end_to_end(args, device, fast, train_model, opt, tool):
+    """Steady img/s, epoch overhead (s), the workers' and the training process's host CPU ms
+    per image over the tool's loader and epoch loop (see the module)."""
+    data = build_train_data(tool, tool.data)
+    timed = TimedItems(data.dataset, args.e2e_iters * args.batch_size)
+    data = dataclasses.replace(data, dataset=timed)
+    loader = build_train_loader(data, tool, args.batch_size, SEED, device, across_epochs=fast)
+    clock = EpochClock(device)
+    for epoch in range(args.e2e_epochs):
+        seed_all(epoch_seed(SEED, epoch, 0))  # as the tool starts an epoch
+        clock.batches = loader.epoch(epoch)
+        _timed_epoch(
+            train_model,
+            clock,
+            opt,
+            device,
+            tool.amp,
+            tool.channels_last,
+            fast,
+            data.augment,
+            data.decode,
+        )
+    img_per_s, overhead, main_ms = clock.report(args.batch_size, args.e2e_iters)
+    return img_per_s, overhead, clock.pipeline_cpu_s / clock.images * 1e3, main_ms
+
+
+def build(args, device, fast, data, bn_splits=None):
+    """The mode's model, training module and optimizer, as the tool builds them."""
+    tool = tool_args(args, device, data, fast)
+    splits = bn_splits_for(tool, args.batch_size) if bn_splits is None else bn_splits
+    torch.manual_seed(SEED)
+    model = build_model(tool, device, splits, foreach_momentum=fast)
+    opt = build_optimizer(model, tool, device, kernel=None if fast else {"foreach": False})
+    return tool, splits, model, wrap_for_training(model, tool, device), opt
 
 
 def gflops_per_image(args):
@@ -270,23 +376,24 @@ def peak_tflops(name):
 
 
 def measure(args, device, fast, data, gflops, peak):
-    model, train_model, opt, channels_last, splits, K = build(args, device, fast)
-    # bf16 autocast on CUDA only: CPUs without native bf16 units run it slower than fp32
-    amp = fast and device.type == "cuda" and bf16_supported(device)
+    tool, splits, model, train_model, opt = build(args, device, fast, data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = step_only(args, device, fast, train_model, opt, channels_last, amp)
-    e2e, host_ms = end_to_end(args, device, fast, train_model, opt, channels_last, amp, data)
+    step = step_only(args, device, fast, train_model, opt, tool)
+    e2e, overhead, host_ms, main_ms = end_to_end(args, device, fast, train_model, opt, tool)
     if device.type == "cuda":
         peak_mem, kind = torch.cuda.max_memory_allocated(device), "gpu_allocated"
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         kind = "process_rss_so_far"
+    del model, train_model, opt
     tflops = gflops * e2e / 1e3
     result = {
         "img_per_s": e2e,
+        "epoch_overhead_s": overhead,
         "step_img_per_s": step,
         "host_ms_per_img": host_ms,
+        "main_process_cpu_ms_per_img": main_ms,
         "peak_mem_bytes": int(peak_mem),
         "peak_mem_kind": kind,
         "gflops_per_img": gflops,
@@ -294,16 +401,26 @@ def measure(args, device, fast, data, gflops, peak):
         "step_tflops": gflops * step / 1e3,
         "mfu": tflops / peak if peak else None,
         "step_mfu": gflops * step / 1e3 / peak if peak else None,
-        "amp_bf16": amp,
-        "augment_on": "device" if fast else "loader",
-        "channels_last": channels_last,
-        "compile": bool(fast and args.compile),
+        "amp_bf16": tool.amp,
+        "augment_on": tool.augment_on,
+        "decode_on": tool.decode_on,
+        "channels_last": tool.channels_last,
+        "compile": tool.compile,
         "bn_splits": splits,
-        "K": K,
+        "workers_kept_across_epochs": fast,
+        "steps_per_epoch": args.e2e_iters,
+        "K": tool.moco_k,
     }
     if fast:
         result["device_augment_ms_per_img"] = device_augment_ms(args, device)
-    del model, train_model, opt
+        if splits == 1:
+            result["step_img_per_s_bn_splits_1"] = step
+        else:
+            tool, _, model, train_model, opt = build(args, device, fast, data, bn_splits=1)
+            result["step_img_per_s_bn_splits_1"] = step_only(
+                args, device, fast, train_model, opt, tool
+            )
+            del model, train_model, opt
     return result
 
 
@@ -329,16 +446,25 @@ def main(argv=None):
         f"batch {args.batch_size}, -j {args.workers}, {gflops:.2f} GFLOPs/img"
     )
     print(
-        f"{'mode':<9} {'img/s':>8} {'step img/s':>11} {'host ms/img':>12} {'peak MiB':>9} "
-        f"{'TFLOP/s':>8} {'MFU':>6}"
+        f"{'mode':<9} {'img/s':>8} {'epoch +s':>9} {'step img/s':>11} {'bn-splits':>9} "
+        f"{'host ms/img':>12} {'main ms/img':>12} {'decode':>7} {'peak MiB':>9} {'TFLOP/s':>8} "
+        f"{'MFU':>6}"
     )
     for mode, r in results.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(
-            f"{mode:<9} {r['img_per_s']:>8.1f} {r['step_img_per_s']:>11.1f} "
-            f"{r['host_ms_per_img']:>12.2f} {r['peak_mem_bytes'] / 2**20:>9.0f} "
+            f"{mode:<9} {r['img_per_s']:>8.1f} {r['epoch_overhead_s']:>9.2f} "
+            f"{r['step_img_per_s']:>11.1f} {r['bn_splits']:>9} "
+            f"{r['host_ms_per_img']:>12.2f} {r['main_process_cpu_ms_per_img']:>12.2f} "
+            f"{r['decode_on']:>7} {r['peak_mem_bytes'] / 2**20:>9.0f} "
             f"{r['tflops']:>8.3f} {mfu:>6}"
         )
+    bn1 = results["fast"]["step_img_per_s_bn_splits_1"]
+    print(
+        f"fast step with --bn-splits 1: {bn1:.1f} img/s; "
+        f"bn-splits {results['fast']['bn_splits']} runs at "
+        f"{results['fast']['step_img_per_s'] / bn1:.2f}x of it"
+    )
     host_ratio = results["fast"]["host_ms_per_img"] / results["released"]["host_ms_per_img"]
     print(f"fast/released: {ratio:.2f}x end to end; host ms per image x{host_ratio:.2f}")
     out = {

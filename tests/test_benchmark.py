@@ -15,7 +15,15 @@ import torchvision
 from moco_d2.pretrain.builder import build_encoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("img_per_s", "step_img_per_s", "host_ms_per_img", "peak_mem_bytes", "gflops_per_img")
+KEYS = (
+    "img_per_s",
+    "step_img_per_s",
+    "host_ms_per_img",
+    "main_process_cpu_ms_per_img",
+    "peak_mem_bytes",
+    "gflops_per_img",
+)
+BN_SPLITS = 2  # the tool's default at batch 8, 64 px, ResNet-18 (4 images x 2x2 positions)
 
 
 def _multiply_adds(model, crop):
@@ -45,8 +53,8 @@ def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
     command = [
         sys.executable, os.path.join(REPO, "benchmarks", "pretrain_throughput.py"),
         "--device", "cpu", "-a", "resnet18", "--crop-size", "64", "-b", "8", "-j", "1",
-        "--num-images", "16", "--warmup", "1", "--iters", "1", "--e2e-iters", "1",
-        "--moco-k", "64", "--json", str(out),
+        "--num-images", "16", "--warmup", "1", "--iters", "1", "--e2e-iters", "2",
+        "--moco-k", "64", "--decode-on", "device", "--json", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,5 +68,12 @@ def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
         for key in KEYS:
             assert report[mode][key] > 0, (mode, key)
         assert abs(report[mode]["gflops_per_img"] / expected - 1) < 0.01
-    assert report["released"]["augment_on"] == "loader"
-    assert report["fast"]["augment_on"] == "device"
+        assert report[mode]["steps_per_epoch"] == 2
+        assert isinstance(report[mode]["epoch_overhead_s"], float)
+    released, fast = report["released"], report["fast"]
+    assert released["augment_on"] == "loader" and fast["augment_on"] == "device"
+    assert released["decode_on"] == "loader" and fast["decode_on"] == "device"
+    assert released["bn_splits"] == 1 and fast["bn_splits"] == BN_SPLITS
+    assert not released["workers_kept_across_epochs"] and fast["workers_kept_across_epochs"]
+    assert fast["step_img_per_s_bn_splits_1"] > 0 and "step_img_per_s_bn_splits_1" not in released
+    assert "fast step with --bn-splits 1" in result.stdout

@@ -128,11 +128,17 @@ def _wait_for(path, proc, timeout=180):
 
 
 @pytest.mark.parametrize(
-    "augment_on, decode_on", [("loader", "loader"), ("device", "loader"), ("device", "device")]
+    "augment_on, decode_on, workers",
+    [
+        ("loader", "loader", 0),
+        ("device", "loader", 0),
+        ("loader", "loader", 2),
+        ("device", "device", 2),
+    ],
 )
-def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on, decode_on):
+def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path, augment_on, decode_on, workers):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    speed = ("--augment-on", augment_on, "--decode-on", decode_on)
+    speed = ("--augment-on", augment_on, "--decode-on", decode_on, "--workers", str(workers))
     uninterrupted = subprocess.Popen(
         TOOL + _tiny(data_dir, full, "--epochs", "3", *speed),
         env=ENV,
@@ -195,6 +201,46 @@ def test_decode_on_device_trains_and_counts_a_truncated_jpeg(tmp_path):
     assert int(sd["module.queue_ptr"]) == 0
 
 
+def _same_weights(a, b):
+    a = torch.load(a, weights_only=True)["state_dict"]
+    b = torch.load(b, weights_only=True)["state_dict"]
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_released_one_process_command_keeps_shuffle_bn(data_dir, tmp_path):
+    """One process in total: no spawn, no process group, no DDP; the SplitBN default applies
+    and the run equals the plain one-process command."""
+    released = ["--multiprocessing-distributed", "--world-size", "1", "--rank", "0"]
+    released += ["--nproc-per-node", "1"]
+    runs = {}
+    for name, extra in (("plain", []), ("released", released)):
+        out = tmp_path / name
+        result = _run(_tiny(data_dir, out, "--epochs", "2", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = out
+    log = (runs["released"] / "log.txt").read_text()
+    assert "batch 8 per process x 1 processes, bn-splits 2" in log
+    assert (
+        "one process in total: no process group or DDP; shuffle-BN emulated with 2 BatchNorm "
+        "groups (--bn-splits)" in log
+    )
+    ckpt = torch.load(runs["released"] / "checkpoint_0001.pth.tar", weights_only=True)
+    assert ckpt["moco"]["bn_splits"] == 2 and ckpt["moco"]["global_batch"] == 8
+    assert _same_weights(
+        runs["plain"] / "checkpoint_0001.pth.tar", runs["released"] / "checkpoint_0001.pth.tar"
+    )
+
+
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_the_number_of_loader_workers_does_not_change_the_run(data_dir, tmp_path, augment_on):
+    outs = [tmp_path / f"j{j}" for j in (0, 2)]
+    for out, j in zip(outs, (0, 2)):
+        argv = _tiny(data_dir, out, "--epochs", "2", "--augment-on", augment_on, "-j", str(j))
+        result = _run(argv)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert _same_weights(*(out / "checkpoint_0001.pth.tar" for out in outs))
+
+
 def test_multiprocessing_distributed_on_cpu(data_dir, tmp_path):
     out = tmp_path / "out"
     result = _run(
@@ -213,6 +259,7 @@ def test_multiprocessing_distributed_on_cpu(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "32 images, batch 4 per process x 2 processes, bn-splits 1" in log
+    assert "2 processes: keys shuffled across processes (DDP)" in log
     assert "epoch 0: kNN top-1" in log
     sd = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
     assert int(sd["module.queue_ptr"]) == 0 and "module.encoder_k.layer4.1.bn2.weight" in sd

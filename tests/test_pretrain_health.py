@@ -20,7 +20,7 @@ from moco_d2.pretrain.health import (
     TrainingDiverged,
     last_stage_positions,
 )
-from moco_d2.pretrain.main import resolve_bn_splits
+from moco_d2.pretrain.setup import resolve_bn_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = [sys.executable, str(ROOT / "tools" / "pretrain_moco.py")]

@@ -113,3 +113,29 @@ def test_single_process_launch_defaults():
     assert distributed.init_process(None, args) == torch.device("cpu")
     with pytest.raises(UserError, match="--device"):
         distributed.resolve_device("tpu")
+
+
+@pytest.mark.parametrize(
+    "argv, env, local_rank",
+    [
+        (["--multiprocessing-distributed", "--world-size", "1", "--rank", "0"], {}, 0),
+        (["--multiprocessing-distributed", "--nproc-per-node", "1"], {}, 0),
+        ([], {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, 0),
+    ],
+)
+def test_one_process_in_total_runs_here_without_a_process_group(monkeypatch, argv, env, local_rank):
+    """The released one-GPU command and torchrun with one rank: no spawn (the worker is a lambda,
+    which mp.spawn could not pickle), no process group, ``distributed`` False."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    distributed.add_distributed_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", *argv])
+    seen = distributed.launch(
+        lambda rank, a: (rank, a.world_size, a.rank, a.distributed, distributed.is_distributed()),
+        args,
+    )
+    assert seen == (local_rank, 1, 0, False, False)
+    assert distributed.procs_per_node(args) == 1

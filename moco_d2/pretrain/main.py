@@ -11,31 +11,30 @@ import logging
 import os
 import sys
 
-import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, DistributedSampler
 
 from moco_d2.cli import ArgumentParser
 from moco_d2.errors import UserError
-from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
-from moco_d2.pretrain.builder import MoCo
-from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
-from moco_d2.pretrain.device_augment import DeviceAugment
-from moco_d2.pretrain.device_decode import decode_setup
+from moco_d2.pretrain.data import resolve_train_dir
 from moco_d2.pretrain.engine import train_one_epoch
-from moco_d2.pretrain.health import (
-    MIN_BN_VALUES,
-    HealthMonitor,
-    check_bn_groups,
-    last_stage_positions,
-)
+from moco_d2.pretrain.health import HealthMonitor
 from moco_d2.pretrain.resume import (
     NothingToDo,
     check_epochs,
     check_resume,
     check_unfinished,
     recorded_settings,
+)
+from moco_d2.pretrain.setup import (
+    bn_splits_for,
+    build_model,
+    build_optimizer,
+    build_train_data,
+    build_train_loader,
+    describe_bn,
+    epoch_seed,
+    wrap_for_training,
 )
 from moco_d2.pretrain.speed_flags import (
     add_speed_arguments,
@@ -64,15 +63,15 @@ from moco_d2.weights import state_dict_error
 
 logger = logging.getLogger("moco_d2.pretrain")
 
-DEFAULT_BN_SPLITS = 8
-
 EPILOG = """\
 shuffling BN: with several processes (torchrun or --multiprocessing-distributed) the keys are
-shuffled across processes as in the released code. With one process there is nothing to shuffle
-across, so BatchNorm is split into --bn-splits groups of the batch (SplitBatchNorm) and the keys
-are shuffled inside the process, which emulates that many GPUs. The default picks the largest
-number of groups <= 8 that divides the batch with at least 2 images and 16 values per channel
-in the last stage per group; --bn-splits 1 turns the emulation off. Smaller groups are refused.
+shuffled across processes as in the released code. With one process in total (however launched,
+including the released one-GPU --multiprocessing-distributed --world-size 1 --rank 0) there is no
+process group and no DDP: BatchNorm is split into --bn-splits groups of the batch
+(SplitBatchNorm) and the keys are shuffled inside the process, which emulates that many GPUs.
+The default picks the largest number of groups <= 8 that divides the batch with at least 2
+images and 16 values per channel in the last stage per group; --bn-splits 1 turns the emulation
+off. Smaller groups are refused.
 
 -b is the batch of one node, split evenly over its processes, and -j the data-loading workers of
 each process, as in the released code; --lr is for that batch: scale it linearly (0.03 per 256
@@ -199,53 +198,6 @@ def main_worker(local_rank: int, args: argparse.Namespace) -> None:
         cleanup()
 
 
-def resolve_bn_splits(
-    requested: int | None,
-    batch: int,
-    distributed: bool,
-    positions: int = MIN_BN_VALUES,
-    crop_size: int = 224,
-) -> int:
-    """``--bn-splits``, or its default: 1 when distributed, else the largest s <= 8 that splits
-    ``batch`` into groups of at least 2 images and ``MIN_BN_VALUES`` values per channel in the
-    last stage (``positions`` per image). Refuses groups below that (UserError)."""
-    if requested is not None:
-        if batch % requested:
-            raise UserError(
-                f"--bn-splits {requested} does not divide the per-process batch {batch}"
-            )
-        splits = requested
-    elif distributed:
-        splits = 1
-    else:
-        splits = max(
-            s
-            for s in range(1, DEFAULT_BN_SPLITS + 1)
-            if batch % s == 0
-            and (s == 1 or (batch // s >= 2 and batch // s * positions >= MIN_BN_VALUES))
-        )
-    check_bn_groups(batch // splits, positions, splits, crop_size)
-    return splits
-
-
-def compile_encoders(model: MoCo) -> None:
-    """torch.compile the two encoders in place (state_dict keys unchanged). The queue logic stays
-    eager: compiled whole, the queue's defensive clone could be dropped before its update."""
-    model.encoder_q.compile()
-    model.encoder_k.compile()
-
-
-def sgd_kernel(device: torch.device) -> dict:
-    """Fused SGD on CUDA (one kernel for all parameters), foreach elsewhere."""
-    return {"fused": True} if device.type == "cuda" else {"foreach": True}
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Independent seed for (run seed, epoch, rank): each epoch's data order and augmentations
-    depend only on these, which is what makes resuming exact."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
 class Pretrainer:
     """Everything one process needs for a run: data, model, optimizer, logs, checkpoints."""
 
@@ -265,77 +217,24 @@ class Pretrainer:
             raise UserError(
                 f"--moco-k {args.moco_k} must be a multiple of the global batch {self.global_batch}"
             )
-        base_encoder = torchvision.models.__dict__[args.arch]
-        self.bn_splits = resolve_bn_splits(
-            args.bn_splits,
-            self.batch,
-            args.distributed,
-            last_stage_positions(base_encoder, args.crop_size),
-            args.crop_size,
-        )
+        self.bn_splits = bn_splits_for(args, self.batch)
         self.settings = recorded_settings(args, self.bn_splits, self.batch, self.global_batch)
         self.settings.update(arch=args.arch, seed=self.seed)
         self.resume_changes = []
         if self.resume_state is not None:
             self.resume_changes = check_resume(self.resume_state, self.resume_path, self.settings)
 
-        train_dir = resolve_train_dir(args.data)
-        self.decoding = decode_setup(args.decode_on, args.crop_size)
-        if args.augment_on == "device":
-            self.augment = DeviceAugment(args.aug_plus)
-            self.dataset = TolerantImageFolder(train_dir, load=self.decoding.load)
-        else:
-            self.augment = None
-            transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
-            self.dataset = TolerantImageFolder(train_dir, transform)
-        if len(self.dataset) < self.global_batch:
-            raise UserError(
-                f"{train_dir} has {len(self.dataset)} images, fewer than one global batch "
-                f"of {self.global_batch}"
-            )
-        self.sampler = DistributedSampler(
-            self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.seed
-        )
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch,
-            sampler=self.sampler,
-            num_workers=args.workers,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            collate_fn=self.decoding.collate_fn,
-        )
+        self.data = build_train_data(args, resolve_train_dir(args.data))
+        self.loader = build_train_loader(self.data, args, self.batch, self.seed, device)
 
         ckpt.seed_all(self.seed)
-        self.model = MoCo(
-            base_encoder,
-            dim=args.moco_dim,
-            K=args.moco_k,
-            m=args.moco_m,
-            T=args.moco_t,
-            mlp=args.mlp,
-            bn_splits=self.bn_splits,
-        ).to(device)
-        if args.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if args.compile:
-            compile_encoders(self.model)
+        self.model = build_model(args, device, self.bn_splits)
         self.health = HealthMonitor(self.model, self.model.encoder_q)
-        self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad],
-            args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            **sgd_kernel(device),
-        )
+        self.optimizer = build_optimizer(self.model, args, device)
         self.start_epoch = args.start_epoch
         if self.resume_state is not None:
             self._restore(self.resume_state)
-        self.train_model = self.model
-        if args.distributed:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device] if device.type == "cuda" else None
-            )
+        self.train_model = wrap_for_training(self.model, args, device)
         self.writer = self._tensorboard() if self.is_main else None
         self.knn = self._knn_monitor() if self.is_main and args.knn_data else None
 
@@ -416,7 +315,7 @@ class Pretrainer:
             "decode on %s, channels-last %s, compile %s",
             "v2" if a.mlp and a.aug_plus else "v1-style",
             a.arch,
-            len(self.dataset),
+            len(self.data.dataset),
             self.batch,
             self.world,
             self.bn_splits,
@@ -434,6 +333,7 @@ class Pretrainer:
             a.channels_last,
             a.compile,
         )
+        logger.info(describe_bn(a, self.bn_splits))
         if self.is_main:
             config = {
                 k: v
@@ -451,11 +351,10 @@ class Pretrainer:
     def _train(self, a):
         for epoch in range(self.start_epoch, a.epochs):
             ckpt.seed_all(epoch_seed(self.seed, epoch, self.rank))
-            self.sampler.set_epoch(epoch)
             lr = adjust_learning_rate(self.optimizer, epoch, a)
             stats = train_one_epoch(
                 self.train_model,
-                self.loader,
+                self.loader.epoch(epoch),
                 self.optimizer,
                 epoch,
                 self.device,
@@ -464,10 +363,10 @@ class Pretrainer:
                 writer=self.writer,
                 print_freq=a.print_freq,
                 show_progress=self.is_main,
-                augment=self.augment,
+                augment=self.data.augment,
                 channels_last=a.channels_last,
                 health=self.health,
-                decode=self.decoding.decode,
+                decode=self.data.decode,
             )
             logger.info(
                 "epoch %d/%d: loss %.4f, acc1 %.2f, lr %.4g, %.1f img/s",
@@ -484,7 +383,7 @@ class Pretrainer:
                     "(paths above in the log); the epoch kept its %d iterations",
                     epoch,
                     stats["unreadable"],
-                    len(self.loader),
+                    self.loader.steps_per_epoch,
                 )
             if self.knn is not None and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
                 top1 = self.knn.evaluate(self.model.encoder_q, self.device)

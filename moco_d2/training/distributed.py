@@ -7,6 +7,11 @@ Three ways to launch, as in the released MoCo code plus torchrun:
 * ``--multiprocessing-distributed``: this process spawns one worker per GPU (``--nproc-per-node``
   on CPU); ``--world-size`` is then the number of nodes and ``--rank`` this node's rank.
 
+Whichever way, a run of one process in total (the released one-GPU command
+``--multiprocessing-distributed --world-size 1 --rank 0`` on a one-GPU node, torchrun with
+WORLD_SIZE=1) runs here, without spawning and without a process group: ``args.distributed`` is
+False, so callers skip DDP and pretraining keeps its single-process shuffle-BN emulation.
+
 The backend defaults to NCCL on GPU and gloo on CPU. Forming the process group is bounded by
 ``--dist-timeout``; a :class:`UserError` in a spawned worker reaches the launching process as
 itself, so every launch mode reports bad input and divergence as one line.
@@ -108,6 +113,8 @@ def launch(
         args.node_rank = max(args.rank, 0)
         args.nproc_per_node = nprocs
         args.world_size = nodes * nprocs
+        if args.world_size == 1:
+            return worker(0, one_process(args))
         args.distributed = True
         if args.dist_url == "env://" and "MASTER_ADDR" not in os.environ:
             if nodes > 1:
@@ -126,9 +133,19 @@ def launch(
     else:
         local_rank = None
     args.world_size = max(args.world_size, 1)
+    if args.world_size == 1:
+        return worker(local_rank, one_process(args))
     args.rank = max(args.rank, 0)
-    args.distributed = args.world_size > 1
+    args.distributed = True
     return worker(local_rank, args)
+
+
+def one_process(args: argparse.Namespace) -> argparse.Namespace:
+    """Mark ``args`` as a run of one process in total (rank 0, no process group); return it."""
+    args.world_size = 1
+    args.rank = 0
+    args.distributed = False
+    return args
 
 
 def procs_per_node(args: argparse.Namespace) -> int:
