@@ -6,7 +6,8 @@
 # within one overall deadline; a failing step does not stop the next:
 #   env         nvidia-smi, torch/torchvision/cuDNN/NCCL versions, the .device/site imports
 #   jpegs       photo-like 500x375 JPEGs (the benchmark's make_jpeg_folder), in parallel
-#   throughput  benchmarks/pretrain_throughput.py, released and fast modes
+#   throughput  benchmarks/pretrain_throughput.py, released and fast modes; fast again with the
+#               other --decode-on; benchmarks/split_bn_overhead.py
 #   tests       the CUDA tests: pytest -k "gpu or cuda" (the gpu marker is a keyword too)
 #   cli         2 epochs of tools/pretrain_moco.py with the released one-GPU flags
 #   demo        tools/demo.py
@@ -69,10 +70,10 @@ else
 fi
 CLI_PARTS=$((PARTS / 2))
 if [ "$DEVICE" = cpu ]; then
-    AMP=False
+    AMP=False SPLIT_BN_DTYPE=fp32
     CLI_DEVICE=(--device cpu)
 else
-    AMP=True
+    AMP=True SPLIT_BN_DTYPE=bf16
     CLI_DEVICE=()
 fi
 
@@ -173,6 +174,21 @@ PY
     done
 }
 
+# The benchmark's two modes; its fast mode again with the other --decode-on (the CUDA default
+# is to be the faster one); SplitBatchNorm(8) against BatchNorm2d in the step's dtype.
+throughput() {
+    local bench=(benchmarks/pretrain_throughput.py -a "$ARCH" --crop-size "$CROP" -b "$BATCH"
+        -j "$WORKERS" --device "$DEVICE" --moco-k "$MOCO_K" --data "$WORK/jpegs"
+        --num-images $((PARTS * PER_PART)) "${BENCH_EXTRA[@]}") other=device rc=0
+    "$PYTHON" "${bench[@]}" --json "$WORK/throughput.json" || rc=$?
+    [ "$DEVICE" = cpu ] || other=loader
+    "$PYTHON" "${bench[@]}" --modes fast --decode-on "$other" \
+        --json "$WORK/throughput_decode.json" || rc=$?
+    "$PYTHON" benchmarks/split_bn_overhead.py --device "$DEVICE" --dtype "$SPLIT_BN_DTYPE" \
+        --impl module --json "$WORK/split_bn.json" || rc=$?
+    return $rc
+}
+
 train_net_voc() {
     "$PYTHON" -c "from moco_d2.detection.data.synthetic import make_synthetic_voc as m; \
 print(m('$WORK/voc', num_train=${VOC[0]}, num_test=${VOC[1]}, image_size=${VOC[2]}, \
@@ -206,10 +222,7 @@ esac
 
 run_step env 60 env_report
 run_step jpegs 90 make_jpegs
-run_step throughput 150 "$PYTHON" benchmarks/pretrain_throughput.py -a "$ARCH" \
-    --crop-size "$CROP" -b "$BATCH" -j "$WORKERS" --device "$DEVICE" --moco-k "$MOCO_K" \
-    --data "$WORK/jpegs" --num-images $((PARTS * PER_PART)) --json "$WORK/throughput.json" \
-    "${BENCH_EXTRA[@]}"
+run_step throughput 240 throughput
 if [ "$DEVICE" = cpu ]; then
     skip_step tests "no CUDA"
 else
@@ -286,7 +299,15 @@ def throughput():
         "fast_host_ms_per_img": fast.get("host_ms_per_img"),
         "released_epoch_overhead_s": pick(released, "epoch_overhead_s"),
         "fast_epoch_overhead_s": pick(fast, "epoch_overhead_s"),
+        "fast_main_process_cpu_ms_per_img": fast.get("main_process_cpu_ms_per_img"),
+        "fast_decode_on": fast.get("decode_on"),
     }
+    other = (load_json(os.path.join(work, "throughput_decode.json")) or {}).get("fast", {})
+    figures["other_decode_on"] = other.get("decode_on")
+    figures["other_decode_img_per_s"] = other.get("img_per_s")
+    split = load_json(os.path.join(work, "split_bn.json")) or {}
+    for row in split.get("rows", []):
+        figures[f"split_bn_ratio_{row['format']}"] = row["ratio"]
     f = figures
     text = (
         f"img/s released {fmt(f['released_img_per_s'])}, fast {fmt(f['fast_img_per_s'])} "
@@ -295,7 +316,14 @@ def throughput():
         f"{fmt(f['fast_step_img_per_s_bn_splits_1'])}; host ms/img "
         f"{fmt(f['released_host_ms_per_img'], '.2f')} / {fmt(f['fast_host_ms_per_img'], '.2f')}; "
         f"epoch overhead s {fmt(f['released_epoch_overhead_s'], '.2f')} / "
-        f"{fmt(f['fast_epoch_overhead_s'], '.2f')}"
+        f"{fmt(f['fast_epoch_overhead_s'], '.2f')}; fast main-process CPU ms/img "
+        f"{fmt(f['fast_main_process_cpu_ms_per_img'], '.2f')}; decode {f['fast_decode_on']} "
+        f"vs {f['other_decode_on']}: {fmt(f['other_decode_img_per_s'])} img/s; SplitBN(8)/BN2d "
+        + ", ".join(
+            f"{k.removeprefix('split_bn_ratio_')} {fmt(v, '.2f', 'x')}"
+            for k, v in f.items()
+            if k.startswith("split_bn_ratio_")
+        )
     )
     return figures, text
 
@@ -444,6 +472,8 @@ summary = {
     "work": work,
     "steps": rows,
     "throughput_json": load_json(os.path.join(work, "throughput.json")),
+    "throughput_decode_json": load_json(os.path.join(work, "throughput_decode.json")),
+    "split_bn_json": load_json(os.path.join(work, "split_bn.json")),
 }
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
