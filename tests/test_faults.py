@@ -7,6 +7,7 @@ no earlier output was lost or changed.
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -586,25 +587,54 @@ def test_image_damaged_behind_its_header_stops_the_loader_in_one_line(registered
 
 
 def test_diverged_training_stops_without_saving_or_evaluating(tmp_path, synthetic_voc_root):
-    """BASE_LR 1e6 after one warmup iteration at 1e-6: the run diverges within a few steps.
-    The one checkpoint written before stays, nothing is saved after, no evaluation runs."""
+    """One iteration at 1e-9 (warmup), checkpointed; then SOLVER.GAMMA lifts the learning rate
+    to 1e6 and the next step explodes the weights. The checkpoint written before stays, nothing
+    is saved after, no evaluation runs."""
     out = tmp_path / "out"
     result = train_net(
-        synthetic_voc_root, "MODEL.WEIGHTS", "", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6",
-        "SOLVER.BASE_LR", "1e6", "SOLVER.WARMUP_FACTOR", "1e-12", "SOLVER.WARMUP_ITERS", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "2",
+        synthetic_voc_root, "MODEL.WEIGHTS", "", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "3",
+        "SOLVER.BASE_LR", "1e-6", "SOLVER.STEPS", "(1,)", "SOLVER.GAMMA", "1e12",
+        "SOLVER.CHECKPOINT_PERIOD", "1",
     )  # fmt: skip
-    checkpoint = out / "model_0000001.pth"
-    line = assert_one_error_line(result, "training diverged at iteration", "learning rate 1e+06")
+    checkpoint = out / "model_0000000.pth"
+    line = assert_one_error_line(
+        result, "training diverged at iteration 2 of 3 (learning rate 1e+06)"
+    )
     assert f"the last checkpoint, {checkpoint}, is intact" in line
     assert "Some BN layers are reused" not in result.stdout + result.stderr
     assert sorted(p.name for p in out.glob("*.pth")) == [checkpoint.name]
     assert (out / "last_checkpoint").read_text() == checkpoint.name
     state = torch.load(checkpoint, weights_only=True)
-    assert state["iteration"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["iteration"] == 0
+    # The step at 1e-9 left the random init as it was: no weight or BN statistic near 1e3.
+    largest = max(v.abs().max().item() for v in state["model"].values() if v.is_floating_point())
+    assert largest < 100, largest
     assert not (out / "metrics_voc.json").exists()
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_weights_that_explode_but_stay_finite_stop_the_run(tmp_path, synthetic_voc_root):
+    """BASE_LR 1e6 (1e3 in the first, warmup step): the loss and the weights stay finite but
+    the weights grow 1e4-fold in one step. The run stops there, in one line without the train
+    loop's traceback, and saves and evaluates nothing."""
+    out = tmp_path / "out"
+    result = train_net(
+        synthetic_voc_root, "MODEL.WEIGHTS", "", "OUTPUT_DIR", out,
+        "SOLVER.BASE_LR", "1e6", "SOLVER.MAX_ITER", "2",
+    )  # fmt: skip
+    line = assert_one_error_line(
+        result, "training diverged at iteration 1 of 2 (learning rate 1000): a weight's norm "
+    )
+    assert "x its value at the start (bound 1e+03)" in line
+    assert "no checkpoint was written" in line
+    # Nothing else on stderr but torch's own glog-style notices (``W1129 12:00:00 ...``).
+    others = [x for x in result.stderr.splitlines() if not re.match(r"[IW]\d{4} ", x)]
+    assert others == [line], result.stderr[-3000:]
+    for log in (result.stdout, (out / "log.txt").read_text()):
+        assert "Starting training from iteration 0" in log
+        assert "Traceback" not in log and "Exception during training" not in log
+    assert not list(out.glob("*.pth")) and not (out / "last_checkpoint").exists()
+    assert not (out / "metrics_voc.json").exists()
 
 
 def test_train_net_on_a_full_disk_keeps_the_earlier_checkpoint(synthetic_voc_root, tmp_path):

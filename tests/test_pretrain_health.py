@@ -90,7 +90,13 @@ def test_exploding_weights_stop_the_run_and_keep_the_last_checkpoint(data_dir, t
     out = tmp_path / "out"
     first = _run(_tiny(data_dir, out, "--epochs", "1", "-p", "1"))
     assert first.returncode == 0, first.stderr[-3000:]
-    good = (out / "checkpoint_0000.pth.tar").read_bytes()
+    # A run at lr 1e5 whose first epoch ended healthy: --resume refuses another --lr, so the
+    # checkpoint's record says 1e5.
+    path = out / "checkpoint_0000.pth.tar"
+    state = torch.load(path, weights_only=True)
+    state["train"]["lr"] = 1e5
+    torch.save(state, path)
+    good = path.read_bytes()
 
     # lr 1e5: the features are L2-normalised, so the loss stays finite while weights explode
     result = _run(

@@ -1,6 +1,5 @@
 """Detectron2's DefaultTrainer adapted to the VOC and COCO transfer protocols on GPUs and CPUs."""
 
-import itertools
 import json
 import logging
 import math
@@ -27,6 +26,7 @@ from moco_d2.detection.evaluation import COCODetectionEvaluator, VOCDetectionEva
 from moco_d2.detection.images import CheckedDatasetMapper
 from moco_d2.detection.launch import EveryRankError
 from moco_d2.errors import UserError
+from moco_d2.training.health import HealthMonitor
 from moco_d2.utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,23 @@ COCO_METRICS_FILE = "metrics_coco.json"
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # The metrics file each evaluator_type writes, in the run's OUTPUT_DIR.
 METRICS_FILES = {"pascal_voc": METRICS_FILE, "coco": COCO_METRICS_FILE}
+# TrainerBase.train logs every exception that ends the loop with its traceback, on this logger.
+TRAIN_LOOP_LOGGER = "detectron2.engine.train_loop"
+
+
+class UserErrorTracebackFilter(logging.Filter):
+    """Drops the train loop's "Exception during training:" record when the exception is a
+    UserError: the tool reports that as one line, and the traceback before it is noise. Any
+    other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            isinstance(error, UserError) and record.getMessage() == "Exception during training:"
+        )
+
+
+_USER_ERROR_TRACEBACK_FILTER = UserErrorTracebackFilter()
 
 
 class Trainer(compat.InnerTrainerState, DefaultTrainer):
@@ -51,6 +68,7 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        logging.getLogger(TRAIN_LOOP_LOGGER).addFilter(_USER_ERROR_TRACEBACK_FILTER)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -79,15 +97,34 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
             cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
         )
 
+    def before_train(self) -> None:
+        # Built here, not in __init__, so that the reference norms are those of the loaded
+        # MODEL.WEIGHTS (or the resumed checkpoint): the start of this fine-tuning.
+        self.health = HealthMonitor(self.model)
+        super().before_train()
+
     def run_step(self) -> None:
-        """One step; a non-finite loss, or weights made non-finite by the step, stop the run
-        before any hook (PreciseBN, the checkpointer, evaluation) sees the broken model."""
+        """One step; a non-finite loss, or weights or BN statistics that the step made
+        non-finite or exploded, stop the run before any hook (PreciseBN, the checkpointer,
+        evaluation) sees the broken model. One host sync, agreed by every process."""
         try:
             super().run_step()
         except FloatingPointError:  # detectron2's check of the loss, on the main process
             raise self._diverged("the loss or the model's outputs became NaN or infinite") from None
-        if not all_finite(self.model):
-            raise self._diverged("the optimizer step made the weights non-finite")
+        self.check_health()
+
+    def check_health(self) -> None:
+        """EveryRankError past a bound of :mod:`moco_d2.training.health`; else the largest
+        weight-norm ratio and BN running_var go to the event storage (metrics.json)."""
+        reading = self.health.measure()
+        problem = reading.problem()
+        if problem:
+            raise self._diverged(problem)
+        self.storage.put_scalars(
+            health_max_weight_ratio=reading.ratio,
+            health_max_bn_running_var=reading.var,
+            smoothing_hint=False,
+        )
 
     def _diverged(self, what: str) -> EveryRankError:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -159,13 +196,6 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
                 tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
                 write_coco_metrics(by_type["coco"], cfg.OUTPUT_DIR, tasks, undefined)
         return results
-
-
-def all_finite(model: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer of ``model`` is finite (one sync)."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    checks = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _metric_key(entry: dict) -> tuple[str, str]:

@@ -10,17 +10,14 @@ BN running_var up to 3.7e27 while its loss looked normal.
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moco_d2.errors import UserError
-from moco_d2.training.distributed import is_distributed
+from moco_d2.training import health
+from moco_d2.training.health import MAX_NORM_RATIO, MAX_RUNNING_VAR
 
 # A BN channel normalised over m values keeps only m-1 degrees of freedom (m=2: just a sign).
 MIN_BN_VALUES = 16
-# Bounds for a run that went wrong: far beyond what weight decay and BN let a sane run reach.
-MAX_NORM_RATIO = 1e3
-MAX_RUNNING_VAR = 1e8
 
 
 class TrainingDiverged(UserError):
@@ -56,14 +53,7 @@ def check_bn_groups(images_per_group: int, positions: int, bn_splits: int, crop_
         )
 
 
-def norms(tensors: list) -> torch.Tensor:
-    """Per-tensor L2 norms as one device tensor (no host sync)."""
-    if not tensors:
-        return torch.zeros(0)
-    return torch.stack(torch._foreach_norm(tensors))
-
-
-class HealthMonitor:
+class HealthMonitor(health.HealthMonitor):
     """Bounds on the query encoder's weights and every BN running_var of ``model``.
 
     Built on the freshly initialised model, so the reference norms are those of a new run
@@ -71,39 +61,16 @@ class HealthMonitor:
     """
 
     def __init__(self, model: nn.Module, encoder: nn.Module) -> None:
-        self.params = [p for p in encoder.parameters() if p.requires_grad]
-        reference = norms([p.detach() for p in self.params])
-        self.tracked = reference > 0  # zero-initialised biases have no ratio
-        self.reference = torch.where(self.tracked, reference, torch.ones_like(reference))
-        self.running_vars = [
-            m.running_var
-            for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None
-        ]
-
-    def summary(self) -> torch.Tensor:
-        """Device tensor ``[max norm ratio, max running_var, non-finite flag, param norm,
-        grad norm]``."""
-        current = norms([p.detach() for p in self.params])
-        ratio = torch.where(self.tracked, current / self.reference, torch.zeros_like(current))
-        var = torch.cat([v.detach().flatten() for v in self.running_vars]).max()
-        grads = [p.grad.detach() for p in self.params if p.grad is not None]
-        grad_norm = norms(grads).norm() if grads else torch.zeros((), device=current.device)
-        param_norm = current.norm()
-        bad = (~torch.isfinite(param_norm) | ~torch.isfinite(var)).float()
-        return torch.stack([ratio.max(), var, bad, param_norm, grad_norm.to(current.device)])
+        super().__init__(model, encoder.parameters())
 
     def check(self, where: str) -> dict:
         """Raise TrainingDiverged past a bound (on any rank); else return the norms to log."""
-        values = self.summary().float()
-        if is_distributed():
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        ratio, var, bad, param_norm, grad_norm = values.tolist()
-        if bad or ratio > MAX_NORM_RATIO or var > MAX_RUNNING_VAR:
+        reading = self.measure()
+        if reading.problem():
             raise TrainingDiverged(
-                f"weights exploded {where}: a weight's norm reached {ratio:.3g}x its initial "
-                f"value (bound {MAX_NORM_RATIO:g}), BN running_var {var:.3g} (bound "
-                f"{MAX_RUNNING_VAR:g}); lower --lr or use larger BatchNorm groups (--crop-size, "
-                "-b, --bn-splits); the last checkpoint is intact"
+                f"weights exploded {where}: a weight's norm reached {reading.ratio:.3g}x its "
+                f"initial value (bound {MAX_NORM_RATIO:g}), BN running_var {reading.var:.3g} "
+                f"(bound {MAX_RUNNING_VAR:g}); lower --lr or use larger BatchNorm groups "
+                "(--crop-size, -b, --bn-splits); the last checkpoint is intact"
             )
-        return {"param_norm": param_norm, "grad_norm": grad_norm}
+        return {"param_norm": reading.param_norm, "grad_norm": reading.grad_norm}

@@ -1,0 +1,93 @@
+"""Bounds on a training model's weights and BatchNorm statistics: finite is not healthy.
+
+A loss can stay finite while the model blows up (MoCo's features are L2-normalised; a detector
+at a huge learning rate reports a loss of 1e5 and writes weights of 1e7), so the weights and
+the BN running variances are bounded, against the run's start and in absolute terms. The whole
+check is one device tensor, read with one host sync (and one all-reduce when distributed).
+"""
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moco_d2.training.distributed import is_distributed
+
+# Bounds for a run that went wrong: far beyond what weight decay and BN let a sane run reach.
+MAX_NORM_RATIO = 1e3
+MAX_RUNNING_VAR = 1e8
+
+
+def norms(tensors: list) -> torch.Tensor:
+    """Per-tensor L2 norms as one device tensor (no host sync)."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.stack(torch._foreach_norm(tensors))
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """One reading of :class:`HealthMonitor`, the maximum over every process."""
+
+    ratio: float  # largest norm / reference norm of a weight
+    var: float  # largest BN running_var
+    non_finite: bool  # a weight or a BN running_var is NaN or infinite
+    param_norm: float
+    grad_norm: float
+
+    def problem(self) -> str | None:
+        """Which bound was crossed, in words; None for a healthy model."""
+        if self.non_finite:
+            return "a weight or a BN running_var became NaN or infinite"
+        if self.ratio > MAX_NORM_RATIO:
+            return (
+                f"a weight's norm reached {self.ratio:.3g}x its value at the start (bound "
+                f"{MAX_NORM_RATIO:.3g})"
+            )
+        if self.var > MAX_RUNNING_VAR:
+            return f"BN running_var reached {self.var:.3g} (bound {MAX_RUNNING_VAR:.3g})"
+        return None
+
+
+class HealthMonitor:
+    """Norm ratios of ``params`` (default: the trainable parameters of ``model``) against their
+    norms when the monitor is built, and every BN running_var of ``model``.
+
+    A tensor whose norm is zero at the start (a zero-initialised bias) has no ratio.
+    """
+
+    def __init__(self, model: nn.Module, params=None) -> None:
+        params = model.parameters() if params is None else params
+        self.params = [p for p in params if p.requires_grad]
+        reference = norms([p.detach() for p in self.params])
+        self.tracked = reference > 0
+        self.reference = torch.where(self.tracked, reference, torch.ones_like(reference))
+        self.running_vars = [
+            m.running_var
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None
+        ]
+
+    def summary(self) -> torch.Tensor:
+        """Device tensor ``[max norm ratio, max running_var, non-finite flag, param norm,
+        grad norm]``."""
+        current = norms([p.detach() for p in self.params])
+        zero = torch.zeros((), device=current.device)
+        ratio = torch.where(self.tracked, current / self.reference, torch.zeros_like(current))
+        max_ratio = ratio.max() if ratio.numel() else zero
+        vars_ = [v.detach().flatten() for v in self.running_vars]
+        var = torch.cat(vars_).max().to(zero.device) if vars_ else zero
+        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        grad_norm = norms(grads).norm().to(zero.device) if grads else zero
+        param_norm = current.norm()
+        bad = (~torch.isfinite(param_norm) | ~torch.isfinite(var)).float()
+        return torch.stack([max_ratio, var, bad, param_norm, grad_norm])
+
+    def measure(self) -> Health:
+        """The summary, agreed by every process (all-reduce MAX), read with one host sync."""
+        values = self.summary().float()
+        if is_distributed():
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        ratio, var, bad, param_norm, grad_norm = values.tolist()
+        return Health(ratio, var, bool(bad), param_norm, grad_norm)

@@ -1,0 +1,214 @@
+"""The shared bounds on weights and BN statistics (moco_d2/training/health.py) against known
+tensors, agreed over gloo processes, and as the detector's trainer and pretraining use them."""
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from torch import nn
+
+from moco_d2.pretrain import MoCo
+from moco_d2.pretrain.health import HealthMonitor as PretrainHealthMonitor
+from moco_d2.pretrain.health import TrainingDiverged
+from moco_d2.training.health import MAX_NORM_RATIO, MAX_RUNNING_VAR, HealthMonitor
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc_R50_C4.yaml"
+
+
+def _model():
+    """Linear 3→2 with weight all ones (norm √6) and a zero bias, then BN(2) at its init."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    return model
+
+
+def test_ratio_var_and_norms_of_known_tensors():
+    model = _model()
+    monitor = HealthMonitor(model)
+    start = monitor.measure()
+    assert (start.ratio, start.var, start.non_finite) == (1.0, 1.0, False)
+    # ones(2, 3), zeros(2), BN weight ones(2), BN bias zeros(2): √(6 + 0 + 2 + 0)
+    assert start.param_norm == pytest.approx(math.sqrt(8))
+    assert start.grad_norm == 0.0 and start.problem() is None
+
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)
+        model[0].bias.fill_(1e6)  # zero at the start: no ratio
+        model[1].running_var.copy_(torch.tensor([3.0, 7.0]))
+    model[1].weight.grad = torch.tensor([3.0, 4.0])
+    reading = monitor.measure()
+    assert reading.ratio == pytest.approx(5.0)
+    assert reading.var == 7.0 and reading.grad_norm == pytest.approx(5.0)
+    assert reading.param_norm == pytest.approx(math.sqrt(25 * 6 + 2e12 + 2))
+    assert reading.problem() is None
+
+
+@pytest.mark.parametrize(
+    "fault, says",
+    [
+        ("ratio", "a weight's norm reached 2e+03x its value at the start (bound 1e+03)"),
+        ("var", "BN running_var reached 2e+08 (bound 1e+08)"),
+        ("nan weight", "a weight or a BN running_var became NaN or infinite"),
+        ("inf var", "a weight or a BN running_var became NaN or infinite"),
+    ],
+)
+def test_each_bound_is_named(fault, says):
+    model = _model()
+    monitor = HealthMonitor(model)
+    with torch.no_grad():
+        if fault == "ratio":
+            model[1].weight.mul_(2 * MAX_NORM_RATIO)
+        elif fault == "var":
+            model[1].running_var[1] = 2 * MAX_RUNNING_VAR
+        elif fault == "nan weight":
+            model[0].bias[0] = float("nan")  # untracked for the ratio, still checked
+        else:
+            model[1].running_var[0] = float("inf")
+    assert monitor.measure().problem() == says
+
+
+def test_frozen_parameters_are_not_watched():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    monitor = HealthMonitor(model)
+    with torch.no_grad():
+        model[0].weight.mul_(1e6)
+    assert monitor.measure().ratio == 1.0
+
+
+def test_pretraining_watches_the_query_encoder_and_every_bn():
+    torch.manual_seed(0)
+    model = MoCo(torchvision.models.resnet18, K=16)
+    monitor = PretrainHealthMonitor(model, model.encoder_q)
+    with torch.no_grad():
+        model.encoder_k.conv1.weight.mul_(1e4)  # the key encoder's weights are not bounded
+    assert monitor.measure().ratio == 1.0
+    with torch.no_grad():
+        model.encoder_q.conv1.weight.mul_(1e4)
+    with pytest.raises(TrainingDiverged) as caught:
+        monitor.check("at epoch 3, iteration 7")
+    assert str(caught.value).startswith(
+        "weights exploded at epoch 3, iteration 7: a weight's norm reached 1e+04x its initial "
+        "value (bound 1000), BN running_var 1 (bound 1e+08); "
+    )
+
+
+def _rank(rank, init, results):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # different weights: each rank has its own reference
+        model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+        monitor = HealthMonitor(model)
+        with torch.no_grad():
+            if rank == 1:
+                model[0].weight.mul_(50.0)
+            else:
+                model[1].running_var[0] = 9.0
+        reading = monitor.measure()
+        results[rank] = (reading.ratio, reading.var, reading.non_finite)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_reads_the_maximum(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_rank, args=(f"file://{tmp_path / 'rendezvous'}", results), nprocs=2)
+    assert results[0][1:] == results[1][1:] == (9.0, False)
+    assert results[0][0] == results[1][0] == pytest.approx(50.0)
+
+
+@pytest.fixture
+def trainer(registered_voc, tmp_path):
+    """The detector's Trainer on the tiny R50-C4, from detectron2's random init."""
+    from detectron2.utils.events import EventStorage
+    from transfer_tiny import TINY_OPTS
+
+    from moco_d2.detection.train_net import argument_parser, load_config
+    from moco_d2.detection.trainer import Trainer
+
+    args = argument_parser().parse_args(
+        ["--config-file", str(CONFIG), *TINY_OPTS, "MODEL.WEIGHTS", ""]
+        + ["SOLVER.MAX_ITER", "8", "OUTPUT_DIR", str(tmp_path)]
+    )
+    trainer = Trainer(load_config(args))
+    with EventStorage(0) as trainer.storage:
+        yield trainer
+
+
+def _param(trainer, name):
+    return dict(trainer.model.named_parameters())[name]
+
+
+def test_detector_reference_is_the_loaded_model(trainer):
+    """Weights as loaded (here: larger than detectron2's init) are the start, ratio 1."""
+    weight = _param(trainer, "roi_heads.box_predictor.cls_score.weight")
+    with torch.no_grad():
+        weight.mul_(1e4)
+    trainer.before_train()
+    trainer.check_health()
+    assert trainer.storage.latest()["health_max_weight_ratio"][0] == 1.0
+    assert trainer.storage.latest()["health_max_bn_running_var"][0] == 1.0  # BN at its init
+
+
+@pytest.mark.parametrize(
+    "fault, says",
+    [
+        ("ratio", "a weight's norm reached 1e+04x its value at the start (bound 1e+03)"),
+        ("var", "BN running_var reached 3e+08 (bound 1e+08)"),
+    ],
+)
+def test_detector_stops_past_a_bound_with_iteration_and_lr(trainer, fault, says):
+    from moco_d2.detection.launch import EveryRankError
+
+    trainer.before_train()
+    trainer.iter = 4
+    with torch.no_grad():
+        if fault == "ratio":
+            _param(trainer, "roi_heads.box_predictor.cls_score.weight").mul_(1e4)
+            _param(trainer, "roi_heads.box_predictor.cls_score.bias").fill_(1e9)  # zero: no ratio
+        else:
+            trainer.model.backbone.res3[0].conv2.norm.running_var[5] = 3e8
+    with pytest.raises(EveryRankError) as caught:
+        trainer.check_health()
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert str(caught.value) == (
+        f"training diverged at iteration 5 of 8 (learning rate {lr:g}): {says}; no checkpoint "
+        "was written and nothing of the diverged model was saved; lower SOLVER.BASE_LR, or "
+        "check MODEL.WEIGHTS"
+    )
+
+
+@pytest.mark.parametrize("user_error", [True, False])
+def test_train_loop_traceback_only_for_errors_that_are_not_user_errors(caplog, user_error):
+    """detectron2's own train loop logs the exception; the filter the Trainer installs drops
+    that record for a UserError only."""
+    from detectron2.engine import TrainerBase
+
+    from moco_d2.detection.trainer import TRAIN_LOOP_LOGGER, UserErrorTracebackFilter
+    from moco_d2.errors import UserError
+
+    error = UserError("one line") if user_error else RuntimeError("a bug")
+
+    class Loop(TrainerBase):
+        def run_step(self):
+            raise error
+
+    logger = logging.getLogger(TRAIN_LOOP_LOGGER)
+    log_filter = UserErrorTracebackFilter()
+    logger.addFilter(log_filter)
+    try:
+        with caplog.at_level(logging.INFO, logger=TRAIN_LOOP_LOGGER):
+            with pytest.raises(type(error)):
+                Loop().train(0, 1)
+    finally:
+        logger.removeFilter(log_filter)
+    logged = [r for r in caplog.records if r.getMessage() == "Exception during training:"]
+    assert "Starting training from iteration 0" in caplog.text
+    assert [r.exc_info[1] for r in logged] == ([] if user_error else [error])
