@@ -69,6 +69,8 @@ else
         TEST.PRECISE_BN.NUM_ITER 10 DATALOADER.NUM_WORKERS 8)
 fi
 CLI_PARTS=$((PARTS / 2))
+BENCH=(-a "$ARCH" --crop-size "$CROP" -b "$BATCH" -j "$WORKERS" --device "$DEVICE"
+    --moco-k "$MOCO_K" --data "$WORK/jpegs" --num-images $((PARTS * PER_PART)) "${BENCH_EXTRA[@]}")
 if [ "$DEVICE" = cpu ]; then
     AMP=False SPLIT_BN_DTYPE=fp32
     CLI_DEVICE=(--device cpu)
@@ -177,12 +179,11 @@ PY
 # The benchmark's two modes; its fast mode again with the other --decode-on (the CUDA default
 # is to be the faster one); SplitBatchNorm(8) against BatchNorm2d in the step's dtype.
 throughput() {
-    local bench=(benchmarks/pretrain_throughput.py -a "$ARCH" --crop-size "$CROP" -b "$BATCH"
-        -j "$WORKERS" --device "$DEVICE" --moco-k "$MOCO_K" --data "$WORK/jpegs"
-        --num-images $((PARTS * PER_PART)) "${BENCH_EXTRA[@]}") other=device rc=0
-    "$PYTHON" "${bench[@]}" --json "$WORK/throughput.json" || rc=$?
+    local other=device rc=0
     [ "$DEVICE" = cpu ] || other=loader
-    "$PYTHON" "${bench[@]}" --modes fast --decode-on "$other" \
+    "$PYTHON" benchmarks/pretrain_throughput.py "${BENCH[@]}" --json "$WORK/throughput.json" ||
+        rc=$?
+    "$PYTHON" benchmarks/pretrain_throughput.py "${BENCH[@]}" --modes fast --decode-on "$other" \
         --json "$WORK/throughput_decode.json" || rc=$?
     "$PYTHON" benchmarks/split_bn_overhead.py --device "$DEVICE" --dtype "$SPLIT_BN_DTYPE" \
         --impl module --json "$WORK/split_bn.json" || rc=$?

@@ -62,6 +62,7 @@ def test_every_flag_the_script_passes_is_in_the_tools_help():
     commands = _commands(_script())
     assert set(commands) == {
         "benchmarks/pretrain_throughput.py",
+        "benchmarks/split_bn_overhead.py",
         "tools/pretrain_moco.py",
         "tools/demo.py",
         "tools/train_net.py",
