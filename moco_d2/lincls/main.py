@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     prepared = prepare(args)  # bad input fails here, once, before any process is spawned
     if finished(prepared, args):
         return 0
-    launch(
-        functools.partial(worker, prepared=None if args.multiprocessing_distributed else prepared),
-        args,
-    )
+    # spawned workers prepare their own (a model and datasets do not travel well); a launch of
+    # one process in total runs here and reuses what was prepared
+    spawns = args.multiprocessing_distributed and procs_per_node(args) * max(args.world_size, 1) > 1
+    launch(functools.partial(worker, prepared=None if spawns else prepared), args)
     return 0
