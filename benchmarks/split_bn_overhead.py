@@ -4,20 +4,26 @@
 Times each candidate way of normalising ``num_splits`` groups separately, in NCHW and
 channels_last, back to back with plain BatchNorm2d on the same tensor:
 
-- ``module``: ``SplitBatchNorm`` as shipped (``native-view`` for NCHW, ``function`` for
+- ``module``: ``SplitBatchNorm`` as shipped (``native-view`` for NCHW, ``chunks`` for
   channels_last);
 - ``transpose``: the earlier implementation, reshape → transpose → reshape to lay contiguous
   chunks side by side along channels, native BN, and the inverse (two copies each way);
-- ``chunks-cat``: native BN on each contiguous batch chunk, then one ``torch.cat``;
+- ``chunks-cat``: native BN on each contiguous batch chunk, then one ``torch.cat`` (what
+  SplitBatchNorm runs for channels_last under torch.compile);
 - ``native-view``: native BN on the free interleaved view ``x.view(n // s, s * c, h, w)``
   (channels_last input is converted to NCHW first and back after);
-- ``function``: the hand-written autograd Function on the free ``(n // s, s, ...)`` view of the
-  tensor's own memory layout (no layout copy in either format).
+- ``chunks``: ``chunked_batch_norm``, native BN per contiguous chunk written into slices of one
+  output, native backward per chunk joined by one ``cat``.
+
+Next to the times, each row has the candidate's counted cost relative to BatchNorm2d: bytes
+moved and aten ops of the same forward + backward on the meta device (``OpCounter``, the GPU
+proxy for memory-bound work), which does not depend on the machine or its load.
 
 ``--dtype bf16`` feeds a bf16 tensor under bf16 autocast, as a convolution's output would be.
 Each repeat times ``--iters`` steps of BatchNorm2d and then of the candidate; the table gives the
 median ms over repeats and the median of the per-repeat ratios (so load changes between repeats
-cancel out). JSON: ``{"device", "config", "rows": [{format, impl, ms_bn2d, ms_split, ratio}]}``.
+cancel out). JSON: ``{"device", "config", "rows": [{format, impl, ms_bn2d, ms_split, ratio,
+bytes_ratio, ops_ratio}]}``.
 
     python benchmarks/split_bn_overhead.py --device cpu --json split_bn.json
 """
@@ -32,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_d2.pretrain.split_bn import SplitBatchNorm, grouped_batch_norm
+from moco_d2.pretrain.split_bn import SplitBatchNorm, chunked_batch_norm
+from moco_d2.utils.op_count import OpCounter
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -67,15 +74,8 @@ def native_view_bn(bn, x):
     return out.view(n, c, h, w).contiguous(memory_format=fmt)
 
 
-def function_bn(bn, x):
-    n, c, h, w = x.shape
-    s = bn.num_splits
-    if is_channels_last(x):
-        view = x.permute(0, 2, 3, 1).view(n // s, s, h * w, c)
-        out = grouped_batch_norm(view, bn.weight, bn.bias, bn.eps, 3)[0]
-        return out.view(n, h, w, c).permute(0, 3, 1, 2)
-    out = grouped_batch_norm(x.view(n // s, s, c, h * w), bn.weight, bn.bias, bn.eps, 2)[0]
-    return out.view(n, c, h, w)
+def chunks_bn(bn, x):
+    return chunked_batch_norm(x, bn.weight, bn.bias, None, None, bn.num_splits, 0.0, bn.eps)[0]
 
 
 IMPLS = {
@@ -83,7 +83,7 @@ IMPLS = {
     "transpose": transpose_bn,
     "chunks-cat": chunks_cat_bn,
     "native-view": native_view_bn,
-    "function": function_bn,
+    "chunks": chunks_bn,
 }
 
 
@@ -123,6 +123,20 @@ def step_ms(fn, x, grad, iters, device, amp):
     return (time.perf_counter() - start) * 1000 / iters
 
 
+def counted(module, fn, args, fmt):
+    """OpCounter of one forward + backward of ``fn(module, x)`` at full size on the meta device:
+    activations in ``--dtype``, parameters fp32, the incoming gradient made outside the count."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    module = module.to("meta").train()
+    x = torch.empty(args.shape, device="meta", dtype=dtype).contiguous(memory_format=FORMATS[fmt])
+    x.requires_grad_()
+    with torch.no_grad():
+        grad = torch.empty_like(fn(module, x))
+    with OpCounter() as counter:
+        torch.autograd.grad(fn(module, x), [x, *module.parameters()], grad)
+    return counter.count
+
+
 def measure(args, device, fmt, impl):
     amp = args.dtype == "bf16"
     dtype = torch.bfloat16 if amp else torch.float32
@@ -143,12 +157,17 @@ def measure(args, device, fmt, impl):
         plain_ms.append(step_ms(plain[1], x, grad, args.iters, device, amp))
         split_ms.append(step_ms(candidate[1], x, grad, args.iters, device, amp))
         ratios.append(split_ms[-1] / plain_ms[-1])
+    c = args.shape[1]
+    plain_count = counted(nn.BatchNorm2d(c), lambda m, t: m(t), args, fmt)
+    split_count = counted(SplitBatchNorm(c, args.num_splits), fn, args, fmt)
     return {
         "format": fmt,
         "impl": impl,
         "ms_bn2d": statistics.median(plain_ms),
         "ms_split": statistics.median(split_ms),
         "ratio": statistics.median(ratios),
+        "bytes_ratio": split_count.bytes / plain_count.bytes,
+        "ops_ratio": split_count.ops / plain_count.ops,
     }
 
 
@@ -160,10 +179,14 @@ def main(argv=None):
     name = name or device.type
     threads = torch.get_num_threads()
     print(f"{name}, {args.dtype}, {tuple(args.shape)}, {args.num_splits} splits, {threads} threads")
-    print(f"{'format':<14} {'impl':<12} {'ms BN2d':>9} {'ms SplitBN':>11} {'ratio':>7}")
+    print(
+        f"{'format':<14} {'impl':<12} {'ms BN2d':>9} {'ms SplitBN':>11} {'ratio':>7}"
+        f" {'bytes x':>8} {'ops x':>6}"
+    )
     for r in rows:
         ms = f"{r['ms_bn2d']:9.2f} {r['ms_split']:11.2f}"
-        print(f"{r['format']:<14} {r['impl']:<12} {ms} {r['ratio']:7.2f}")
+        counts = f"{r['bytes_ratio']:8.2f} {r['ops_ratio']:6.1f}"
+        print(f"{r['format']:<14} {r['impl']:<12} {ms} {r['ratio']:7.2f} {counts}")
     out = {
         "device": name,
         "config": {k: v for k, v in vars(args).items() if k != "json"},

@@ -1,13 +1,23 @@
-"""SplitBatchNorm against per-group F.batch_norm references, in both memory formats."""
+"""SplitBatchNorm against per-group F.batch_norm references, in both memory formats; its counted
+cost against BatchNorm2d; torch.compile against eager."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco_d2.pretrain.builder import MoCo
+from moco_d2.pretrain.setup import compile_encoders
 from moco_d2.pretrain.split_bn import SplitBatchNorm, convert_split_bn
+from moco_d2.utils.op_count import OpCounter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 S = 3  # groups
@@ -25,8 +35,16 @@ def _bn(c=5, device="cpu", **kwargs):
     return bn
 
 
+def groups(x):
+    """Batch positions of each group: interleaved in NCHW, contiguous chunks in channels_last."""
+    n = x.shape[0]
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return [slice(g * n // S, (g + 1) * n // S) for g in range(S)]
+    return [slice(g, None, S) for g in range(S)]
+
+
 class Reference:
-    """Group g = samples g, g + S, g + 2S, ...: each through F.batch_norm with its own buffers."""
+    """Each group of ``groups(x)`` through F.batch_norm with its own running buffers."""
 
     def __init__(self, bn):
         self.bn = bn
@@ -41,9 +59,9 @@ class Reference:
         self.steps += 1
         momentum = self.bn.momentum if self.bn.momentum is not None else 1.0 / self.steps
         out = torch.empty_like(x)
-        for g in range(S):
-            out[g::S] = F.batch_norm(
-                x[g::S], self.mean[g], self.var[g], self.weight, self.bias, True, momentum, 1e-5
+        for g, group in enumerate(groups(x)):
+            out[group] = F.batch_norm(
+                x[group], self.mean[g], self.var[g], self.weight, self.bias, True, momentum, 1e-5
             )
         return out
 
@@ -82,12 +100,15 @@ def _check_steps(split, ref, fmt, dtype, device, tol, amp=False):
             assert split.running_mean is None and split.num_batches_tracked is None
 
 
-@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
-@pytest.mark.parametrize(
+KWARGS = pytest.mark.parametrize(
     "kwargs",
     [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
     ids=["default", "cumulative", "no-affine", "no-running-stats"],
 )
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+@KWARGS
 def test_matches_per_group_reference_fp32(fmt, kwargs):
     bn = _bn(**kwargs)
     split = convert_split_bn(copy.deepcopy(bn), S)
@@ -96,8 +117,9 @@ def test_matches_per_group_reference_fp32(fmt, kwargs):
 
 
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
-def test_matches_per_group_reference_under_bf16_autocast(fmt):
-    bn = _bn()
+@KWARGS
+def test_matches_per_group_reference_under_bf16_autocast(fmt, kwargs):
+    bn = _bn(**kwargs)
     split = convert_split_bn(copy.deepcopy(bn), S)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what BatchNorm2d gives a bf16 input
         assert copy.deepcopy(bn)(torch.randn(6, 5, 2, 2, dtype=torch.bfloat16)).dtype == (
@@ -186,3 +208,131 @@ def test_bad_batches_are_refused():
         split(torch.randn(3, 5, 1, 1))
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         SplitBatchNorm(5, 0)
+
+
+def bn_cost(module, memory_format, shape=(64, 256, 28, 28)):
+    """Counted forward + backward of one BN layer (docs/speed.md's protocol): bf16 activations,
+    fp32 parameters, on the meta device; the incoming gradient is made outside the count."""
+    module = module.to("meta").train()
+    x = torch.randn(shape, device="meta", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=memory_format).requires_grad_()
+    with torch.no_grad():
+        grad = torch.ones_like(module(x))
+    with OpCounter() as counter:
+        y = module(x)
+        torch.autograd.grad(y, [x, *module.parameters()], grad)
+    return counter.count
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_counted_cost_is_close_to_batchnorm2d(fmt):
+    """SplitBatchNorm(8) on (64, 256, 28, 28): at most 12x the aten ops of BatchNorm2d, and the
+    bytes of BatchNorm2d (NCHW: the free view) plus, in channels_last, one full-size copy: the
+    ``cat`` that joins the per-chunk input gradients (BatchNorm2d moves 5 full-size tensors)."""
+    plain, split = bn_cost(nn.BatchNorm2d(256), fmt), bn_cost(SplitBatchNorm(256, 8), fmt)
+    assert plain.ops == 3  # native BN, its backward, num_batches_tracked += 1
+    assert split.ops <= 12 * plain.ops
+    assert split.syncs == 0
+    limit = 1.01 if fmt == torch.contiguous_format else 1.41
+    assert split.bytes <= limit * plain.bytes, split.bytes / plain.bytes
+    if fmt == torch.channels_last:
+        assert split.by_op["native_batch_norm"] == split.by_op["native_batch_norm_backward"] == 8
+        assert split.by_op["cat"] == 1
+
+
+def _inductor_finds_a_compiler():
+    """Whether inductor's CPU backend finds the C++ compiler it builds its kernels with."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # InvalidCxxCompiler, or the helper moved in another torch
+        return False
+    return True
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_resnet_encoder_with_split_bn_has_no_graph_break(fmt):
+    """Dynamo alone (no compiler needed): a torchvision ResNet as the encoders are built."""
+    import torchvision
+
+    torch._dynamo.reset()
+    encoder = convert_split_bn(torchvision.models.resnet18(num_classes=8), 2)
+    encoder = encoder.to(memory_format=fmt).train()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=fmt)
+    explanation = torch._dynamo.explain(encoder)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+class TinyEncoder(nn.Module):
+    """Two conv-BN-ReLU blocks and a Linear ``fc``: a torchvision-style encoder cheap to compile."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.skipif(not _inductor_finds_a_compiler(), reason="inductor finds no C++ compiler")
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_compiled_encoders_equal_eager(fmt):
+    """Two MoCo steps with ``compile_encoders`` (as ``--compile``): no graph break, and the same
+    logits, query-encoder gradients, running statistics and queue as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = MoCo(TinyEncoder, dim=8, K=16, bn_splits=2, shuffle="local").to(memory_format=fmt)
+    compiled = copy.deepcopy(eager)
+    compile_encoders(compiled)
+    images = [torch.randn(8, 3, 8, 8).contiguous(memory_format=fmt) for _ in range(4)]
+    torch._dynamo.utils.counters.clear()
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # the same key shuffles
+        for step in range(2):
+            logits, labels = model(images[2 * step], images[2 * step + 1])
+            F.cross_entropy(logits, labels).backward()
+        results.append(logits.detach())
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # both encoders compiled
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+    for (name, p_e), (_, p_c) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if p_e.grad is not None:
+            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
+    sd_e, sd_c = eager.state_dict(), compiled.state_dict()
+    assert list(sd_e) == list(sd_c)
+    assert any("running_var" in k for k in sd_e)
+    for k, v in sd_e.items():
+        torch.testing.assert_close(sd_c[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    torch._dynamo.reset()
+
+
+def test_benchmark_reports_every_candidate_with_its_counted_cost(tmp_path):
+    out = tmp_path / "split_bn.json"
+    shape = ["16", "8", "6", "6"]
+    command = [
+        sys.executable, os.path.join(REPO, "benchmarks", "split_bn_overhead.py"),
+        "--dtype", "bf16", "--shape", *shape, "--num-splits", "4",
+        "--iters", "1", "--repeats", "1", "--warmup", "0", "--json", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    impls = {"module", "transpose", "chunks-cat", "native-view", "chunks"}
+    assert {(r["format"], r["impl"]) for r in rows} == {(f, i) for f in FORMATS for i in impls}
+    for row in rows:
+        assert row["ms_bn2d"] > 0 and row["ms_split"] > 0 and row["ratio"] > 0
+        if row["impl"] == "module":
+            fmt = FORMATS[row["format"]]
+            shape_ = tuple(map(int, shape))
+            plain = bn_cost(nn.BatchNorm2d(8), fmt, shape_)
+            split = bn_cost(SplitBatchNorm(8, 4), fmt, shape_)
+            assert row["bytes_ratio"] == pytest.approx(split.bytes / plain.bytes)
+            assert row["ops_ratio"] == pytest.approx(split.ops / plain.ops)

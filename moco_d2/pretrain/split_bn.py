@@ -1,98 +1,127 @@
 """SplitBatchNorm: one process imitating the per-GPU BatchNorm of multi-GPU training.
 
 In training mode the batch is cut into ``num_splits`` groups and each group is normalised with
-its own statistics, like the per-GPU slices of a distributed batch. Grouping is interleaved:
-sample ``n`` is in group ``n % num_splits``, as in the MoCo authors' single-GPU SplitBatchNorm
-(and lightly's). It is the same in NCHW and channels_last, so converting a model's memory format
-does not change which samples share statistics.
+its own statistics, like the per-GPU slices of a distributed batch. Which samples form a group
+depends on the memory format, because each format has one grouping the native BatchNorm kernel
+can run on without copying the activations:
 
-Interleaving rather than contiguous chunks costs nothing in mixing: queries come in random order
-from the sampler, and the keys are permuted (``shuffle.batch_shuffle_local``) before the key
-encoder, so a query and its positive key land in independent random groups whichever fixed
-rule maps positions to groups. BN therefore cannot pair them through shared batch statistics.
+- contiguous NCHW: interleaved, sample ``n`` in group ``n % num_splits``, as in the MoCo authors'
+  single-GPU SplitBatchNorm (and lightly's). ``x.view(n // s, s * c, h, w)`` is a free view in
+  which channel ``j * c + k`` of row ``i`` is sample ``i * s + j``, so one native (cuDNN or CPU)
+  call normalises all groups at once;
+- channels_last: contiguous chunks, samples ``[j * n // s, (j + 1) * n // s)`` in group ``j``, as
+  timm's and Composer's ghost BatchNorm. No view of NHWC memory puts a group index next to the
+  channels, but each chunk of the batch is itself a contiguous NHWC tensor: the native kernel runs
+  once per chunk and writes into a slice of one output, and its backward once per chunk, joined
+  by one ``cat`` (the kernel has no real ``out=`` backward: its ``.out`` form copies too).
 
-Why interleaved: for a contiguous NCHW tensor ``x.view(n // s, s * c, h, w)`` is a free view in
-which channel ``j * c + k`` of row ``i`` is sample ``i * s + j``, so the native (cuDNN or CPU)
-BatchNorm kernel normalises all groups at once without copying. A channels_last tensor is NHWC
-in memory; its free view ``(n // s, s, h * w, c)`` goes to a small autograd Function with the
-per-group statistics and a hand-written backward, again without a layout copy. Running
-statistics are the mean over groups of what BatchNorm2d would store; evaluation is ordinary
-BatchNorm, and the state_dict is exactly BatchNorm2d's, so checkpoints stay interchangeable.
+Any fixed rule gives the same mixing: queries come in random order from the sampler, and the keys
+are permuted (``shuffle.batch_shuffle_local``) before the key encoder, so a query and its positive
+key land in independent random groups whichever rule maps batch positions to groups, and BN
+cannot pair them through shared batch statistics. Running statistics are the mean over groups of
+what BatchNorm2d would store; evaluation is ordinary BatchNorm, and the state_dict is exactly
+BatchNorm2d's, so checkpoints stay interchangeable between formats and with ``--bn-splits 1``.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _group_sum(t: torch.Tensor, inner_dim: int) -> torch.Tensor:
-    # two steps: CPU reduces one middle dim several times faster than dims (0, inner) at once
-    return t.sum(inner_dim, keepdim=True).sum(0, keepdim=True)
+_aten = torch.ops.aten
 
 
-class _GroupedBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm of a ``(n // s, s, A, B)`` view, per (group, channel).
+def _stats_dtype(x: torch.Tensor, param: torch.Tensor | None) -> torch.dtype:
+    """The dtype native_batch_norm keeps its statistics in, which its ``out=`` form requires.
 
-    The channel is dim ``channel_dim`` (2 or 3); statistics reduce over dim 0 and the other
-    trailing dim, in two passes (mean, then centred squares) as the native CPU kernel does.
-    Arithmetic is fp32 (fp64 for fp64 input) whatever the input dtype, and the output has the
-    input's dtype, as ``nn.BatchNorm2d`` gives under autocast. For fp32 input each pass writes
-    into the one full-size buffer that becomes the result (a fresh large tensor costs page
-    faults on CPU); a bf16 input adds one fp32 upcast per pass.
+    CUDA: fp32 for a bf16/fp16 input. CPU: fp32 only when the parameters are of a wider type than
+    the input (bf16 activations with fp32 weights, as under autocast), else the input's dtype.
+    """
+    if x.device.type == "cpu":
+        return x.dtype if param is None or param.dtype == x.dtype else torch.float32
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+
+class _ChunkedBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm of each of ``s`` contiguous batch chunks with its own statistics.
+
+    The running statistics are not updated in place: each chunk updates its own copy, and the
+    ``(s, c)`` copies are returned.
     """
 
     @staticmethod
-    def forward(ctx, xv, weight, bias, eps, channel_dim):
-        inner = 5 - channel_dim
-        x = xv.to(torch.promote_types(xv.dtype, torch.float32))  # one upcast, not one per op
-        count = x.numel() // (x.shape[1] * x.shape[channel_dim])
-        mean = _group_sum(x, inner) / count
-        buf = torch.sub(x, mean).square_()
-        var = _group_sum(buf, inner) / count
-        invstd = torch.rsqrt(var + eps)
-        shape = [1, 1, 1, 1]
-        shape[channel_dim] = -1
-        scale = invstd if weight is None else invstd * weight.view(shape)
-        shift = -mean * scale if bias is None else bias.view(shape) - mean * scale
-        out = torch.addcmul(shift, x, scale, out=buf).to(xv.dtype)
-        ctx.save_for_backward(xv, mean, invstd, weight)
-        ctx.channel_dim = channel_dim
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean.flatten(), var.flatten()
+    def forward(ctx, x, weight, bias, running_mean, running_var, s, momentum, eps):
+        c = x.shape[1]
+        out = torch.empty_like(x)  # same strides as x, so each chunk is a contiguous slice
+        param = next((t for t in (weight, bias, running_mean) if t is not None), None)
+        dtype = _stats_dtype(x, param)
+        mean, invstd = x.new_empty((s, c), dtype=dtype), x.new_empty((s, c), dtype=dtype)
+        track = running_mean is not None
+        group_mean = running_mean.repeat(s).view(s, c) if track else None
+        group_var = running_var.repeat(s).view(s, c) if track else None
+        for g, (x_g, out_g) in enumerate(zip(x.chunk(s), out.chunk(s))):
+            _aten.native_batch_norm.out(
+                x_g, weight, bias,
+                group_mean[g] if track else None, group_var[g] if track else None,
+                True, momentum, eps, out=out_g, save_mean=mean[g], save_invstd=invstd[g],
+            )  # fmt: skip
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.s, ctx.eps = s, eps
+        if track:
+            ctx.mark_non_differentiable(group_mean, group_var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the running stats
+        return out, group_mean, group_var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
-        xv, mean, invstd, weight = ctx.saved_tensors
-        inner = 5 - ctx.channel_dim
-        x, g = xv.to(mean.dtype), grad_out.to(mean.dtype)
-        count = x.numel() // mean.numel()
-        sum_g = _group_sum(g, inner)
-        buf = torch.sub(x, mean).mul_(g)
-        sum_g_xhat = _group_sum(buf, inner) * invstd
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            shape = [1, 1, 1, 1]
-            shape[ctx.channel_dim] = -1
-            a = invstd if weight is None else invstd * weight.view(shape)
-            b = a * invstd * sum_g_xhat / -count
-            const = -(a * sum_g / count + b * mean)
-            grad_x = torch.addcmul(const, b, x, out=buf).addcmul_(a, g).to(xv.dtype)
-        groups = mean.shape[1]
-        if ctx.needs_input_grad[1]:
-            grad_w = sum_g_xhat.view(groups, -1).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = sum_g.view(groups, -1).sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        x, weight, mean, invstd = ctx.saved_tensors
+        s, mask = ctx.s, list(ctx.needs_input_grad[:3])
+        parts = [
+            _aten.native_batch_norm_backward(
+                g_g, x_g, weight, None, None, mean[g], invstd[g], True, ctx.eps, mask
+            )
+            for g, (g_g, x_g) in enumerate(zip(grad_out.chunk(s), x.chunk(s)))
+        ]
+        grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
+        grad_w = grad_b = None
+        if mask[1] or mask[2]:  # affine: weight and bias both need grad or neither
+            sums = torch.stack([p[1] for p in parts] + [p[2] for p in parts]).view(2, s, -1).sum(1)
+            grad_w, grad_b = sums[0], sums[1]
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def grouped_batch_norm(xv, weight, bias, eps, channel_dim):
-    """Normalise each (group, channel) of the ``(n // s, s, A, B)`` view ``xv`` on its own.
+def chunked_batch_norm(x, weight, bias, running_mean, running_var, num_splits, momentum, eps):
+    """Normalise each contiguous batch chunk of ``x`` (any memory format) on its own.
 
-    Returns the output (same shape and dtype as ``xv``), the per-group mean and biased variance
-    (fp32, shape ``(s, c)``, for the running statistics).
+    Returns the output (``x``'s shape and dtype) and, when ``running_mean`` is given, each chunk's
+    update of the running statistics as ``(num_splits, c)`` tensors (else None).
+
+    Under torch.compile it is written with plain differentiable ops instead, which inductor fuses
+    into its own kernels: the Function's ``out=`` writes into slices and its per-chunk running
+    statistics do not trace through AOTAutograd.
     """
-    return _GroupedBatchNorm.apply(xv, weight, bias, eps, channel_dim)
+    if not torch.compiler.is_compiling():
+        return _ChunkedBatchNorm.apply(
+            x, weight, bias, running_mean, running_var, num_splits, momentum, eps
+        )
+    c, track = x.shape[1], running_mean is not None
+    group_mean = running_mean.repeat(num_splits).view(num_splits, c) if track else None
+    group_var = running_var.repeat(num_splits).view(num_splits, c) if track else None
+    out = torch.cat(
+        [
+            F.batch_norm(
+                x_g,
+                group_mean[g] if track else None,
+                group_var[g] if track else None,
+                weight,
+                bias,
+                True,
+                momentum,
+                eps,
+            )
+            for g, x_g in enumerate(x.chunk(num_splits))
+        ]
+    )
+    return out, group_mean, group_var
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -114,35 +143,36 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 f"SplitBatchNorm: groups of {n // s} sample of {h}x{w} have one value per channel"
             )
         momentum = self._momentum()
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            out, mean, var = grouped_batch_norm(
-                x.permute(0, 2, 3, 1).view(n // s, s, h * w, c), self.weight, self.bias, self.eps, 3
-            )
-            if self.track_running_stats:
-                count = n // s * h * w
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean.view(s, c).mean(0), momentum)
-                    self.running_var.lerp_(var.view(s, c).mean(0) * (count / (count - 1)), momentum)
-            return out.view(n, h, w, c).permute(0, 3, 1, 2)
-        # group j of the interleaved batch = channels [j*c, (j+1)*c) of this free view
         track = self.track_running_stats
-        running_mean = self.running_mean.repeat(s) if track else None
-        running_var = self.running_var.repeat(s) if track else None
-        out = F.batch_norm(
-            x.contiguous().view(n // s, s * c, h, w),
-            running_mean,
-            running_var,
-            self.weight.repeat(s) if self.affine else None,
-            self.bias.repeat(s) if self.affine else None,
-            True,
-            momentum,
-            self.eps,
-        )
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            out, group_mean, group_var = chunked_batch_norm(
+                x,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                s,
+                momentum,
+                self.eps,
+            )
+        else:  # group j of the interleaved batch = channels [j*c, (j+1)*c) of this free view
+            group_mean = self.running_mean.repeat(s) if track else None
+            group_var = self.running_var.repeat(s) if track else None
+            out = F.batch_norm(
+                x.contiguous().view(n // s, s * c, h, w),
+                group_mean,
+                group_var,
+                self.weight.repeat(s) if self.affine else None,
+                self.bias.repeat(s) if self.affine else None,
+                True,
+                momentum,
+                self.eps,
+            ).view(n, c, h, w)
         if track:
             with torch.no_grad():
-                self.running_mean.copy_(running_mean.view(s, c).mean(dim=0))
-                self.running_var.copy_(running_var.view(s, c).mean(dim=0))
-        return out.view(n, c, h, w)
+                self.running_mean.copy_(group_mean.view(s, c).mean(dim=0))
+                self.running_var.copy_(group_var.view(s, c).mean(dim=0))
+        return out
 
     def _momentum(self) -> float:
         """Count this batch and return the momentum nn.BatchNorm2d would use for it."""
