@@ -53,7 +53,7 @@ def test_batched_ops_equal_torchvision_per_image(aug_plus, device):
     images = torch.rand(n, 3, 20, 24, device=device)
     images[:4] = images[:4, :1]  # grey images: hue and saturation on a degenerate input
     aug = DeviceAugment(aug_plus)
-    p = aug.sample(n, images.device)
+    p = aug.sample(n)
     out = aug.apply(images, p)
     assert out.shape == images.shape and out.dtype == torch.float32
     # every branch is taken somewhere in the batch
@@ -69,11 +69,12 @@ def test_images_without_any_op_are_only_normalised_and_uint8_is_scaled():
     torch.manual_seed(1)
     crops = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     aug = DeviceAugment(True)
-    p = aug.sample(6, crops.device)
+    p = aug.sample(6)
     for flag in (p.jitter, p.grayscale, p.blur, p.flip):
         flag.zero_()
     out = aug.apply(crops, p)
-    assert torch.equal(out, (crops.float() / 255 - MEAN) / STD)
+    # Normalize runs as one affine map: within float rounding of (x - mean) / std
+    torch.testing.assert_close(out, (crops.float() / 255 - MEAN) / STD, atol=1e-6, rtol=0)
 
 
 def _within(observed, expected, n, p=None, sd=None):
@@ -85,7 +86,7 @@ def _within(observed, expected, n, p=None, sd=None):
 def test_parameter_distributions_match_the_pil_path():
     torch.manual_seed(2)
     n = 40000
-    p = DeviceAugment(True).sample(n, torch.device("cpu"))
+    p = DeviceAugment(True).sample(n)
     on = p.jitter
     assert _within(on.float().mean().item(), 0.8, n, p=0.8)
     assert _within(p.grayscale.float().mean().item(), 0.2, n, p=0.2)
@@ -116,7 +117,7 @@ def test_parameter_distributions_match_the_pil_path():
 def test_v1_parameters_jitter_always_hue_04_no_blur():
     torch.manual_seed(3)
     n = 20000
-    p = DeviceAugment(False).sample(n, torch.device("cpu"))
+    p = DeviceAugment(False).sample(n)
     assert p.jitter.all() and not p.blur.any()
     assert p.hue.min() >= -0.4 and p.hue.max() <= 0.4 and p.hue.abs().max() > 0.399
     assert _within(p.grayscale.float().mean().item(), 0.2, n, p=0.2)
