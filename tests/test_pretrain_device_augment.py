@@ -1,5 +1,6 @@
 """--augment-on device: batched ops against torchvision's per-image functional ops, parameter
-distributions against the PIL path's, and the worker-side decode + two crops."""
+distributions against the PIL path's, the counted cost of a view and its host-drawn parameters,
+and the worker-side decode + two crops."""
 
 import math
 
@@ -10,7 +11,14 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from moco_d2.pretrain.device_augment import BLUR_KERNEL, DeviceAugment, TwoCropsLoader
+from moco_d2.pretrain.device_augment import (
+    BLUR_KERNEL,
+    HUE,
+    AugmentParams,
+    DeviceAugment,
+    TwoCropsLoader,
+)
+from moco_d2.utils.op_count import OpCounter
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -53,7 +61,7 @@ def test_batched_ops_equal_torchvision_per_image(aug_plus, device):
     images = torch.rand(n, 3, 20, 24, device=device)
     images[:4] = images[:4, :1]  # grey images: hue and saturation on a degenerate input
     aug = DeviceAugment(aug_plus)
-    p = aug.sample(n, images.device)
+    p = aug.sample(n)
     out = aug.apply(images, p)
     assert out.shape == images.shape and out.dtype == torch.float32
     # every branch is taken somewhere in the batch
@@ -69,11 +77,101 @@ def test_images_without_any_op_are_only_normalised_and_uint8_is_scaled():
     torch.manual_seed(1)
     crops = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     aug = DeviceAugment(True)
-    p = aug.sample(6, crops.device)
+    p = aug.sample(6)
     for flag in (p.jitter, p.grayscale, p.blur, p.flip):
         flag.zero_()
     out = aug.apply(crops, p)
-    assert torch.equal(out, (crops.float() / 255 - MEAN) / STD)
+    # Normalize runs as one affine map: within float rounding of (x - mean) / std
+    torch.testing.assert_close(out, (crops.float() / 255 - MEAN) / STD, atol=1e-6, rtol=0)
+
+
+def _hue_only(hue):
+    """Parameters that jitter every image with hue first and factors of 1 (exact no-ops)."""
+    n = len(hue)
+    ones, no = torch.ones(n), torch.zeros(n, dtype=torch.bool)
+    order = torch.tensor([HUE, 0, 1, 2]).repeat(n, 1)
+    return AugmentParams(order, ~no, ones, ones, ones, hue, no, no, ones, no)
+
+
+def test_hue_at_the_edges_equals_torchvision():
+    # primaries and secondaries, ties of the max channel, grey, black, white, hues just below
+    # and above a full turn, and values that land exactly on sector borders after the shift
+    pixels = torch.tensor(
+        [
+            [1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1],
+            [0.5, 0.5, 0.2], [0.5, 0.2, 0.5], [0.2, 0.5, 0.5], [0.3, 0.3, 0.3],
+            [0, 0, 0], [1, 1, 1], [0.9, 0.1, 0.1000001], [0.9, 0.1000001, 0.1],
+            [0.75, 0.25, 0.5], [0.6, 0.6, 0.6000001], [1e-8, 0, 0], [0.2, 0.6, 1.0],
+        ]
+    )  # fmt: skip
+    images = pixels.T.reshape(1, 3, 3, 6).expand(11, 3, 3, 6).contiguous()
+    hue = torch.tensor([-0.5, -0.4, -1 / 6, -0.1, -1e-7, 0.0, 1e-7, 0.1, 1 / 6, 0.4, 0.5])
+    p = _hue_only(hue)
+    out = DeviceAugment(True).apply(images, p)
+    for i in range(len(hue)):
+        torch.testing.assert_close(out[i], _reference(images[i], p, i, True), atol=1e-5, rtol=0)
+
+
+COUNTED = (256, 3, 224, 224)  # one view of the default batch, as docs/speed.md counts it
+
+
+@pytest.mark.parametrize("aug_plus", [True, False])
+def test_one_view_meets_the_counted_traffic_and_launch_targets(aug_plus):
+    """On the meta device (no computing, no values to read back): at most 64 full-batch fp32
+    passes and 300 aten ops per view, and no host sync."""
+    torch.manual_seed(0)
+    crops = torch.empty(COUNTED, dtype=torch.uint8, device="meta")
+    with OpCounter() as counter:
+        out = DeviceAugment(aug_plus)(crops)
+    count = counter.count
+    assert out.shape == COUNTED and out.dtype == torch.float32
+    assert count.syncs == 0
+    assert count.ops <= 300, count.by_op
+    assert count.passes(math.prod(COUNTED) * 4) <= 64, count.bytes_by_op
+
+
+def test_parameters_are_drawn_on_the_host_once_per_call():
+    aug = DeviceAugment(True)
+    p = aug.sample(5)
+    assert all(v.device.type == "cpu" for v in vars(p).values())
+    # the same draw from torch's CPU generator whatever the device of the crops
+    meta = torch.empty(5, 3, 8, 8, dtype=torch.uint8, device="meta")
+    torch.manual_seed(11)
+    aug(meta)
+    after_meta = torch.get_rng_state()
+    torch.manual_seed(11)
+    aug.sample(5)
+    assert torch.equal(after_meta, torch.get_rng_state())
+    # a seed fixes the result, and nothing is read back from the device
+    crops = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    runs = []
+    for seed in (11, 11, 12):
+        torch.manual_seed(seed)
+        with OpCounter() as counter:
+            runs.append(aug(crops))
+        assert counter.count.syncs == 0
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("aug_plus", [True, False])
+def test_on_cuda_no_sync_no_device_generator_and_the_cpu_result(aug_plus):
+    crops = torch.randint(0, 256, (32, 2, 3, 40, 48), dtype=torch.uint8)
+    aug = DeviceAugment(aug_plus)
+    torch.manual_seed(13)
+    expected = aug(crops[:, 0])
+    on_device = crops.cuda()
+    torch.cuda.synchronize()
+    cuda_rng = torch.cuda.get_rng_state()
+    torch.manual_seed(13)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = aug(on_device[:, 0])  # a strided view, as views_to_device passes it
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(cuda_rng, torch.cuda.get_rng_state())
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=0)
 
 
 def _within(observed, expected, n, p=None, sd=None):
@@ -85,7 +183,7 @@ def _within(observed, expected, n, p=None, sd=None):
 def test_parameter_distributions_match_the_pil_path():
     torch.manual_seed(2)
     n = 40000
-    p = DeviceAugment(True).sample(n, torch.device("cpu"))
+    p = DeviceAugment(True).sample(n)
     on = p.jitter
     assert _within(on.float().mean().item(), 0.8, n, p=0.8)
     assert _within(p.grayscale.float().mean().item(), 0.2, n, p=0.2)
@@ -116,7 +214,7 @@ def test_parameter_distributions_match_the_pil_path():
 def test_v1_parameters_jitter_always_hue_04_no_blur():
     torch.manual_seed(3)
     n = 20000
-    p = DeviceAugment(False).sample(n, torch.device("cpu"))
+    p = DeviceAugment(False).sample(n)
     assert p.jitter.all() and not p.blur.any()
     assert p.hue.min() >= -0.4 and p.hue.max() <= 0.4 and p.hue.abs().max() > 0.399
     assert _within(p.grayscale.float().mean().item(), 0.2, n, p=0.2)

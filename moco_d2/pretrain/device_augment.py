@@ -6,6 +6,11 @@ blur, flip and normalize. Every image draws its own parameters from the same dis
 the PIL path (:func:`moco_d2.pretrain.augment.moco_augmentation`), and with the same parameters
 the result equals ``torchvision.transforms.v2.functional`` applied image by image.
 
+The parameters are drawn on the host, from torch's CPU generator (seeded per epoch like every
+generator of the training process), so the host knows which op each image takes: every op runs
+only on its images (:mod:`moco_d2.pretrain.augment_plan`), and what the device needs arrives in
+one asynchronous copy. Nothing here reads a value back from the device.
+
 Numerics that differ from the PIL path: the blur is a true Gaussian kernel of fixed size
 (:data:`BLUR_KERNEL`, reflect padding) where PIL approximates it with box blurs, and colour ops
 run in float on the crop instead of on 8-bit PIL images.
@@ -15,22 +20,33 @@ import math
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
-from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
+from moco_d2.pretrain.augment_plan import (
+    BRIGHTNESS,
+    CONSTANTS,
+    CONTRAST,
+    GRAY_WEIGHTS,
+    HUE,
+    ROW,
+    SATURATION,
+    build_plan,
+)
 
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # ±3σ of the largest σ: 13 taps
+_TINY = float(np.finfo(np.float32).tiny)
+Constants = dict[str, torch.Tensor]  # augment_plan.CONSTANTS on the device, (1, 3, 1, 1) each
 
 
 @dataclass
 class AugmentParams:
-    """Per-image parameters of one batch (tensors of length N on the batch's device).
+    """Per-image parameters of one batch (CPU tensors of length N).
 
     ``order[:, j]`` is the jitter op applied j-th; ``jitter`` says whether jitter applies at
     all, ``grayscale``, ``blur`` and ``flip`` likewise.
@@ -62,149 +78,145 @@ class DeviceAugment:
         self.jitter_p = 0.8 if aug_plus else 1.0
         self.blur_p = 0.5 if aug_plus else 0.0
 
-    def sample(self, n: int, device: torch.device) -> AugmentParams:
-        """Independent parameters for ``n`` images, drawn from the device's generator."""
+    def sample(self, n: int) -> AugmentParams:
+        """Independent parameters for ``n`` images, in one draw from torch's CPU generator."""
+        u = torch.rand(n, 13).numpy()
 
-        def uniform(low: float, high: float) -> torch.Tensor:
-            return low + (high - low) * torch.rand(n, device=device)
+        def uniform(column: int, low: float, high: float) -> torch.Tensor:
+            return torch.from_numpy(low + (high - low) * u[:, column])
 
         return AugmentParams(
-            order=torch.rand(n, 4, device=device).argsort(dim=1),
-            jitter=torch.rand(n, device=device) < self.jitter_p,
-            brightness=uniform(0.6, 1.4),
-            contrast=uniform(0.6, 1.4),
-            saturation=uniform(0.6, 1.4),
-            hue=uniform(-self.hue_range, self.hue_range),
-            grayscale=torch.rand(n, device=device) < 0.2,
-            blur=torch.rand(n, device=device) < self.blur_p,
-            sigma=uniform(*BLUR_SIGMA),
-            flip=torch.rand(n, device=device) < 0.5,
+            order=torch.from_numpy(np.argsort(u[:, :4], axis=1)),
+            jitter=torch.from_numpy(u[:, 4] < self.jitter_p),
+            brightness=uniform(5, 0.6, 1.4),
+            contrast=uniform(6, 0.6, 1.4),
+            saturation=uniform(7, 0.6, 1.4),
+            hue=uniform(8, -self.hue_range, self.hue_range),
+            grayscale=torch.from_numpy(u[:, 9] < 0.2),
+            blur=torch.from_numpy(u[:, 10] < self.blur_p),
+            sigma=uniform(11, *BLUR_SIGMA),
+            flip=torch.from_numpy(u[:, 12] < 0.5),
         )
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, 3, H, W)`` → normalised float32, each image with its own parameters."""
-        return self.apply(crops, self.sample(crops.shape[0], crops.device))
+        return self.apply(crops, self.sample(crops.shape[0]))
 
     def apply(self, crops: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-        x = crops.float() / 255 if crops.dtype == torch.uint8 else crops.float()
-        if self.aug_plus:
-            x = color_jitter(x, p)
-            x = grayscale(x, p.grayscale)
-            x = gaussian_blur(x, p.sigma, p.blur)
-        else:
-            x = grayscale(x, p.grayscale)
-            x = color_jitter(x, p)
-        x = torch.where(_col(p.flip), x.flip(-1), x)
-        return normalize(x)
+        """The augmentation with the host parameters ``p`` (float crops are taken in [0, 1])."""
+        n, _, height, width = crops.shape
+        plan = build_plan(p, self.aug_plus, height, width, BLUR_KERNEL)
+        packed = torch.from_numpy(plan.packed)
+        if crops.device.type == "cuda":
+            packed = packed.pin_memory()  # so that the copy does not wait for the device
+        packed = packed.to(crops.device, non_blocking=True)
+        ints, floats = packed[: plan.ints], packed[plan.ints :].view(torch.float32)
+        const = {name: floats[at].view(1, 3, 1, 1) for name, at in CONSTANTS.items()}
+        for i, seg in enumerate(plan.segments):
+            index = ints[seg.gather : seg.gather + n]
+            if i == 0:
+                x = crops.index_select(0, index)
+                x = x.div(255) if x.dtype == torch.uint8 else x.float()
+            else:
+                x = x.index_select(0, index)
+            for a, b in seg.gray:
+                x[a:b] = rgb_to_gray(x[a:b]).expand(b - a, 3, height, width)
+            rows = floats[seg.rows : seg.rows + n * ROW].view(n, ROW)
+            for run in seg.jitter:
+                _JITTER[run.op](x[run.start : run.stop], rows[run.start : run.stop], const)
+                if run.clamp is not None:
+                    x[run.clamp].clamp_(0.0, 1.0)
+        blurred = {}
+        for a, b, at in plan.blur:
+            kernels = floats[at : at + 3 * (b - a) * plan.kernel_size]
+            blurred[a] = gaussian_blur(x[a:b], kernels.view(3 * (b - a), plan.kernel_size))
+        out = torch.empty_like(x)
+        for a, b, source, flipped in plan.out:
+            src = x[a:b] if source is None else blurred[source][a - source : b - source]
+            if flipped:
+                src = src.flip(-1)
+            torch.addcmul(const["shift"], src, const["scale"], out=out[a:b])
+        return out.index_select(0, ints[plan.restore : plan.restore + n])
 
 
-def _col(v: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, 1, 1, 1)
+def _per_image(v: torch.Tensor, dims: int = 3) -> torch.Tensor:
+    """``(k,)`` → ``(k, 1, ...)`` with ``dims`` trailing singleton dims."""
+    return v[(...,) + (None,) * dims]
 
 
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma, as torchvision: ``(N, 1, H, W)``."""
     r, g, b = x.unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    wr, wg, wb = GRAY_WEIGHTS
+    return r.mul(wr).add_(g, alpha=wg).add_(b, alpha=wb).unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = _col(factor)
-    return (f * x + (1.0 - f) * other).clamp(0.0, 1.0)
+def _brightness(x: torch.Tensor, rows: torch.Tensor, const: Constants) -> None:
+    """Blend with black: ``x * factor`` (clamped by the caller)."""
+    x.mul_(_per_image(rows[:, 0]))
 
 
-def color_jitter(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue in each image's own order ``p.order``.
+def _contrast(x: torch.Tensor, rows: torch.Tensor, const: Constants) -> None:
+    """Blend with the mean of the grey image: the mean of the luma is the luma of the channel
+    means, and ``rows[:, 1:]`` already holds (1 − factor) × the luma weights."""
+    bias = (x.mean(dim=(2, 3)) * rows[:, 1:]).sum(dim=1)
+    torch.addcmul(_per_image(bias), x, _per_image(rows[:, 0]), out=x)
 
-    At every position the three blends are one blend with a per-image partner (black, the
-    grey mean, or the grey image); a factor of 1 (hue, or no jitter) leaves an image exactly
-    unchanged.
+
+def _saturation(x: torch.Tensor, rows: torch.Tensor, const: Constants) -> None:
+    """Blend with the grey image, (1 − factor) × luma made with pre-scaled weights."""
+    r, g, b = x.unbind(dim=1)
+    weights = rows[:, 1:]
+    gray = r * _per_image(weights[:, 0], 2)
+    gray.addcmul_(g, _per_image(weights[:, 1], 2)).addcmul_(b, _per_image(weights[:, 2], 2))
+    torch.addcmul(gray.unsqueeze(1), x, _per_image(rows[:, 0]), out=x)
+
+
+def _hue(x: torch.Tensor, rows: torch.Tensor, const: Constants) -> None:
+    """Rotate the hue, in place: torchvision's RGB → HSV → RGB without building HSV.
+
+    In sixths of a turn the hue is ``offset + (next − prev) / (max − min)``: the max channel
+    gives the offset (red 0, green 2, blue 4; on ties red, then green, as torchvision) and
+    next/prev are the channels after and before it; ``rows`` holds the shift plus each offset.
+    With the shifted hue ``h`` in [0, 6), channel c is ``min + (max − min) · T_c(h)``, where
+    ``T_c = clamp(slope_c · |h − centre_c| + offset_c, 0, 1)`` is the channel's trapezoid
+    around the circle: red is 1 on [5, 1] and 0 on [2, 4], green 1 on [1, 3] and 0 on [4, 6),
+    blue 1 on [3, 5] and 0 on [0, 2], linear in between. A grey pixel (max = min) keeps its
+    value.
     """
-    for j in range(4):
-        op = p.order[:, j]
-        factor = torch.where(
-            op == BRIGHTNESS,
-            p.brightness,
-            torch.where(op == CONTRAST, p.contrast, torch.where(op == SATURATION, p.saturation, 1)),
-        )
-        factor = torch.where(p.jitter, factor, 1)
-        gray = rgb_to_gray(x)
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-        partner = torch.where(
-            _col(op == BRIGHTNESS), 0.0, torch.where(_col(op == CONTRAST), mean, gray)
-        )
-        x = _blend(x, partner, factor)
-        x = torch.where(_col((op == HUE) & p.jitter), adjust_hue(x, p.hue), x)
-    return x
+    r, g, b = x.unbind(dim=1)
+    low, high = torch.aminmax(x, dim=1)
+    spread = (high - low).clamp_min_(_TINY)  # a grey pixel: 0 / tiny, any hue, no change
+    is_r, is_g = r == high, g == high
+    nxt = torch.where(is_g, b, r)
+    prev = torch.where(is_g, r, g)
+    rise = torch.where(is_r, g - b, nxt.sub_(prev))
+    offset = torch.where(
+        is_r,
+        _per_image(rows[:, 0], 2),
+        torch.where(is_g, _per_image(rows[:, 1], 2), _per_image(rows[:, 2], 2)),
+    )
+    h = torch.addcdiv(offset, rise, spread).remainder_(6.0)
+    t = torch.sub(h.unsqueeze(1), const["hue_centres"]).abs_()
+    torch.addcmul(const["hue_offsets"], t, const["hue_slopes"], out=t).clamp_(0.0, 1.0)
+    torch.addcmul(low.unsqueeze(1), spread.unsqueeze(1), t, out=x)
 
 
-def grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    return torch.where(_col(apply), rgb_to_gray(x).expand_as(x), x)
+_JITTER = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation, HUE: _hue}
 
 
-def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """Shift the hue of each image by ``hue[i]`` (fraction of a turn), via HSV as torchvision."""
-    h, s, v = _rgb_to_hsv(x).unbind(dim=1)
-    h = (h + hue.view(-1, 1, 1)).remainder(1.0)
-    return _hsv_to_rgb(h, s, v)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, _ = x.unbind(dim=1)
-    minc, maxc = torch.aminmax(x, dim=1)
-    eqc = maxc == minc
-    spread = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = spread / torch.where(eqc, ones, maxc)
-    divisor = torch.where(eqc, ones, spread).unsqueeze(1)
-    rc, gc, bc = ((maxc.unsqueeze(1) - x) / divisor).unbind(dim=1)
-    not_r = maxc != r
-    is_g = maxc == g
-    h = (bc - gc) * ~not_r + (2.0 + rc - bc) * (is_g & not_r) + (4.0 + gc - rc) * (not_r & ~is_g)
-    h = (h / 6.0 + 1.0).fmod(1.0)
-    return torch.stack((h, s, maxc), dim=1)
-
-
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    h6 = h * 6
-    i = torch.floor(h6)
-    f = h6 - i
-    sector = i.to(torch.int32).remainder(6).unsqueeze(1)
-    sv = s * v
-    w = v - sv
-    q = v - sv * f
-    t = sv * f + w
-    mask = sector == torch.arange(6, device=h.device).view(1, 6, 1, 1)
-    r = torch.stack((v, q, w, w, t, v), dim=1)
-    g = torch.stack((t, v, v, q, w, w), dim=1)
-    b = torch.stack((w, w, t, v, v, q), dim=1)
-    return torch.stack([(c * mask).sum(dim=1) for c in (r, g, b)], dim=1)
-
-
-def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, size)`` normalised 1-D Gaussians, one per σ, centred on the middle tap."""
-    x = torch.arange(size, device=sigma.device, dtype=torch.float32) - (size - 1) / 2
-    return torch.softmax(-((x / sigma.view(-1, 1)) ** 2) / 2, dim=1)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with each image's σ, reflect padding, where ``apply``."""
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``(k, C, H, W)`` with one 1-D kernel per image and channel
+    (``(k·C, size)``), reflect padding."""
     n, c, height, width = x.shape
-    size = min(BLUR_KERNEL, 2 * (min(height, width) - 1) + 1)
+    size = kernels.shape[1]
     half = size // 2
-    k = gaussian_kernels(sigma, size)  # (N, size)
     y = F.pad(x, (half, half, half, half), mode="reflect")
     y = y.reshape(1, n * c, height + 2 * half, width + 2 * half)
-    kx = k.repeat_interleave(c, dim=0).view(n * c, 1, 1, size)
-    ky = kx.view(n * c, 1, size, 1)
+    kx = kernels.view(n * c, 1, 1, size)
+    ky = kernels.view(n * c, 1, size, 1)
     y = F.conv2d(F.conv2d(y, kx, groups=n * c), ky, groups=n * c)
-    return torch.where(_col(apply), y.view(n, c, height, width), x)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return y.view(n, c, height, width)
 
 
 def resized_crops(
