@@ -47,7 +47,8 @@ class FastStep:
 
     def __init__(self, data_dir, device, *extra):
         argv = [str(data_dir), "-a", "resnet18", "-b", str(BATCH), "--crop-size", "64"]
-        argv += ["--moco-k", "32", "-j", "0", "--decode-on", "device", "--seed", "0", *extra]
+        argv += ["--moco-k", "32", "-j", "0", "--decode-on", "device", "--seed", "0"]
+        argv += ["--device", str(device), *extra]
         args = one_process(build_parser().parse_args(argv))
         resolve_speed_arguments(args, device)
         self.args, self.device = args, device
