@@ -1,13 +1,24 @@
 #!/usr/bin/env python
-"""Host CPU ms per image of the DataLoader worker's item: ``--decode-on loader`` against
-``--decode-on device``.
+"""Host CPU ms per image of ``--decode-on device`` against ``--decode-on loader``: in the
+DataLoader worker, and in the training process receiving the batch.
 
-The loader item decodes the JPEG with PIL and makes the two RandomResizedCrop views
+Worker side: the loader item decodes the JPEG with PIL and makes the two RandomResizedCrop views
 (:class:`TwoCropsLoader`); the device item only reads the file, parses the header and draws
 the two boxes (:class:`EncodedTwoCrops`), and its decoding runs on the training device. Both
 are timed with ``time.thread_time`` around each item inside one thread, as
-``benchmarks/pretrain_throughput.py`` does in its workers, on generated 500×375 JPEGs at
-quality 90 (or ``--data``), over ``--rounds`` passes (the median pass is reported).
+``benchmarks/pretrain_throughput.py`` does in its workers, over ``--rounds`` passes of
+``--num-images`` files (the median pass is reported).
+
+Receiving: what the training process spends taking one ``--decode-on device`` batch off the
+DataLoader, built as ``tools/pretrain_moco.py`` builds it (``build_parser``,
+``build_train_data``, ``build_train_loader``) with ``-b --batch-size -j --workers``. Before each
+batch the workers get ``--wait`` seconds to fill the prefetch queue; then ``next()`` on the
+loader is timed with the main thread's CPU time (and the whole process's: on CUDA the pinning
+thread counts too). It includes freeing the previous batch, as in the training loop. The mean
+over ``--receive-batches`` batches is reported: a ``next()`` that finds its batch queued behind
+the other worker's receives both and keeps one for later, so single batches vary.
+
+Files: generated 500×375 JPEGs at quality 90 (or ``--data``).
 
     python benchmarks/decode_host_cost.py --num-images 64 --json decode_host_cost.json
 """
@@ -21,9 +32,13 @@ import time
 
 import torch
 
-from moco_d2.pretrain.data import scan_image_folder
+from moco_d2.pretrain.data import resolve_train_dir, scan_image_folder
 from moco_d2.pretrain.device_augment import TwoCropsLoader
 from moco_d2.pretrain.device_decode import EncodedTwoCrops
+from moco_d2.pretrain.main import build_parser
+from moco_d2.pretrain.setup import build_train_data, build_train_loader
+from moco_d2.pretrain.speed_flags import resolve_speed_arguments
+from moco_d2.training.distributed import one_process
 from moco_d2.utils.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +48,14 @@ from pretrain_throughput import make_jpeg_folder  # noqa: E402
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="image folder (default: generate JPEGs)")
-    p.add_argument("--num-images", default=64, type=int, help="JPEGs to generate without --data")
+    p.add_argument("--num-images", default=64, type=int, help="files timed in the worker")
     p.add_argument("--crop-size", default=224, type=int)
     p.add_argument("--rounds", default=3, type=int, help="passes over the images per path")
+    p.add_argument("-b", "--batch-size", default=256, type=int, help="batch received")
+    p.add_argument("-j", "--workers", default=2, type=int, help="DataLoader workers")
+    p.add_argument("--receive-batches", default=5, type=int, help="batches received")
+    p.add_argument("--wait", default=2.0, type=float, help="seconds before each batch")
+    p.add_argument("--device", default="cpu", help="training device (pins on CUDA)")
     p.add_argument("--json", default="decode_host_cost.json", help="where to write results")
     return p.parse_args(argv)
 
@@ -68,16 +88,59 @@ def measure(paths, crop_size, rounds):
     }
 
 
+def receive_cost(data, args):
+    """Main-thread and process CPU ms per image of taking a waiting ``--decode-on device`` batch
+    from the tool's loader (means over the batches), and the wall ms of each ``next()``."""
+    device = torch.device(args.device)
+    steps = len(scan_image_folder(resolve_train_dir(data))[0]) // args.batch_size
+    epochs = -(-args.receive_batches // steps)  # one loader iterator serves them all
+    argv = [data, "-b", str(args.batch_size), "-j", str(args.workers), "--seed", "0"]
+    argv += ["--crop-size", str(args.crop_size), "--decode-on", "device", "--device", args.device]
+    tool = one_process(build_parser().parse_args(argv + ["--epochs", str(epochs)]))
+    resolve_speed_arguments(tool, device)
+    train = build_train_data(tool, resolve_train_dir(data))
+    loader = build_train_loader(train, tool, args.batch_size, 0, device)
+    thread_ms, process_ms, wall_ms = [], [], []
+    batch = None
+    for epoch in range(epochs):
+        batches = iter(loader.epoch(epoch))
+        for _ in range(min(steps, args.receive_batches - len(wall_ms))):
+            time.sleep(args.wait)
+            thread, process, wall = time.thread_time(), time.process_time(), time.perf_counter()
+            batch = next(batches)  # the previous batch is freed here, as in the training loop
+            wall_ms.append((time.perf_counter() - wall) * 1e3)
+            thread_ms.append((time.thread_time() - thread) * 1e3 / args.batch_size)
+            process_ms.append((time.process_time() - process) * 1e3 / args.batch_size)
+    del batch
+    return {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": str(device),
+        "receive_batches": len(wall_ms),
+        "receive_ms_per_img": statistics.mean(thread_ms),
+        "receive_process_ms_per_img": statistics.mean(process_ms),
+        "receive_ms_per_img_each": thread_ms,
+        "receive_wall_ms_per_batch": wall_ms,
+    }
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_jpeg_folder(tmp, args.num_images)
-        paths = [p for p, _ in scan_image_folder(data)[0]]
+        data = args.data or make_jpeg_folder(tmp, max(args.num_images, args.batch_size))
+        paths = [p for p, _ in scan_image_folder(data)[0]][: args.num_images]
         result = measure(paths, args.crop_size, args.rounds)
+        result.update(receive_cost(data, args))
     print("| --decode-on | host ms/img |\n|---|---|")
     print(f"| loader | {result['loader_ms_per_img']:.3f} |")
     print(f"| device (worker side) | {result['device_ms_per_img']:.3f} |")
-    print(f"device/loader: {result['device_over_loader']:.3f}x")
+    print(f"| device (training process, receive) | {result['receive_ms_per_img']:.3f} |")
+    print(f"device/loader in the worker: {result['device_over_loader']:.3f}x")
+    print(
+        f"receive: batch {args.batch_size}, -j {args.workers}, mean of "
+        f"{result['receive_batches']} batches; process CPU "
+        f"{result['receive_process_ms_per_img']:.3f} ms/img"
+    )
     atomic_write_json(result, args.json)
     print(f"wrote {args.json}")
     return result

@@ -1,19 +1,23 @@
-"""benchmarks/decode_host_cost.py: both worker paths timed, table and JSON consistent."""
+"""benchmarks/decode_host_cost.py: both worker paths and the training process's receive timed,
+table and JSON consistent."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_decode_host_cost_reports_both_paths(tmp_path):
+def test_decode_host_cost_reports_both_paths_and_the_receive(tmp_path):
     out = tmp_path / "cost.json"
     argv = ["--num-images", "3", "--rounds", "1", "--crop-size", "32", "--json", str(out)]
+    argv += ["-b", "4", "-j", "1", "--receive-batches", "3", "--wait", "0.2"]
     script = os.path.join(REPO, "benchmarks", "decode_host_cost.py")
     result = subprocess.run(
-        [sys.executable, script, *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, script, *argv], capture_output=True, text=True, timeout=180
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -22,3 +26,10 @@ def test_decode_host_cost_reports_both_paths(tmp_path):
     ratio = report["device_ms_per_img"] / report["loader_ms_per_img"]
     assert abs(report["device_over_loader"] - ratio) < 1e-12
     assert f"| loader | {report['loader_ms_per_img']:.3f} |" in result.stdout
+    # 4 generated files make one batch of 4 an epoch: 3 batches over 3 epochs, one iterator
+    assert report["batch_size"] == 4 and report["workers"] == 1 and report["device"] == "cpu"
+    each = report["receive_ms_per_img_each"]
+    assert report["receive_batches"] == len(each) == len(report["receive_wall_ms_per_batch"]) == 3
+    assert report["receive_ms_per_img"] == pytest.approx(sum(each) / 3) and min(each) > 0
+    receive = f"| device (training process, receive) | {report['receive_ms_per_img']:.3f} |"
+    assert receive in result.stdout

@@ -201,6 +201,29 @@ def test_decode_on_device_trains_and_counts_a_truncated_jpeg(tmp_path):
     assert int(sd["module.queue_ptr"]) == 0
 
 
+@pytest.mark.parametrize("decode_on", ["device", "loader"])
+def test_one_readable_jpeg_among_fifteen_truncated_ones_trains_and_counts(tmp_path, decode_on):
+    """No batch has a readable image but the one holding the good file: each unreadable one is
+    replaced from the folder, on both paths, and both count the same (each item counts the files
+    from its own to the good one: 1 + 2 + ... + 15 in an epoch of the 16)."""
+    data = tmp_path / "data"
+    make_synthetic_image_folder(str(data), num_images=16, size=64, seed=2, num_classes=1)
+    files = sorted(data.rglob("*.jpg"))
+    for path in files[:4] + files[5:]:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        assert jpeg_size(path.read_bytes()) == (64, 64)  # only the decoder can tell
+    out = tmp_path / "out"
+    speed = ("--augment-on", "device", "--decode-on", decode_on)
+    result = _run(_tiny(data, out, "--epochs", "1", *speed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"augment on device, decode on {decode_on}" in log
+    assert "120 unreadable images were replaced" in log and "kept its 2 iterations" in log
+    assert all(f"unreadable image skipped: {p}" in log for p in files[:4] + files[5:])
+    sd = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
 def _same_weights(a, b):
     a = torch.load(a, weights_only=True)["state_dict"]
     b = torch.load(b, weights_only=True)["state_dict"]

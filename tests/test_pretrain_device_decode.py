@@ -1,5 +1,6 @@
 """--decode-on device: header parsing, crop boxes and random numbers as the CPU path, decoded
-crops against PIL's, the fallbacks, unreadable files, batch order, and the flags."""
+crops against PIL's, the fallbacks, unreadable files and their replacement, the packed batch and
+its order, and the flags."""
 
 import argparse
 import io
@@ -17,13 +18,17 @@ from moco_d2.pretrain.data import TolerantImageFolder
 from moco_d2.pretrain.device_augment import TwoCropsLoader
 from moco_d2.pretrain.device_decode import (
     DeviceDecoder,
+    EncodedImageFolder,
     EncodedTwoCrops,
     EncodedViews,
     _decode_one,
     collate_encoded,
     jpeg_size,
 )
+from moco_d2.pretrain.main import build_parser
+from moco_d2.pretrain.setup import build_train_data, build_train_loader
 from moco_d2.pretrain.speed_flags import add_speed_arguments, resolve_speed_arguments
+from moco_d2.training.distributed import one_process
 
 CROP = 48
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -90,22 +95,21 @@ def test_boxes_and_random_numbers_are_the_cpu_paths(files):
             image = Image.open(path)
             rrc = T.RandomResizedCrop(CROP, scale=(0.2, 1.0))
             boxes = [rrc.get_params(image, rrc.scale, rrc.ratio) for _ in range(2)]
-            assert isinstance(item, EncodedViews) and item.boxes.tolist() == [
-                list(b) for b in boxes
-            ]
-            assert bytes(item.data.numpy()) == path.read_bytes() and item.path == str(path)
+            assert isinstance(item, EncodedViews) and item.boxes == boxes
+            assert item.data == path.read_bytes() and item.path == str(path)
 
 
 def _decoded_against_pil(files, device):
     """Device-decoded views and the CPU path's (no draft) with the same seeds, per JPEG."""
     pairs = []
+    decoder = DeviceDecoder(CROP, EncodedImageFolder(str(files["jpeg"].parent), CROP))
     for seed, kind in enumerate(DEVICE_KINDS):
         torch.manual_seed(seed)
         item = EncodedTwoCrops(CROP)(str(files[kind]))
         torch.manual_seed(seed)
         expected = TwoCropsLoader(CROP, draft=False)(str(files[kind]))
         batch, _, _ = collate_encoded([(item, 0, 0)])
-        views, unreadable = DeviceDecoder(CROP)(batch, torch.device(device))
+        views, unreadable = decoder(batch, torch.device(device))
         assert unreadable == 0 and views.device.type == device
         pairs.append((views[0].cpu().int(), expected.int()))
     return pairs
@@ -129,7 +133,7 @@ def test_device_decoded_crops_stay_close_to_pil_decoded_crops_on_cuda(files):
 
 def test_other_files_take_the_cpu_path_and_count_nothing(files):
     for kind in CPU_KINDS:
-        folder = TolerantImageFolder(str(files[kind].parent), load=EncodedTwoCrops(CROP))
+        folder = EncodedImageFolder(str(files[kind].parent), CROP)
         index = [p for p, _ in folder.samples].index(str(files[kind]))
         torch.manual_seed(3)
         views, _, skipped = folder[index]
@@ -144,7 +148,7 @@ def _mixed_folder(files, tmp_path, broken=()):
         if kind in broken:
             data = b"" if kind == "png" else data[: len(data) // 2]  # empty / truncated
         (tmp_path / path.name).write_bytes(data)
-    return TolerantImageFolder(str(tmp_path), load=EncodedTwoCrops(CROP))
+    return EncodedImageFolder(str(tmp_path), CROP)
 
 
 def _expected_views(path):
@@ -153,29 +157,69 @@ def _expected_views(path):
     return TwoCropsLoader(CROP, draft=draft)(str(path))
 
 
-def test_a_mixed_batch_keeps_its_order(files, tmp_path):
-    folder = _mixed_folder(files, tmp_path)
+def _items(folder, indices):
+    """``folder[i]`` for each index, each made with torch's generator seeded with ``i``."""
     items = []
-    for i in range(len(folder)):
+    for i in indices:
         torch.manual_seed(i)
         items.append(folder[i])
-    batch, targets, skipped = collate_encoded(items)
-    assert batch.encoded_index == [0, 1, 3, 7] and batch.crops_index == [2, 4, 5, 6]
+    return items
+
+
+def test_a_mixed_batch_keeps_its_order(files, tmp_path):
+    folder = _mixed_folder(files, tmp_path)
+    batch, targets, skipped = collate_encoded(_items(folder, range(len(folder))))
+    assert batch.positions.tolist() == [0, 1, 3, 7, 2, 4, 5, 6]
     assert targets.tolist() == [0] * 8 and skipped.tolist() == [0] * 8
-    views, unreadable = DeviceDecoder(CROP)(batch, torch.device("cpu"))
+    views, unreadable = DeviceDecoder(CROP, folder)(batch, torch.device("cpu"))
     assert views.shape == (8, 2, 3, CROP, CROP) and views.dtype == torch.uint8 and unreadable == 0
     for i, (path, _) in enumerate(folder.samples):
         torch.manual_seed(i)
         assert torch.equal(views[i], _expected_views(Path(path))), path
 
 
-def test_empty_and_truncated_files_are_replaced_and_counted(files, tmp_path, caplog):
+def test_a_batch_travels_as_one_byte_buffer_and_one_int_tensor(files, tmp_path):
+    """Every file's bytes in one buffer, and every small array (positions, offsets, boxes, and
+    the skipped counts returned with it) a view of one int64 tensor: what crosses from a worker
+    is two shared-memory files (three with CPU-path crops), and the targets."""
+    folder = _mixed_folder(files, tmp_path)
+    items = _items(folder, range(len(folder)))
+    batch, targets, skipped = collate_encoded(items)
+    encoded = [item for item, _, _ in items if isinstance(item, EncodedViews)]
+    offsets = batch.offsets.tolist()
+    assert len(offsets) == len(encoded) + 1 and offsets[0] == 0
+    assert bytes(batch.data.numpy()) == b"".join(x.data for x in encoded)
+    for k, x in enumerate(encoded):
+        assert bytes(batch.data[offsets[k] : offsets[k + 1]].numpy()) == x.data
+        assert batch.boxes[k].tolist() == [list(box) for box in x.boxes]
+    assert batch.paths == [x.path for x in encoded] and batch.files == [0, 1, 3, 7]
+    storage = batch.layout.untyped_storage().data_ptr()
+    for small in (batch.positions, batch.offsets, batch.boxes, skipped):
+        assert small.untyped_storage().data_ptr() == storage
+    assert batch.crops.shape == (4, 2, 3, CROP, CROP)
+    assert sum(isinstance(v, torch.Tensor) for v in vars(batch).values()) == 3
+
+
+@pytest.mark.gpu
+@CUDA
+def test_pinning_a_batch_pins_what_goes_to_the_device(files, tmp_path):
+    folder = _mixed_folder(files, tmp_path)
+    batch, _, _ = collate_encoded(_items(folder, range(len(folder))))
+    pinned = batch.pin_memory()
+    assert pinned.layout.is_pinned() and pinned.crops.is_pinned()
+    assert torch.equal(pinned.layout, batch.layout) and pinned.paths == batch.paths
+
+
+def _loader_path_skips(root, indices):
+    """What ``--decode-on loader`` counts for these items: the files it skips."""
+    folder = TolerantImageFolder(str(root), load=TwoCropsLoader(CROP))
+    return sum(skipped for _, _, skipped in _items(folder, indices))
+
+
+def test_unreadable_files_are_replaced_from_the_folder_and_counted(files, tmp_path, caplog):
     folder = _mixed_folder(files, tmp_path, broken=("progressive", "png", "jpeg2"))
-    items = []
     with caplog.at_level(logging.WARNING):
-        for i in range(len(folder)):
-            torch.manual_seed(i)
-            items.append(folder[i])
+        items = _items(folder, range(len(folder)))
         # the empty file is skipped in the worker, as before: its item is the next file's
         assert [s for _, _, s in items] == [0, 0, 1, 0, 0, 0, 0, 0]
         assert str(tmp_path / files["png"].name) in caplog.text
@@ -184,24 +228,53 @@ def test_empty_and_truncated_files_are_replaced_and_counted(files, tmp_path, cap
         assert not any(p in caplog.text for p in truncated)
         assert isinstance(items[1][0], EncodedViews) and isinstance(items[7][0], EncodedViews)
         batch, _, skipped = collate_encoded(items)
-        views, unreadable = DeviceDecoder(CROP)(batch, torch.device("cpu"))
-    assert unreadable == 2 and int(skipped.sum()) + unreadable == 3
+        rng = torch.get_rng_state()
+        views, unreadable = DeviceDecoder(CROP, folder)(batch, torch.device("cpu"))
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's random stream is untouched
     for path in truncated:
         assert f"unreadable image skipped: {path}" in caplog.text
-    # replaced by the next readable image of the batch, wrapping around at its end
-    assert torch.equal(views[1], views[2]) and torch.equal(views[7], views[0])
-    torch.manual_seed(0)
-    assert torch.equal(views[0], _expected_views(files["jpeg"]))
-    torch.manual_seed(2)
+    # item 1 skips the empty PNG and item 7 wraps around: the loader path's count
+    assert unreadable == 3 and int(skipped.sum()) + unreadable == 4
+    assert _loader_path_skips(tmp_path, range(len(folder))) == 4
+    # each replacement is the CPU path's views of the next readable file, with the item's seed
+    torch.manual_seed(1)
+    assert torch.equal(views[1], TwoCropsLoader(CROP)(str(files["jpeg444"])))
+    torch.manual_seed(7)
+    assert torch.equal(views[7], TwoCropsLoader(CROP)(str(files["jpeg"])))
+    torch.manual_seed(2)  # item 2 is the next file itself, decoded on the device
     assert torch.equal(views[2], _expected_views(files["jpeg444"]))
 
 
-def test_a_batch_of_only_unreadable_images_stops_with_a_message(files):
-    data = files["jpeg"].read_bytes()[:700]
-    item = EncodedViews(torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.ones(2, 4), "x")
-    batch, _, _ = collate_encoded([(item, 0, 0)] * 2)
-    with pytest.raises(RuntimeError, match="no readable image in a batch of 2"):
-        DeviceDecoder(CROP)(batch, torch.device("cpu"))
+def _one_good_among_truncated(root, good=11, n=16):
+    """``n`` JPEGs of which only file ``good`` decodes; the others keep a valid header."""
+    root.mkdir()
+    for i in range(n):
+        data = io.BytesIO()
+        _photo(i, (64, 48)).save(data, format="JPEG", quality=90)
+        data = data.getvalue()
+        (root / f"{i:02d}.jpg").write_bytes(data if i == good else data[: len(data) // 2])
+    return root
+
+
+def test_a_batch_with_no_readable_image_is_replaced_from_the_folder(tmp_path):
+    root = _one_good_among_truncated(tmp_path / "data")
+    folder = EncodedImageFolder(str(root), CROP)
+    indices = [3, 0, 15, 7, 12, 5, 9, 14]  # the good file, 11, is none of them
+    batch, _, skipped = collate_encoded(_items(folder, indices))
+    views, unreadable = DeviceDecoder(CROP, folder)(batch, torch.device("cpu"))
+    assert int(skipped.sum()) == 0
+    assert unreadable == sum((11 - i) % 16 for i in indices) == _loader_path_skips(root, indices)
+    for k, i in enumerate(indices):
+        # the item's seed, then the CPU path tried on each file from the next one on, as the
+        # loader path tries them (a truncated file draws its boxes before it fails to decode)
+        torch.manual_seed(i)
+        for j in range(i + 1, i + 17):
+            try:
+                expected = TwoCropsLoader(CROP)(str(root / f"{j % 16:02d}.jpg"))
+                break
+            except OSError:
+                continue
+        assert j % 16 == 11 and torch.equal(views[k], expected), i
 
 
 def test_the_host_retry_decodes_with_pil(files):
@@ -245,3 +318,36 @@ def test_decode_on_device_with_augment_on_loader_is_a_user_error():
         resolve_speed_arguments(
             _flags("--decode-on", "device", "--augment-on", "loader"), torch.device("cuda")
         )
+
+
+def _decoded_epochs(root, workers, epochs=2):
+    """Every batch of ``epochs`` epochs as the tool loads and decodes it with ``-j workers``."""
+    argv = [str(root), "-b", "4", "-j", str(workers), "--crop-size", str(CROP), "--seed", "5"]
+    argv += ["--decode-on", "device", "--device", "cpu", "--epochs", str(epochs)]
+    args = one_process(build_parser().parse_args(argv))
+    resolve_speed_arguments(args, torch.device("cpu"))
+    data = build_train_data(args, str(root))
+    loader = build_train_loader(data, args, 4, 5, torch.device("cpu"))
+    out = []
+    for epoch in range(epochs):
+        for images, _, skipped in loader.epoch(epoch):
+            views, unreadable = data.decode(images, torch.device("cpu"))
+            out.append((views, int(skipped.sum()) + unreadable))
+    return out
+
+
+def test_replacements_do_not_depend_on_the_workers(tmp_path):
+    """Each replacement depends on its item only (its seed, its file): the same with -j 0 and
+    -j 2, which is what keeps SIGKILL + --resume exact."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(12):
+        data = io.BytesIO()
+        _photo(i, (64, 48)).save(data, format="JPEG", quality=90)
+        data = data.getvalue()
+        (root / f"{i:02d}.jpg").write_bytes(data[: len(data) // 2] if i % 3 == 1 else data)
+    inline, workers = _decoded_epochs(root, 0), _decoded_epochs(root, 2)
+    assert len(inline) == len(workers) == 6
+    assert sum(count for _, count in inline) == 2 * 4  # 4 truncated files, each met once an epoch
+    for (a, count_a), (b, count_b) in zip(inline, workers):
+        assert count_a == count_b and torch.equal(a, b)

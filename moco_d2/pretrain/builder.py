@@ -69,7 +69,9 @@ class MoCo(nn.Module):
             param_k.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._host_ptr = None
+        # the pointer mirrored on the host, so that a step never reads the device; the buffer
+        # stays the saved state
+        self._host_ptr = 0
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
@@ -86,16 +88,12 @@ class MoCo(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._host_ptr = None
+        self._host_ptr = int(self.queue_ptr)  # once per load, outside any step
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         keys = all_gather_cat(keys)
         batch = keys.shape[0]
-        # the pointer is mirrored on the host, read once from the buffer, so that a step never
-        # waits for the device; the buffer stays the saved state
-        if self._host_ptr is None:
-            self._host_ptr = int(self.queue_ptr)
         ptr = self._host_ptr
         if self.K % batch:
             raise ValueError(

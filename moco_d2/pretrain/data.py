@@ -111,10 +111,15 @@ class TolerantImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        return self.first_readable(index, self.load)
+
+    def first_readable(self, start: int, load: Callable[[str], Any]) -> tuple[Any, int, int]:
+        """``(transform(load(path)), target, skipped)`` of the first file from ``start`` on
+        (wrapping around) that ``load`` reads."""
         for skipped in range(min(MAX_CONSECUTIVE_UNREADABLE, len(self.samples))):
-            path, target = self.samples[(index + skipped) % len(self.samples)]
+            path, target = self.samples[(start + skipped) % len(self.samples)]
             try:
-                image = self.load(path)
+                image = load(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 logger.warning("unreadable image skipped: %s (%s)", path, e)
                 continue
@@ -123,13 +128,30 @@ class TolerantImageFolder(Dataset):
             return image, target, skipped
         raise RuntimeError(
             f"{MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
-            f"{self.samples[index][0]}: is {self.root} an image folder?"
+            f"{self.samples[start % len(self.samples)][0]}: is {self.root} an image folder?"
         )
+
+    def replacement(self, file: int, seed: int, load: Callable[[str], Any]) -> tuple[Any, int]:
+        """What replaces file ``file`` when it proves unreadable only after its item was made
+        (``--decode-on device``): the first file after it that ``load`` reads, made with the host
+        generators seeded from the item's ``seed`` (restored afterwards, so the caller's own
+        random stream is unchanged), and how many files were skipped on the way."""
+        with _host_rng_kept():
+            seed_host_generators(seed)
+            image, _, skipped = self.first_readable(file + 1, load)
+        return image, skipped
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """The 64-bit seed of one item of one epoch (see the module's seeding rule)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+def seed_host_generators(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's CPU generators (not the accelerator's) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -161,10 +183,7 @@ class SeededItems(Dataset):
         epoch, index = key
         in_workers = get_worker_info() is not None
         with contextlib.nullcontext() if in_workers else _host_rng_kept():
-            seed = item_seed(self.seed, epoch, index)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.default_generator.manual_seed(seed)
+            seed_host_generators(item_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 

@@ -219,19 +219,27 @@ def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, height, width)
 
 
-def resized_crops(
+def resized_views(
     pixels: torch.Tensor, boxes: list, crop_size: int, scale: float = 1
-) -> torch.Tensor:
-    """Two-view uint8 ``(2, 3, crop, crop)`` from ``(top, left, h, w)`` boxes of the full image,
-    mapped onto ``pixels`` decoded at 1/``scale`` size; torch's uint8 antialiased bilinear
-    resize (within one grey level of PIL's, 2x faster), on whatever device ``pixels`` is."""
+) -> list[torch.Tensor]:
+    """uint8 ``(3, crop, crop)`` crops from ``(top, left, h, w)`` boxes (host ints) of the full
+    image, mapped onto ``pixels`` decoded at 1/``scale`` size; torch's uint8 antialiased
+    bilinear resize (within one grey level of PIL's, 2x faster), on whatever device ``pixels``
+    is."""
     size = [crop_size, crop_size]
     views = []
     for top, left, h, w in boxes:
         top, left = round(top / scale), round(left / scale)
         h, w = max(1, round(h / scale)), max(1, round(w / scale))
         views.append(TF.resized_crop(pixels, top, left, h, w, size, antialias=True))
-    return torch.stack(views)
+    return views
+
+
+def resized_crops(
+    pixels: torch.Tensor, boxes: list, crop_size: int, scale: float = 1
+) -> torch.Tensor:
+    """The two views of :func:`resized_views` stacked: ``(2, 3, crop, crop)``."""
+    return torch.stack(resized_views(pixels, boxes, crop_size, scale))
 
 
 class TwoCropsLoader:

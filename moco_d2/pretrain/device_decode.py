@@ -19,15 +19,25 @@ Rules:
   :class:`TolerantImageFolder` exactly as before (the item's ``skipped`` count).
 - A JPEG that the device decoder rejects (bad data behind a valid header) is decoded again on
   the host with PIL and the same boxes, so a file counts as unreadable only when PIL fails too,
-  as on the CPU path. An unreadable one takes the views of the next readable image of the batch
-  (in batch order, wrapping around), is logged with its path and counted in the epoch's
-  unreadable images; the batch keeps its size and order.
+  as on the CPU path. An unreadable one is logged with its path and replaced from the folder as
+  the loader path replaces it: by the next file that the CPU path reads, made on the host with
+  the item's own seed (so the run stays exactly resumable, whatever ``-j``); it counts, with the
+  files skipped to find its replacement, in the epoch's unreadable images, and the batch keeps
+  its size and order.
+
+The training process does little: a batch crosses from the workers as a few tensors (one byte
+buffer of all the files, one int64 tensor of positions, offsets and boxes, the CPU-path crops;
+:class:`EncodedBatch`), pinned by the DataLoader on CUDA, and nothing in the decoding waits for
+the device but ``decode_jpeg`` itself (the rare replacement of an unreadable file aside: it is
+decoded on the host and copied).
 
 Numerically, with the same boxes, the crops equal the CPU path without PIL ``draft`` (the
 device path always decodes at full size) within what the two JPEG decoders differ by.
 """
 
+import dataclasses
 import io
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +49,8 @@ from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
-from moco_d2.pretrain.device_augment import TwoCropsLoader, resized_crops
+from moco_d2.pretrain.data import TolerantImageFolder
+from moco_d2.pretrain.device_augment import TwoCropsLoader, resized_views
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +101,18 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 @dataclass
 class EncodedViews:
-    """A worker's item for the device: the file's bytes, the two crop boxes, the path."""
+    """A worker's item for the device: the file's bytes, the two crop boxes, where it came from.
 
-    data: torch.Tensor  # uint8, the whole file
-    boxes: torch.Tensor  # (2, 4) int64: (top, left, h, w) of the query's and the key's crop
+    ``file`` (the file's index in the folder) and ``seed`` (the item's) are set by
+    :class:`EncodedImageFolder`; they say how to replace the file if the decoder finds it
+    unreadable.
+    """
+
+    data: bytes  # the whole file
+    boxes: list[tuple[int, int, int, int]]  # (top, left, h, w) of the query's and the key's crop
     path: str
+    file: int = -1
+    seed: int = 0
 
 
 class EncodedTwoCrops:
@@ -110,70 +128,146 @@ class EncodedTwoCrops:
         size = jpeg_size(data)
         if size is None:
             return self.cpu_path.from_file(io.BytesIO(data))
-        boxes = torch.tensor(self.cpu_path.draw_boxes(*size), dtype=torch.int64)
-        return EncodedViews(torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes, path)
+        return EncodedViews(data, self.cpu_path.draw_boxes(*size), path)
+
+
+class EncodedImageFolder(TolerantImageFolder):
+    """The dataset of ``--decode-on device``: a :class:`TolerantImageFolder` of
+    :class:`EncodedTwoCrops` items that know their file and their seed."""
+
+    def __init__(self, root: str, crop_size: int) -> None:
+        super().__init__(root, load=EncodedTwoCrops(crop_size))
+
+    def __getitem__(self, index):
+        image, target, skipped = super().__getitem__(index)
+        if isinstance(image, EncodedViews):
+            image.file = (index + skipped) % len(self.samples)
+            # SeededItems seeds torch's generator with the item's seed before making the item
+            image.seed = torch.initial_seed()
+        return image, target, skipped
 
 
 @dataclass
 class EncodedBatch:
-    """A collated batch of mixed items, each kind with its positions in the batch."""
+    """A collated batch of ``N`` images: ``E`` encoded files and ``F`` CPU-path crops.
 
-    size: int
-    data: list[torch.Tensor]
-    boxes: list[torch.Tensor]
-    paths: list[str]
-    encoded_index: list[int]
-    crops: torch.Tensor | None  # (F, 2, 3, crop, crop) uint8 from the CPU path, or None
-    crops_index: list[int]
+    It crosses from the workers as two tensors in shared memory (three with CPU-path crops) and
+    three short lists: what a tensor costs the receiving process is mostly the transfer of its
+    file descriptor, and views of one tensor share it. So the positions, offsets and boxes are
+    views of one int64 ``layout`` tensor, and so are the skipped counts that
+    :func:`collate_encoded` returns with the batch.
+    """
+
+    size: int  # N
+    data: torch.Tensor  # uint8: the E files one after the other
+    layout: torch.Tensor  # int64: positions (N), offsets (E + 1), boxes (8 E), skipped (N)
+    crops: torch.Tensor | None  # uint8 (F, 2, 3, crop, crop) from the CPU path, None if F = 0
+    paths: list[str]  # of the E files, for the logs
+    files: list[int]  # their indices in the folder, and their items' seeds: for replacements
+    seeds: list[int]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``(N,)``: the batch positions of the E files, then those of the F crops."""
+        return self.layout[: self.size]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``(E + 1,)``: file k is ``data[offsets[k] : offsets[k + 1]]``."""
+        return self.layout[self.size : self.size + len(self.paths) + 1]
+
+    @property
+    def boxes(self) -> torch.Tensor:
+        """``(E, 2, 4)``: ``(top, left, h, w)`` of each file's query and key crops."""
+        start = self.size + len(self.paths) + 1
+        return self.layout[start : start + 8 * len(self.paths)].view(-1, 2, 4)
+
+    def pin_memory(self) -> "EncodedBatch":
+        """The DataLoader's ``pin_memory`` calls this on CUDA: what goes to the device in
+        page-locked memory, so that the copies do not block the host. The bytes stay where they
+        are: the decoder reads them on the host."""
+        crops = None if self.crops is None else self.crops.pin_memory()
+        return dataclasses.replace(self, layout=self.layout.pin_memory(), crops=crops)
 
 
 def collate_encoded(items: Sequence[tuple[Any, int, int]]) -> tuple[EncodedBatch, Any, Any]:
-    """``(EncodedBatch, targets, skipped)``: the DataLoader's collate for :class:`EncodedTwoCrops`
-    items in a :class:`TolerantImageFolder`."""
+    """``(EncodedBatch, targets, skipped)``: the DataLoader's collate (it runs in the workers)
+    for :class:`EncodedImageFolder` items."""
     images, targets, skipped = zip(*items)
     encoded = [i for i, x in enumerate(images) if isinstance(x, EncodedViews)]
     cropped = [i for i, x in enumerate(images) if not isinstance(x, EncodedViews)]
+    files = [images[i] for i in encoded]
+    packed = bytearray().join(x.data for x in files)  # one copy; frombuffer does not copy
+    data = (
+        torch.frombuffer(packed, dtype=torch.uint8) if packed else torch.empty(0, dtype=torch.uint8)
+    )
+    offsets = [0, *itertools.accumulate(len(x.data) for x in files)]
+    boxes = [v for x in files for box in x.boxes for v in box]
+    layout = torch.tensor(encoded + cropped + offsets + boxes + list(skipped), dtype=torch.int64)
     batch = EncodedBatch(
         size=len(images),
-        data=[images[i].data for i in encoded],
-        boxes=[images[i].boxes for i in encoded],
-        paths=[images[i].path for i in encoded],
-        encoded_index=encoded,
-        crops=torch.stack([images[i] for i in cropped]) if cropped else None,
-        crops_index=cropped,
+        data=data,
+        layout=layout,
+        crops=default_collate([images[i] for i in cropped]) if cropped else None,
+        paths=[x.path for x in files],
+        files=[x.file for x in files],
+        seeds=[x.seed for x in files],
     )
-    return batch, default_collate(targets), default_collate(skipped)
+    return batch, default_collate(targets), layout[-len(images) :]
 
 
 class DeviceDecoder:
     """Device side: an :class:`EncodedBatch` → uint8 views ``(N, 2, 3, crop, crop)`` on
-    ``device`` in the batch's order, and the number of unreadable images replaced."""
+    ``device`` in the batch's order, and the number of unreadable files met.
 
-    def __init__(self, crop_size: int) -> None:
+    Nothing here waits for the device but ``decode_jpeg`` itself: offsets and boxes are read on
+    the host (they are host data), the CPU-path crops and the positions go to the device by
+    non-blocking copies from the pinned batch, and ``index_copy_`` puts the parts in order.
+    A file unreadable for the decoder and for PIL is replaced from ``folder``
+    (:meth:`TolerantImageFolder.replacement`, with the CPU path), as the loader path replaces it.
+    """
+
+    def __init__(self, crop_size: int, folder: TolerantImageFolder) -> None:
         self.crop_size = crop_size
+        self.folder = folder
+        self.cpu_path = TwoCropsLoader(crop_size)
 
     def __call__(self, batch: EncodedBatch, device: torch.device) -> tuple[torch.Tensor, int]:
         c = self.crop_size
-        views = torch.empty((batch.size, 2, 3, c, c), dtype=torch.uint8, device=device)
-        if batch.crops is not None:
-            views[batch.crops_index] = batch.crops.to(device, non_blocking=True)
-        unreadable = []
-        for i, pixels, boxes in zip(batch.encoded_index, self._decode(batch, device), batch.boxes):
+        offsets = batch.offsets.tolist()
+        data = [batch.data[start:end] for start, end in zip(offsets, offsets[1:])]
+        views, unreadable = [], 0
+        decoded = self._decode(data, batch.paths, device)
+        for k, (pixels, boxes) in enumerate(zip(decoded, batch.boxes.tolist())):
             if pixels is None:
-                unreadable.append(i)
+                crops, skipped = self.folder.replacement(
+                    batch.files[k], batch.seeds[k], self.cpu_path
+                )
+                views.extend(crops.to(device).unbind())
+                unreadable += 1 + skipped
             else:
-                views[i] = resized_crops(pixels, boxes.tolist(), c)
-        if unreadable:
-            _replace_by_next_readable(views, unreadable, batch)
-        return views, len(unreadable)
+                views.extend(resized_views(pixels, boxes, c))
+        encoded = torch.stack(views).view(-1, 2, 3, c, c) if views else None
+        if batch.crops is None:  # every image was encoded: already in the batch's order
+            return encoded, unreadable
+        crops = batch.crops.to(device, non_blocking=True)
+        if encoded is None:
+            return crops, unreadable
+        positions = batch.positions.to(device, non_blocking=True)
+        out = torch.empty((batch.size, 2, 3, c, c), dtype=torch.uint8, device=device)
+        out.index_copy_(0, positions[: encoded.shape[0]], encoded)
+        out.index_copy_(0, positions[encoded.shape[0] :], crops)
+        return out, unreadable
 
-    def _decode(self, batch: EncodedBatch, device: torch.device) -> list[torch.Tensor | None]:
-        if not batch.data:
+    def _decode(
+        self, data: list[torch.Tensor], paths: list[str], device: torch.device
+    ) -> list[torch.Tensor | None]:
+        if not data:
             return []
         try:
-            return decode_jpeg(batch.data, device=device, mode=ImageReadMode.RGB)
+            return decode_jpeg(data, device=device, mode=ImageReadMode.RGB)
         except RuntimeError:  # one bad image fails the whole call: find it image by image
-            return [_decode_one(data, path, device) for data, path in zip(batch.data, batch.paths)]
+            return [_decode_one(d, path, device) for d, path in zip(data, paths)]
 
 
 def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Tensor | None:
@@ -192,27 +286,17 @@ def _decode_one(data: torch.Tensor, path: str, device: torch.device) -> torch.Te
     return pixels.to(device)
 
 
-def _replace_by_next_readable(views: torch.Tensor, unreadable: list[int], batch: EncodedBatch):
-    bad = set(unreadable)
-    readable = [i for i in range(batch.size) if i not in bad]
-    if not readable:
-        raise RuntimeError(
-            f"no readable image in a batch of {batch.size} (e.g. {batch.paths[0]}): "
-            "is the data folder damaged?"
-        )
-    for i in unreadable:
-        views[i] = views[next((j for j in readable if j > i), readable[0])]
-
-
 class DecodeSetup(NamedTuple):
     """What ``--decode-on`` changes in a pretraining run with ``--augment-on device``."""
 
-    load: Callable[[str], Any]  # the TolerantImageFolder's loader (runs in the workers)
+    dataset: TolerantImageFolder  # its loader runs in the workers
     collate_fn: Callable | None  # the DataLoader's (None: its default)
     decode: DeviceDecoder | None  # batch → views on the device, for train_one_epoch
 
 
-def decode_setup(decode_on: str, crop_size: int) -> DecodeSetup:
+def decode_setup(decode_on: str, crop_size: int, root: str) -> DecodeSetup:
+    """The image folder ``root`` as ``--decode-on`` reads it with ``--augment-on device``."""
     if decode_on == "device":
-        return DecodeSetup(EncodedTwoCrops(crop_size), collate_encoded, DeviceDecoder(crop_size))
-    return DecodeSetup(TwoCropsLoader(crop_size), None, None)
+        folder = EncodedImageFolder(root, crop_size)
+        return DecodeSetup(folder, collate_encoded, DeviceDecoder(crop_size, folder))
+    return DecodeSetup(TolerantImageFolder(root, load=TwoCropsLoader(crop_size)), None, None)

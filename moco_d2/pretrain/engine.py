@@ -7,7 +7,8 @@ per-step ``.item()`` for comparison).
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("moco_d2.pretrain")
 
-__all__ = ["TrainingDiverged", "train_one_epoch", "views_to_device"]
+__all__ = ["StepResult", "TrainingDiverged", "train_one_epoch", "train_step", "views_to_device"]
 
 
 def views_to_device(
@@ -49,11 +50,56 @@ def views_to_device(
     return im_q, im_k
 
 
+class StepResult(NamedTuple):
+    """What a step leaves for the logs: device tensors, and host counts."""
+
+    loss: torch.Tensor  # 0-dim, detached
+    acc1: torch.Tensor  # 0-dim, percent
+    images: int
+    unreadable: int  # files that ``decode`` found unreadable (the loader's come with the batch)
+
+
+def train_step(
+    model: torch.nn.Module,
+    images: Any,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    amp: bool = False,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels_last: bool = False,
+    decode: Callable[[Any, torch.device], tuple[torch.Tensor, int]] | None = None,
+    check_loss: Callable[[torch.Tensor], None] | None = None,
+) -> StepResult:
+    """One step on the loader's ``images``: decode (``--decode-on device``), views, forward,
+    InfoNCE, backward, SGD. The host never waits for the device in it, except inside
+    ``decode_jpeg`` and in ``check_loss`` (the released per-step ``.item()``, called between
+    forward and backward)."""
+    unreadable = 0
+    if decode is not None:
+        images, unreadable = decode(images, device)
+    im_q, im_k = views_to_device(images, device, augment, channels_last)
+    with autocast(device, amp):
+        logits, labels = model(im_q, im_k)
+        loss = F.cross_entropy(logits.float(), labels)
+    if check_loss is not None:
+        check_loss(loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    acc1 = (logits.detach().argmax(dim=1) == labels).float().mean() * 100
+    return StepResult(loss.detach(), acc1, im_q.shape[0], unreadable)
+
+
 def _all_finite(values: torch.Tensor) -> bool:
     finite = torch.isfinite(values.detach()).all().to(torch.int32).reshape(1)
     if is_distributed():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, i: int, lr: float) -> None:
+    if not _all_finite(loss):
+        raise TrainingDiverged(_non_finite(loss.item(), epoch, i, i, lr))
 
 
 def train_one_epoch(
@@ -97,23 +143,14 @@ def train_one_epoch(
     )
     start = 0
     for i, (images, _, skipped) in enumerate(bar):
-        unreadable += skipped.sum()
-        if decode is not None:
-            images, replaced = decode(images, device)
-            unreadable += replaced
-        im_q, im_k = views_to_device(images, device, augment, channels_last)
-        with autocast(device, amp):
-            logits, labels = model(im_q, im_k)
-            loss = F.cross_entropy(logits.float(), labels)
-        if sync_every_step and not _all_finite(loss):
-            raise TrainingDiverged(_non_finite(loss.item(), epoch, i, i, lr))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        step_loss[i] = loss.detach()
-        step_acc[i] = (logits.detach().argmax(dim=1) == labels).float().mean() * 100
-        speed.update(im_q.shape[0] * world)
+        check = partial(_check_finite, epoch=epoch, i=i, lr=lr) if sync_every_step else None
+        result = train_step(
+            model, images, optimizer, device, amp, augment, channels_last, decode, check
+        )
+        unreadable += skipped.sum() + result.unreadable
+        step_loss[i] = result.loss
+        step_acc[i] = result.acc1
+        speed.update(result.images * world)
         if sync_every_step or (i + 1) % print_freq == 0 or i == iters - 1:
             window = step_loss[start : i + 1]
             if not _all_finite(window):

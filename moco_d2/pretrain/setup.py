@@ -107,10 +107,9 @@ class TrainData:
 def build_train_data(args: argparse.Namespace, train_dir: str) -> TrainData:
     """The training images of ``train_dir`` as ``--augment-on`` and ``--decode-on`` want them."""
     if args.augment_on == "device":
-        decoding = decode_setup(args.decode_on, args.crop_size)
-        dataset = TolerantImageFolder(train_dir, load=decoding.load)
+        decoding = decode_setup(args.decode_on, args.crop_size, train_dir)
         return TrainData(
-            dataset, decoding.collate_fn, DeviceAugment(args.aug_plus), decoding.decode
+            decoding.dataset, decoding.collate_fn, DeviceAugment(args.aug_plus), decoding.decode
         )
     transform = TwoCropsTransform(moco_augmentation(args.aug_plus, args.crop_size))
     return TrainData(TolerantImageFolder(train_dir, transform), None, None)
