@@ -13,13 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco_d2.pretrain.builder import MoCo
+from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
 from moco_d2.pretrain.setup import compile_encoders
 from moco_d2.pretrain.split_bn import SplitBatchNorm, convert_split_bn
-from moco_d2.utils.op_count import OpCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 S = 3  # groups
 
 
@@ -210,26 +209,15 @@ def test_bad_batches_are_refused():
         SplitBatchNorm(5, 0)
 
 
-def bn_cost(module, memory_format, shape=(64, 256, 28, 28)):
-    """Counted forward + backward of one BN layer (docs/speed.md's protocol): bf16 activations,
-    fp32 parameters, on the meta device; the incoming gradient is made outside the count."""
-    module = module.to("meta").train()
-    x = torch.randn(shape, device="meta", dtype=torch.bfloat16)
-    x = x.contiguous(memory_format=memory_format).requires_grad_()
-    with torch.no_grad():
-        grad = torch.ones_like(module(x))
-    with OpCounter() as counter:
-        y = module(x)
-        torch.autograd.grad(y, [x, *module.parameters()], grad)
-    return counter.count
-
-
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
 def test_counted_cost_is_close_to_batchnorm2d(fmt):
     """SplitBatchNorm(8) on (64, 256, 28, 28): at most 12x the aten ops of BatchNorm2d, and the
     bytes of BatchNorm2d (NCHW: the free view) plus, in channels_last, one full-size copy: the
     ``cat`` that joins the per-chunk input gradients (BatchNorm2d moves 5 full-size tensors)."""
-    plain, split = bn_cost(nn.BatchNorm2d(256), fmt), bn_cost(SplitBatchNorm(256, 8), fmt)
+    plain, split = (
+        bn_layer_cost(nn.BatchNorm2d(256), fmt),
+        bn_layer_cost(SplitBatchNorm(256, 8), fmt),
+    )
     assert plain.ops == 3  # native BN, its backward, num_batches_tracked += 1
     assert split.ops <= 12 * plain.ops
     assert split.syncs == 0
@@ -238,6 +226,22 @@ def test_counted_cost_is_close_to_batchnorm2d(fmt):
     if fmt == torch.channels_last:
         assert split.by_op["native_batch_norm"] == split.by_op["native_batch_norm_backward"] == 8
         assert split.by_op["cat"] == 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
+def test_an_inplace_relu_after_it_adds_no_copy(fmt):
+    """As in a ResNet block (``ReLU(inplace=True)`` on the BN output): the output is no
+    autograd view, so the backward copies nothing more than BatchNorm2d's does."""
+
+    def bn_relu(module, x):
+        return F.relu(module(x), inplace=True)
+
+    plain = bn_layer_cost(nn.BatchNorm2d(256), fmt, forward=bn_relu)
+    split = bn_layer_cost(SplitBatchNorm(256, 8), fmt, forward=bn_relu)
+    for op in ("clone", "new_zeros", "as_strided_scatter"):
+        assert split.by_op[op] == 0, op
+    extra = split.bytes_by_op["cat"] + 2 * split.bytes_by_op["copy_"]  # cat: channels_last only
+    assert split.bytes - extra <= 1.01 * plain.bytes, split.bytes / plain.bytes
 
 
 def _inductor_finds_a_compiler():
@@ -332,7 +336,7 @@ def test_benchmark_reports_every_candidate_with_its_counted_cost(tmp_path):
         if row["impl"] == "module":
             fmt = FORMATS[row["format"]]
             shape_ = tuple(map(int, shape))
-            plain = bn_cost(nn.BatchNorm2d(8), fmt, shape_)
-            split = bn_cost(SplitBatchNorm(8, 4), fmt, shape_)
+            plain = bn_layer_cost(nn.BatchNorm2d(8), fmt, shape_)
+            split = bn_layer_cost(SplitBatchNorm(8, 4), fmt, shape_)
             assert row["bytes_ratio"] == pytest.approx(split.bytes / plain.bytes)
             assert row["ops_ratio"] == pytest.approx(split.ops / plain.ops)

@@ -149,7 +149,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 momentum,
                 self.eps,
             )
-        else:  # group j of the interleaved batch = channels [j*c, (j+1)*c) of this free view
+        else:
+            # group j of the interleaved batch = channels [j*c, (j+1)*c) of this free view. The
+            # result is reshaped with _unsafe_view, which autograd does not track as a view:
+            # the in-place ReLU that follows in a ResNet would otherwise make its backward copy
+            # the whole activation (CopySlices)
             group_mean = self.running_mean.repeat(s) if track else None
             group_var = self.running_var.repeat(s) if track else None
             out = F.batch_norm(
@@ -161,7 +165,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 True,
                 momentum,
                 self.eps,
-            ).view(n, c, h, w)
+            )
+            out = torch.ops.aten._unsafe_view(out, (n, c, h, w))
         if track:
             with torch.no_grad():
                 self.running_mean.copy_(group_mean.view(s, c).mean(dim=0))
