@@ -16,8 +16,8 @@ channels_last, back to back with plain BatchNorm2d on the same tensor:
   output, native backward per chunk joined by one ``cat``.
 
 Next to the times, each row has the candidate's counted cost relative to BatchNorm2d: bytes
-moved and aten ops of the same forward + backward on the meta device (``OpCounter``, the GPU
-proxy for memory-bound work), which does not depend on the machine or its load.
+moved and aten ops of the same forward + backward on the meta device (``moco_d2.pretrain.cost``,
+the GPU proxy for memory-bound work), which does not depend on the machine or its load.
 
 ``--dtype bf16`` feeds a bf16 tensor under bf16 autocast, as a convolution's output would be.
 Each repeat times ``--iters`` steps of BatchNorm2d and then of the candidate; the table gives the
@@ -38,10 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
 from moco_d2.pretrain.split_bn import SplitBatchNorm, chunked_batch_norm
-from moco_d2.utils.op_count import OpCounter
-
-FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def transpose_bn(bn, x):
@@ -123,20 +121,6 @@ def step_ms(fn, x, grad, iters, device, amp):
     return (time.perf_counter() - start) * 1000 / iters
 
 
-def counted(module, fn, args, fmt):
-    """OpCounter of one forward + backward of ``fn(module, x)`` at full size on the meta device:
-    activations in ``--dtype``, parameters fp32, the incoming gradient made outside the count."""
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    module = module.to("meta").train()
-    x = torch.empty(args.shape, device="meta", dtype=dtype).contiguous(memory_format=FORMATS[fmt])
-    x.requires_grad_()
-    with torch.no_grad():
-        grad = torch.empty_like(fn(module, x))
-    with OpCounter() as counter:
-        torch.autograd.grad(fn(module, x), [x, *module.parameters()], grad)
-    return counter.count
-
-
 def measure(args, device, fmt, impl):
     amp = args.dtype == "bf16"
     dtype = torch.bfloat16 if amp else torch.float32
@@ -158,8 +142,9 @@ def measure(args, device, fmt, impl):
         split_ms.append(step_ms(candidate[1], x, grad, args.iters, device, amp))
         ratios.append(split_ms[-1] / plain_ms[-1])
     c = args.shape[1]
-    plain_count = counted(nn.BatchNorm2d(c), lambda m, t: m(t), args, fmt)
-    split_count = counted(SplitBatchNorm(c, args.num_splits), fn, args, fmt)
+    shape = tuple(args.shape)
+    plain_count = bn_layer_cost(nn.BatchNorm2d(c), FORMATS[fmt], shape, dtype)
+    split_count = bn_layer_cost(SplitBatchNorm(c, args.num_splits), FORMATS[fmt], shape, dtype, fn)
     return {
         "format": fmt,
         "impl": impl,

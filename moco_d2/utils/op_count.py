@@ -20,9 +20,11 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
-# Ops that allocate or describe memory without touching its contents.
+# Ops that allocate or describe memory without touching its contents (``_unsafe_view`` is a view
+# that autograd does not track as one).
 _NO_WORK = frozenset(
     {
+        aten._unsafe_view.default,
         aten.empty.memory_format,
         aten.empty_like.default,
         aten.empty_strided.default,
@@ -79,6 +81,12 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        self.record(func, args, kwargs, result)
+        return result
+
+    def record(self, func, args, kwargs, result) -> None:
+        """Count ``func`` as run on ``args`` and ``kwargs``, giving ``result`` (a subclass that
+        runs extra ops inside ``__torch_dispatch__``, which no mode sees, records them here)."""
         if func is aten._local_scalar_dense.default:
             self.count.syncs += 1
         elif not func.is_view and func not in _NO_WORK:
@@ -89,4 +97,3 @@ class OpCounter(TorchDispatchMode):
             self.count.bytes += moved
             self.count.by_op[name] += 1
             self.count.bytes_by_op[name] += moved
-        return result
