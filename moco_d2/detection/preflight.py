@@ -190,7 +190,8 @@ def _images_and_objects(key: str, name: str, coco: CocoSummary | None) -> tuple[
 def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Every dataset used is registered, its files exist, and it has images (training: with
     annotations). Every annotation is validated, once, here; with MODEL.MASK_ON a COCO
-    annotation needs a segmentation; every image's header is read (decodable, of the annotated
+    annotation needs a segmentation, and the categories of a COCO file are as many as
+    MODEL.ROI_HEADS.NUM_CLASSES; every image's header is read (decodable, of the annotated
     size). A VOC test set's dicts are also what its evaluator scores against
     (:mod:`moco_d2.detection.evaluation`), so an annotation the evaluation could not read is
     refused here, not after training."""
@@ -207,7 +208,15 @@ def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
         masks=cfg.MODEL.MASK_ON,
         test_names=[name for key, name in used if key == "DATASETS.TEST"],
     )
+    classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for key, name in used:
+        summary = coco.get(name)
+        if summary is not None and summary.categories != classes:
+            raise UserError(
+                f"{key}: dataset {name!r} has {summary.categories} categories, but "
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {classes}: add MODEL.ROI_HEADS.NUM_CLASSES "
+                f"{summary.categories}"
+            )
         images, objects = _images_and_objects(key, name, coco.get(name))
         if not images:
             raise UserError(f"{key}: dataset {name!r} has no images")
