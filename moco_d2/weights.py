@@ -223,10 +223,11 @@ def _detectron2(path: str) -> UserError:
     )
 
 
-def _container(obj: Any, path: str, trunk: str | None) -> tuple[str, ...]:
-    """The keys that lead to the state_dict in ``obj``; () when ``obj`` is one itself."""
-    if isinstance(obj, dict) and trunk in obj and isinstance(obj[trunk], dict):
-        return (trunk,)
+def _container(obj: Any, path: str, choice: str | None) -> tuple[str, ...]:
+    """The keys that lead to the state_dict in ``obj`` (the entry ``choice`` names, if it
+    names one); () when ``obj`` is one itself."""
+    if isinstance(obj, dict) and choice in obj and isinstance(obj[choice], dict):
+        return (choice,)
     for keys in layouts.CONTAINERS:
         value = _entry(obj, keys)
         if isinstance(value, dict):
@@ -310,16 +311,16 @@ def _choose(found: dict[str, str], path: str, wrapper: str) -> str | None:
 
 
 def _flagged(
-    trunk: str, names: dict[str, str], wrapper: str, path: str, candidates: list[str]
+    choice: str, names: dict[str, str], wrapper: str, path: str, candidates: list[str]
 ) -> str:
     """The full prefix of the trunk that ``--trunk`` names, found inside it if nested."""
-    prefix = trunk.rstrip(".")
+    prefix = choice.rstrip(".")
     if (prefix + ".").startswith(wrapper):
         prefix = (prefix + ".")[len(wrapper) :].rstrip(".")
     inside = [name[len(prefix) + 1 :] if prefix else name for name in names if _under(name, prefix)]
     if not inside:
         raise UserError(
-            f"--trunk {trunk}: {path} has no entry or name prefix {trunk} (its trunks: "
+            f"--trunk {choice}: {path} has no entry or name prefix {choice} (its trunks: "
             f"{', '.join(candidates) or 'none found'})"
         )
     inner = layouts.trunk_prefix(inside)
@@ -358,10 +359,11 @@ def _layout(where: tuple[str, ...], wrapper: str, taken: str | None, bare: str) 
     return bare + where_text + (f" with {wrapper}* names" if wrapper else "")
 
 
-def find_trunk(obj: Any, path: str, trunk: str | None = None) -> Trunk:
+def find_trunk(obj: Any, path: str, choice: str | None = None) -> Trunk:
     """The trunk in a loaded file ``obj`` and a description of what the file was: the trunk
-    its authors evaluate, or the one ``trunk`` names (a checkpoint entry or a name prefix)."""
-    where = _container(obj, path, trunk)
+    its authors evaluate, or the one ``choice`` (``--trunk``) names: an entry of the
+    checkpoint or a name prefix."""
+    where = _container(obj, path, choice)
     state = _state(obj, path, where)
     wrapper = _wrapper(list(state))
     names = {key[len(wrapper) :]: key for key in state}
@@ -381,10 +383,10 @@ def find_trunk(obj: Any, path: str, trunk: str | None = None) -> Trunk:
     second = [
         entry for entry, tensors in siblings.items() if layouts.trunk_prefix(tensors) is not None
     ]
-    flagged = trunk is not None and where != (trunk,)
+    flagged = choice is not None and where != (choice,)
     if flagged:
         candidates = [_shown(wrapper, p) for p in found.values()] + second
-        taken: str | None = _flagged(trunk, names, wrapper, path, candidates)
+        taken: str | None = _flagged(choice, names, wrapper, path, candidates)
     else:
         chosen = _choose(found, path, wrapper)
         taken = None if chosen is None else found[chosen]
@@ -431,9 +433,9 @@ def find_trunk(obj: Any, path: str, trunk: str | None = None) -> Trunk:
     )
 
 
-def read_trunk(path: str, trunk: str | None = None) -> Trunk:
+def read_trunk(path: str, choice: str | None = None) -> Trunk:
     """Load ``path`` safely and find its trunk (see :func:`find_trunk`)."""
-    return find_trunk(load_file(path), path, trunk)
+    return find_trunk(load_file(path), path, choice)
 
 
 def add_trunk_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,10 +28,10 @@ def checked_mapping(trunk: weights.Trunk) -> dict[str, str]:
     return {name: resnet.to_detectron2(name) for name in resnet.resnet50_shapes()}
 
 
-def convert(input_path: str, prefix: str | None = None) -> tuple[weights.Trunk, dict[str, str]]:
+def convert(input_path: str, choice: str | None = None) -> tuple[weights.Trunk, dict[str, str]]:
     """Read ``input_path``; return (its :class:`weights.Trunk`, torchvision → Detectron2 names).
-    ``prefix``: the ``--trunk`` to take."""
-    trunk = weights.read_trunk(input_path, prefix)
+    ``choice``: the ``--trunk`` to take."""
+    trunk = weights.read_trunk(input_path, choice)
     try:
         return trunk, checked_mapping(trunk)
     except UserError as e:

@@ -61,9 +61,10 @@ def _differing(model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> s
     return {k for k, v in pretrained.items() if not torch.equal(current[k].cpu(), v)}
 
 
-def check_backbone_unchanged(model: torch.nn.Module, path: str, prefix: str | None = None) -> None:
-    """Compare every trunk tensor (BN running stats too) with the file: the freeze worked."""
-    changed = _differing(model, weights.read_trunk(path, prefix).tensors)
+def check_backbone_unchanged(model: torch.nn.Module, path: str, choice: str | None = None) -> None:
+    """Compare every trunk tensor (BN running stats too) with the file's (its ``--trunk``
+    ``choice``): the freeze worked."""
+    changed = _differing(model, weights.read_trunk(path, choice).tensors)
     if changed:
         raise RuntimeError(
             f"backbone changed during linear classification: {_listed(changed)}; "
