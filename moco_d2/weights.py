@@ -359,6 +359,42 @@ def _layout(where: tuple[str, ...], wrapper: str, taken: str | None, bare: str) 
     return bare + where_text + (f" with {wrapper}* names" if wrapper else "")
 
 
+def _sort(
+    names: dict[str, str],
+    taken: str | None,
+    sequential: bool,
+    keep_unruled: bool,
+    found: dict[str, str],
+) -> tuple[dict[str, str], list[str]]:
+    """(torchvision name → name in the file, names dropped) for the names of a state_dict
+    whose trunk is under ``taken`` (None: no trunk found, all names as they are). Names no
+    rule knows are kept unless ``--trunk`` chose, for the completeness checks to refuse."""
+    sources: dict[str, str] = {}
+    dropped = []
+    cut = len(taken) + 1 if taken else 0
+    for name, key in names.items():
+        group = layouts.group_of(name)
+        if taken is None or _under(name, taken):
+            torchvision_name = name[cut:]
+            if sequential:
+                torchvision_name = layouts.sequential_name(torchvision_name)
+            if _NOT_TRUNK.fullmatch(torchvision_name):
+                dropped.append(key)
+            else:
+                sources[torchvision_name] = key
+        elif (
+            not keep_unruled
+            or group in found
+            or group == ""  # bare names beside the trunk taken: never mixed into it
+            or layouts.is_head(group)
+            or _NOT_TRUNK.fullmatch(name)
+        ):
+            dropped.append(key)
+        else:
+            sources[name] = key
+    return sources, dropped
+
+
 def find_trunk(obj: Any, path: str, choice: str | None = None) -> Trunk:
     """The trunk in a loaded file ``obj`` and a description of what the file was: the trunk
     its authors evaluate, or the one ``choice`` (``--trunk``) names: an entry of the
@@ -391,26 +427,11 @@ def find_trunk(obj: Any, path: str, choice: str | None = None) -> Trunk:
         chosen = _choose(found, path, wrapper)
         taken = None if chosen is None else found[chosen]
     second = [_shown(wrapper, p) for p in found.values() if p != taken] + second
-    inside = {name for name in names if taken is None or _under(name, taken)}
     cut = len(taken) + 1 if taken else 0
-    stripped = {name[cut:] for name in inside}
+    stripped = {name[cut:] for name in names if taken is None or _under(name, taken)}
     sequential = "0.weight" in stripped and "conv1.weight" not in stripped
-    sources: dict[str, str] = {}
-    dropped = [f"{entry}/{name}" for entry, tensors in siblings.items() for name in tensors]
-    for name, key in names.items():
-        group = layouts.group_of(name)
-        if name in inside:
-            torchvision_name = name[cut:]
-            if sequential:
-                torchvision_name = layouts.sequential_name(torchvision_name)
-            if _NOT_TRUNK.fullmatch(torchvision_name):
-                dropped.append(key)
-            else:
-                sources[torchvision_name] = key
-        elif flagged or group in found or layouts.is_head(group) or _NOT_TRUNK.fullmatch(name):
-            dropped.append(key)
-        else:
-            sources[name] = key  # no rule names it: the completeness checks refuse it
+    sources, dropped = _sort(names, taken, sequential, keep_unruled=not flagged, found=found)
+    dropped += [f"{entry}/{name}" for entry, tensors in siblings.items() for name in tensors]
     lincls = bool(where) and "best_acc1" in obj
     kind = LINCLS if lincls else MOCO if taken == "encoder_q" else TORCHVISION
     if lincls:

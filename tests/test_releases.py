@@ -141,6 +141,16 @@ def test_trunk_flag_naming_nothing_lists_the_trunks():
     )
 
 
+def test_bare_names_beside_the_trunk_taken_are_never_mixed_into_it():
+    state = {
+        **releases.prefixed("backbone.", releases.trunk(TAKEN)),
+        "conv1.weight": torch.zeros(64, 3, 7, 7),
+    }
+    found = weights.find_trunk({"state_dict": state}, "b.ckpt")
+    assert_trunk(found.tensors, TAKEN)
+    assert "conv1.weight" in found.dropped
+
+
 def test_a_third_trunk_is_never_taken_for_a_missing_tensor():
     """The taken trunk one tensor short: the file is refused, not completed from the others."""
     checkpoint = releases.dino_full()
