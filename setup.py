@@ -18,6 +18,7 @@ setup(
         "fvcore>=0.1.5",
         "iopath>=0.1.7",
         "pycocotools>=2.0.2",
+        "safetensors>=0.4",
         "numpy",
         "Pillow",
         "matplotlib",

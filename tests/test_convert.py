@@ -196,10 +196,16 @@ def test_converts_released_checkpoint_with_report(r50, tmp_path, capsys):
     code, out, err = run([str(src), str(dst), "--report"], capsys)
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == "input format: MoCo checkpoint, state_dict with module.encoder_q.*"
-    assert lines[1].split() == ["conv1.weight", "->", "stem.conv1.weight", "[64,", "3,", "7,", "7]"]
-    assert len(lines) == 1 + 265 + 275 + 1 and lines[-1] == f"wrote 265 tensors to {dst}"
-    dropped = {line.split()[1] for line in lines[266:-1] if line.startswith("dropped  ")}
+    assert lines[:3] == [
+        "input format: MoCo checkpoint, state_dict with module.encoder_q.*",
+        "second trunks dropped (--trunk takes one instead): module.encoder_k",
+        "input normalisation: RGB with ImageNet mean/std (PyTorch releases): "
+        'MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]" MODEL.PIXEL_STD "[58.395, 57.12, 57.375]" '
+        "INPUT.FORMAT RGB",
+    ]
+    assert lines[3].split() == ["conv1.weight", "->", "stem.conv1.weight", "[64,", "3,", "7,", "7]"]
+    assert len(lines) == 3 + 265 + 275 + 1 and lines[-1] == f"wrote 265 tensors to {dst}"
+    dropped = {line.split()[1] for line in lines[268:-1] if line.startswith("dropped  ")}
     assert len(dropped) == 275 and {"module.queue", "module.encoder_q.fc.2.bias"} <= dropped
     with open(dst, "rb") as f:
         data = pickle.load(f)
@@ -225,7 +231,8 @@ def bad_inputs(r50, d):
     }
     no_buffer = released(r50)
     del no_buffer["state_dict"]["module.encoder_q.layer3.5.bn3.running_mean"]
-    wrong_prefix = {"state_dict": {"module.backbone." + k: v for k, v in r50.items()}}
+    # A prefix no release uses: no rule says it is the trunk to take.
+    wrong_prefix = {"state_dict": {"module.trunk." + k: v for k, v in r50.items()}}
     nan = released(r50)  # two bad tensors: the first in torchvision order is named
     nan["state_dict"] = {k: v.clone() for k, v in nan["state_dict"].items()}
     nan["state_dict"]["module.encoder_q.layer4.2.conv3.weight"][0, 0] = float("inf")
@@ -246,7 +253,7 @@ def bad_inputs(r50, d):
         ),
         "resnet18": (d / "r18.pth", r18, "it looks like ResNet-18"),
         "bn buffer": (d / "nobuf.pth", no_buffer, "1 missing (layer3.5.bn3.running_mean)"),
-        "prefix": (d / "prefix.pth", wrong_prefix, "265 missing (conv1.weight, bn1.weight"),
+        "prefix": (d / "prefix.pth", wrong_prefix, "trunks under module.trunk, and no rule"),
         "code": (d / "code.pth", {"state_dict": {}, "hook": Custom()}, "refused to load"),
         "non-finite": (
             d / "nan.pth.tar",

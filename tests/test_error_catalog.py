@@ -71,9 +71,11 @@ def test_package_catalog_finds_known_sites(package_sites):
         ),
         # a module constant filled in with .format
         (
-            "moco_d2/detection/checkpoint.py",
-            "{…} is a MoCo pretraining checkpoint, not Detectron2 weights: convert it with "
-            "tools/convert-to-d2.py {…} OUT.pkl and set MODEL.WEIGHTS OUT.pkl",
+            "moco_d2/weights.py",
+            "refused to load {…}: it is a JAX/Haiku checkpoint pickled with dill ({…}.{…}), as "
+            "DeepMind's BYOL release is, and unpickling it can run arbitrary code; convert it "
+            "to a PyTorch state_dict with the published conversion "
+            "(github.com/ajtejankar/byol-convert) and pass that file",
         ),
         ("moco_d2/cli.py", "interrupted"),
         ("moco_d2/training/cli_args.py", "expected {…}, got {…}"),

@@ -2,10 +2,12 @@
 
 Each payload, when unpickled, would create a marker file. It is stored alone, and inside a
 file that also holds a full set of real weights (so that nothing but the payload is wrong),
-as ``.pkl`` (Detectron2 weights) and as ``.pth``. Every entry point must refuse the file with
-one line naming it, and the marker must never appear.
+as ``.pkl`` (Detectron2 weights) and as ``.pth``, also inside the one object a checkpoint may
+hold (an ``argparse.Namespace``, as DINO, PixPro and timm save their arguments). Every entry
+point must refuse the file with one line naming it, and the marker must never appear.
 """
 
+import argparse
 import os
 import pickle
 import subprocess
@@ -77,7 +79,18 @@ def trunk_payloads(marker, tmp_path):
         "pkl embedded": write_pkl(
             tmp_path / "embedded.pkl", {"state_dict": state, "x": Payload(marker)}
         ),
+        "namespace embedded": _torch_save(
+            tmp_path / "namespace.pth",
+            {"state_dict": state, "args": argparse.Namespace(lr=0.1, hook=Payload(marker))},
+        ),
+        # DeepMind's BYOL checkpoints are JAX/Haiku objects pickled with dill.
+        "byol pkl": _write_bytes(tmp_path / "byol.pkl", b"\x80\x02cdill._dill\n_load_type\n)R."),
     }
+
+
+def _write_bytes(path, content):
+    path.write_bytes(content)
+    return str(path)
 
 
 def _torch_save(path, content):
@@ -114,7 +127,10 @@ def test_restricted_unpickler_loads_plain_containers_and_numpy(tmp_path):
     )
 
 
-@pytest.mark.parametrize("case", ["pth alone", "pth embedded", "pkl embedded"])
+TRUNK_CASES = ["pth alone", "pth embedded", "pkl embedded", "namespace embedded", "byol pkl"]
+
+
+@pytest.mark.parametrize("case", TRUNK_CASES)
 def test_reader_refuses_payloads(trunk_payloads, case):
     with pytest.raises(UserError) as e:
         weights.read_trunk(trunk_payloads[case])
@@ -195,7 +211,7 @@ def test_state_dict_error_keeps_the_detail():
 # The tools.
 
 
-@pytest.mark.parametrize("case", ["pth alone", "pth embedded", "pkl embedded"])
+@pytest.mark.parametrize("case", TRUNK_CASES)
 def test_converter_refuses_payloads(trunk_payloads, case, tmp_path):
     from moco_d2.convert import tool
 
@@ -205,8 +221,17 @@ def test_converter_refuses_payloads(trunk_payloads, case, tmp_path):
     assert not (tmp_path / "out.pkl").exists()
 
 
-@pytest.mark.parametrize("flag", ["--pretrained", "--resume"])
-@pytest.mark.parametrize("case", ["pth alone", "pth embedded"])
+@pytest.mark.parametrize(
+    "flag, case",
+    [
+        *(
+            (flag, case)
+            for flag in ("--pretrained", "--resume")
+            for case in ("pth alone", "pth embedded", "namespace embedded")
+        ),
+        ("--pretrained", "byol pkl"),
+    ],
+)
 def test_lincls_refuses_payloads(trunk_payloads, case, flag, tmp_path):
     from moco_d2.lincls.main import main
     from moco_d2.pretrain.data import make_synthetic_image_folder
@@ -260,6 +285,16 @@ def test_train_net_train_and_eval_only_refuse_payloads(d2_payloads, registered_v
             _train_net(*extra, "MODEL.WEIGHTS", d2_payloads[case], "OUTPUT_DIR", str(tmp_path))
         assert_refused(e, d2_payloads[case])
         assert not (tmp_path / "model_final.pth").exists()
+
+
+@pytest.mark.parametrize("case", TRUNK_CASES)
+def test_train_net_refuses_payloads_in_pretraining_checkpoints(
+    trunk_payloads, registered_voc, case, tmp_path
+):
+    """MODEL.WEIGHTS may name a pretraining checkpoint (converted in memory): read as safely."""
+    with pytest.raises(UserError) as e:
+        _train_net("MODEL.WEIGHTS", trunk_payloads[case], "OUTPUT_DIR", str(tmp_path))
+    assert_refused(e, trunk_payloads[case])
 
 
 def test_train_net_resume_refuses_a_payload_checkpoint(

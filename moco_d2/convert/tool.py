@@ -1,7 +1,9 @@
 """``tools/convert-to-d2.py INPUT OUTPUT``: a pretraining checkpoint → Detectron2 weights.
 
 The output is written only once the whole ResNet-50 trunk has been found and checked, and
-atomically, so a bad input never leaves a file that Detectron2 would half-load.
+atomically, so a bad input never leaves a file that Detectron2 would half-load. It records
+the input normalisation the weights expect, which ``train_net`` checks against its config.
+``train_net`` converts a checkpoint given as ``MODEL.WEIGHTS`` in memory with these functions.
 """
 
 import pickle
@@ -9,28 +11,89 @@ from typing import Any
 
 from moco_d2 import weights
 from moco_d2.cli import ArgumentParser
-from moco_d2.convert import resnet
+from moco_d2.convert import layouts, resnet
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_path
 
 AUTHOR = "moco_d2 convert-to-d2"
+# The extra key of the .pkl that records the input the weights expect (detectron2 ignores it).
+NORMALISATION = "input_normalisation"
+FORMAT = "RGB"
 
 
-def convert(input_path: str) -> tuple[weights.Trunk, dict[str, str]]:
-    """Read ``input_path``; return (its :class:`weights.Trunk`, torchvision → Detectron2 names)."""
-    trunk = weights.read_trunk(input_path)
+def checked_mapping(trunk: weights.Trunk) -> dict[str, str]:
+    """torchvision → Detectron2 names, once ``trunk`` is a complete, finite ResNet-50."""
+    resnet.check_complete(trunk.tensors)
+    resnet.check_finite(trunk.tensors, trunk.sources)
+    return {name: resnet.to_detectron2(name) for name in resnet.resnet50_shapes()}
+
+
+def convert(input_path: str, choice: str | None = None) -> tuple[weights.Trunk, dict[str, str]]:
+    """Read ``input_path``; return (its :class:`weights.Trunk`, torchvision → Detectron2 names).
+    ``choice``: the ``--trunk`` to take."""
+    trunk = weights.read_trunk(input_path, choice)
     try:
-        resnet.check_complete(trunk.tensors)
-        resnet.check_finite(trunk.tensors, trunk.sources)
+        return trunk, checked_mapping(trunk)
     except UserError as e:
         raise UserError(f"{input_path} ({trunk.format}): {e}; nothing written") from None
-    return trunk, {name: resnet.to_detectron2(name) for name in resnet.resnet50_shapes()}
 
 
-def detectron2_weights(trunk: weights.Trunk, mapping: dict[str, str]) -> dict[str, Any]:
-    """The pickle content Detectron2's DetectionCheckpointer reads."""
+def normalisation_record(input_norm: str | None) -> dict[str, Any] | None:
+    """What the .pkl records of ``input_norm`` (a key of layouts.INPUT_NORMS): the config
+    values on Detectron2's 0-255 scale."""
+    if input_norm is None:
+        return None
+    norm = layouts.INPUT_NORMS[input_norm]
+    return {
+        "expects": input_norm,
+        "about": norm["about"],
+        "MODEL.PIXEL_MEAN": [round(255 * v, 3) for v in norm["mean"]],
+        "MODEL.PIXEL_STD": [round(255 * v, 3) for v in norm["std"]],
+        "INPUT.FORMAT": FORMAT,
+    }
+
+
+def _listed(values: list[float]) -> str:
+    return "[" + ", ".join(repr(float(v)) for v in values) + "]"
+
+
+def config_overrides(record: dict[str, Any]) -> str:
+    """The train_net options that give the input ``record`` describes."""
+    return (
+        f'MODEL.PIXEL_MEAN "{_listed(record["MODEL.PIXEL_MEAN"])}" '
+        f'MODEL.PIXEL_STD "{_listed(record["MODEL.PIXEL_STD"])}" '
+        f"INPUT.FORMAT {record['INPUT.FORMAT']}"
+    )
+
+
+def detectron2_weights(
+    trunk: weights.Trunk, mapping: dict[str, str], input_norm: str | None = None
+) -> dict[str, Any]:
+    """The pickle content Detectron2's DetectionCheckpointer reads, with the input record."""
     model = {d2: trunk.tensors[tv].detach().cpu().numpy() for tv, d2 in mapping.items()}
-    return {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
+    data = {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
+    record = normalisation_record(input_norm)
+    if record is not None:
+        data[NORMALISATION] = record
+    return data
+
+
+def summary(trunk: weights.Trunk, input_norm: str | None) -> list[str]:
+    """What was read: the layout, the second trunks left out, the input the weights expect."""
+    lines = [f"input format: {trunk.format}"]
+    if trunk.second:
+        lines.append(
+            f"second trunks dropped (--trunk takes one instead): {', '.join(trunk.second)}"
+        )
+    record = normalisation_record(input_norm)
+    if record is None:
+        lines.append(
+            "input normalisation: not recorded, the layout does not say it (--input-norm "
+            "imagenet for most releases, rgb01 for TF-converted SimCLR v1)"
+        )
+    else:
+        lines.append(f"input normalisation: {record['about']}: {config_overrides(record)}")
+    return lines
 
 
 def write(weights: dict, output_path: str) -> None:
@@ -51,14 +114,18 @@ def report(trunk: weights.Trunk, mapping: dict[str, str]) -> str:
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog="convert-to-d2.py",
-        description="Convert a MoCo pretraining checkpoint or a torchvision ResNet-50 "
-        "state_dict to Detectron2 weights (.pkl). Refuses anything but a "
-        "complete ResNet-50 trunk.",
+        description="Convert the checkpoint of a self-supervised ResNet-50 (MoCo, SwAV, DINO, "
+        "Barlow Twins, ...; docs/transfer.md lists the releases) or a torchvision ResNet-50 "
+        "state_dict to Detectron2 weights (.pkl). Refuses anything but a complete ResNet-50 "
+        "trunk.",
     )
     parser.add_argument(
-        "input", help="checkpoint_XXXX.pth.tar, a query-encoder or torchvision ResNet-50 state_dict"
+        "input",
+        help="checkpoint_XXXX.pth.tar, another release's checkpoint (.pth, .pth.tar, .ckpt, "
+        ".torch, .bin, .safetensors), or a ResNet-50 state_dict",
     )
     parser.add_argument("output", help="Detectron2 weights to write, ending in .pkl")
+    weights.add_trunk_arguments(parser)
     parser.add_argument(
         "--report",
         action="store_true",
@@ -70,10 +137,11 @@ def main(argv: list[str]) -> int:
             f"output {args.output} must end in .pkl: Detectron2 reads only .pkl "
             "files as converted (name-matched) weights"
         )
-    trunk, mapping = convert(args.input)
-    print(f"input format: {trunk.format}")
+    trunk, mapping = convert(args.input, args.trunk)
+    input_norm = args.input_norm or trunk.input_norm
+    print("\n".join(summary(trunk, input_norm)))
     if args.report:
         print(report(trunk, mapping))
-    write(detectron2_weights(trunk, mapping), args.output)
+    write(detectron2_weights(trunk, mapping, input_norm), args.output)
     print(f"wrote {len(mapping)} tensors to {args.output}")
     return 0

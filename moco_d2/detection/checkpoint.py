@@ -3,13 +3,16 @@ random.
 
 Detectron2 reads ``.pkl`` weights with plain ``pickle.load``, which runs whatever code the
 file names; here every file goes through :mod:`moco_d2.weights` (a restricted unpickler for
-``.pkl``, ``torch.load(weights_only=True)`` otherwise). Detectron2 also only logs a warning
-for model tensors a checkpoint does not provide, so a wrong file trains a half-random
-backbone; here any ResNet trunk tensor left unloaded is an error. And Detectron2 writes
-checkpoints in place, so a full disk or a kill left a truncated file that ``last_checkpoint``
-might name; here they are written atomically (:mod:`moco_d2.utils.fileio`).
+``.pkl``, ``torch.load(weights_only=True)`` otherwise). A pretraining checkpoint that the
+converter accepts is converted in memory, by the converter's own functions, and logged as
+the converter reports it. Detectron2 also only logs a warning for model tensors a checkpoint
+does not provide, so a wrong file trains a half-random backbone; here any ResNet trunk
+tensor left unloaded is an error. And Detectron2 writes checkpoints in place, so a full disk
+or a kill left a truncated file that ``last_checkpoint`` might name; here they are written
+atomically (:mod:`moco_d2.utils.fileio`).
 """
 
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -21,27 +24,50 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
 from moco_d2 import weights
+from moco_d2.convert import tool
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import atomic_torch_save, atomic_write_text
 
 LAST_CHECKPOINT = "last_checkpoint"  # the file Detectron2's checkpointer keeps in OUTPUT_DIR
+logger = logging.getLogger(__name__)
 
 # ResNet trunk tensors wherever the model nests them: ``backbone.stem.*``,
 # ``backbone.res2.0.*`` ... and, in R50-C4, ``roi_heads.res5.0.*`` (res5 is the box head).
 # The extra ``roi_heads.res5.norm`` of Res5ROIHeadsExtraNorm is new, not pretrained.
 _TRUNK = re.compile(r"(?:^|\.)(?:stem|res[2-5]\.\d+)\.")
 _SHOWN = 5
-# Names of a torchvision-layout ResNet (a pretraining checkpoint or a torchvision state_dict).
-_TORCHVISION = re.compile(r"(module\.)?(encoder_q\.)?(conv1|layer[1-4]\.\d+)\.")
-_CONVERT = "convert it with tools/convert-to-d2.py {path} OUT.pkl and set MODEL.WEIGHTS OUT.pkl"
+
+
+def _is_detectron2(loaded: dict[str, Any]) -> bool:
+    """A train_net checkpoint or a Detectron2 state_dict: names of a Detectron2 ResNet."""
+    state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
+    return any(_TRUNK.search(str(name)) for name in state)
+
+
+def converted_in_memory(loaded: Any, path: str) -> dict[str, Any]:
+    """A pretraining checkpoint (any layout the converter accepts) as the converter would
+    write it, logged as the converter reports it; its own errors if it does not convert."""
+    trunk = weights.find_trunk(loaded, path)
+    try:
+        mapping = tool.checked_mapping(trunk)
+    except UserError as e:
+        raise UserError(
+            f"{path} ({trunk.format}): {e}; not loaded (train_net converts a pretraining "
+            "checkpoint in memory as tools/convert-to-d2.py does)"
+        ) from None
+    for line in tool.summary(trunk, trunk.input_norm):
+        logger.info("MODEL.WEIGHTS %s: %s", path, line)
+    logger.info("MODEL.WEIGHTS %s: converted %d tensors in memory", path, len(mapping))
+    logger.debug("MODEL.WEIGHTS %s, as converted:\n%s", path, tool.report(trunk, mapping))
+    return tool.detectron2_weights(trunk, mapping, trunk.input_norm)
 
 
 def read_detectron2_file(path: str) -> dict[str, Any]:
-    """The content of a Detectron2 weights file as ``DetectionCheckpointer`` expects it.
+    """The content of a weights file as ``DetectionCheckpointer`` expects it.
 
     ``.pkl`` (converted or model-zoo weights) goes through the restricted unpickler, anything
-    else through ``torch.load(weights_only=True)``. A pretraining checkpoint or a torchvision
-    state_dict is refused with the conversion command, instead of half-loading by name.
+    else through ``torch.load(weights_only=True)`` (or safetensors). A file that holds no
+    Detectron2 names is a pretraining checkpoint or state_dict, converted in memory.
     """
     if path.endswith(".pkl"):
         data = weights.load_pickle(path)
@@ -52,24 +78,15 @@ def read_detectron2_file(path: str) -> dict[str, Any]:
         data = data.get("blobs", data)  # Caffe2 / Detectron1 model zoo layout
         data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-    loaded = weights.load_torch(path)
+    loaded = weights.load_file(path)
     if not isinstance(loaded, dict):
         raise UserError(f"{path} holds a {type(loaded).__name__}, not Detectron2 weights")
     if path.endswith(".pyth") and isinstance(loaded.get("model_state"), dict):  # pycls
         state = {k: v for k, v in loaded["model_state"].items() if "num_batches_tracked" not in k}
         return {"model": state, "__author__": "pycls", "matching_heuristics": True}
-    if weights.is_moco_checkpoint(loaded):
-        raise UserError(
-            f"{path} is a MoCo pretraining checkpoint, not Detectron2 weights: "
-            + _CONVERT.format(path=path)
-        )
-    state = loaded.get("state_dict", loaded)
-    if "model" not in loaded and any(_TORCHVISION.match(str(k)) for k in state):
-        raise UserError(
-            f"{path} is a torchvision-layout ResNet state_dict, not Detectron2 weights: "
-            + _CONVERT.format(path=path)
-        )
-    return loaded if "model" in loaded else {"model": loaded}
+    if _is_detectron2(loaded):
+        return loaded if "model" in loaded else {"model": loaded}
+    return converted_in_memory(loaded, path)
 
 
 def local_weights(url: str, key: str = "MODEL.WEIGHTS") -> str:

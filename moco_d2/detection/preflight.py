@@ -10,12 +10,14 @@ is built.
 
 import argparse
 import difflib
+import math
 import os
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from moco_d2.convert import tool
 from moco_d2.detection.checkpoint import (
     LAST_CHECKPOINT,
     local_weights,
@@ -93,8 +95,10 @@ def resume_checkpoint(output_dir: str) -> str | None:
 
 def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
     """The file that will be loaded (the resume checkpoint, else MODEL.WEIGHTS) is readable
-    without running code, is Detectron2 weights and holds only finite numbers. A URL is
-    fetched now (or found in the download cache), not in every process after launch."""
+    without running code, is Detectron2 weights (or a pretraining checkpoint that converts)
+    and holds only finite numbers, and MODEL.WEIGHTS gets the input normalisation it was
+    converted for. A URL is fetched now (or found in the download cache), not in every
+    process after launch."""
     path = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
     key = f"--resume ({os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)})"
     if path is None:
@@ -109,11 +113,58 @@ def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
             'tools/convert-to-d2.py; MODEL.WEIGHTS "" trains from random initialization '
             "on purpose)"
         )
-    bad = non_finite_tensor(read_detectron2_file(path)["model"])
+    data = read_detectron2_file(path)
+    bad = non_finite_tensor(data["model"])
     if bad:
         raise UserError(
             f"{key} {path} holds non-finite values (NaN or inf), first in tensor {bad}: the "
             "run that wrote it diverged; use weights from before the divergence"
+        )
+    if key == "MODEL.WEIGHTS":
+        check_input_normalisation(cfg, path, data.get(tool.NORMALISATION))
+
+
+_INPUT_KEYS = ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT")
+
+
+def _well_formed(record: object) -> bool:
+    return (
+        isinstance(record, dict)
+        and all(
+            isinstance(record.get(key), list)
+            and all(isinstance(v, int | float) for v in record[key])
+            for key in _INPUT_KEYS[:2]
+        )
+        and isinstance(record.get("INPUT.FORMAT"), str)
+    )
+
+
+def _same_input(record: dict, configured: dict) -> bool:
+    for key in _INPUT_KEYS[:2]:
+        expected, actual = record[key], configured[key]
+        if len(expected) != len(actual) or not all(
+            math.isclose(e, a, abs_tol=1e-3) for e, a in zip(expected, actual, strict=True)
+        ):
+            return False
+    return record["INPUT.FORMAT"] == configured["INPUT.FORMAT"]
+
+
+def check_input_normalisation(cfg: CfgNode, path: str, record: object) -> None:
+    """Weights whose conversion recorded the input they expect (tools/convert-to-d2.py, or
+    train_net's conversion in memory) must get it: TF-trained SimCLR weights given ImageNet
+    mean/std see other inputs than they were trained on, and nothing would say so. Weights
+    without a record are not checked."""
+    if not _well_formed(record):
+        return
+    configured = {
+        "MODEL.PIXEL_MEAN": list(cfg.MODEL.PIXEL_MEAN),
+        "MODEL.PIXEL_STD": list(cfg.MODEL.PIXEL_STD),
+        "INPUT.FORMAT": cfg.INPUT.FORMAT,
+    }
+    if not _same_input(record, configured):
+        raise UserError(
+            f"MODEL.WEIGHTS {path} expects {record.get('about', 'other')} input, but the config "
+            f"has {tool.config_overrides(configured)}: add {tool.config_overrides(record)}"
         )
 
 
@@ -139,7 +190,8 @@ def _images_and_objects(key: str, name: str, coco: CocoSummary | None) -> tuple[
 def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Every dataset used is registered, its files exist, and it has images (training: with
     annotations). Every annotation is validated, once, here; with MODEL.MASK_ON a COCO
-    annotation needs a segmentation; every image's header is read (decodable, of the annotated
+    annotation needs a segmentation, and the categories of a COCO file are as many as
+    MODEL.ROI_HEADS.NUM_CLASSES; every image's header is read (decodable, of the annotated
     size). A VOC test set's dicts are also what its evaluator scores against
     (:mod:`moco_d2.detection.evaluation`), so an annotation the evaluation could not read is
     refused here, not after training."""
@@ -156,7 +208,15 @@ def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
         masks=cfg.MODEL.MASK_ON,
         test_names=[name for key, name in used if key == "DATASETS.TEST"],
     )
+    classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for key, name in used:
+        summary = coco.get(name)
+        if summary is not None and summary.categories != classes:
+            raise UserError(
+                f"{key}: dataset {name!r} has {summary.categories} categories, but "
+                f"MODEL.ROI_HEADS.NUM_CLASSES is {classes}: add MODEL.ROI_HEADS.NUM_CLASSES "
+                f"{summary.categories}"
+            )
         images, objects = _images_and_objects(key, name, coco.get(name))
         if not images:
             raise UserError(f"{key}: dataset {name!r} has no images")

@@ -3,7 +3,9 @@
     tools/train_net.py --config-file configs/voc_R50_C4.yaml --num-gpus 8 MODEL.WEIGHTS moco.pkl
     tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
 
-With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU processes (gloo).
+With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU processes (gloo). ``MODEL.WEIGHTS``
+may also name a pretraining checkpoint, converted in memory; ``--coco-dataset`` registers a
+COCO-format dataset of one's own, in every process.
 """
 
 import argparse
@@ -17,6 +19,7 @@ from detectron2.utils.logger import setup_logger
 
 from moco_d2.cli import ArgumentParser
 from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, read_detectron2_file
+from moco_d2.detection.data.coco import add_coco_dataset_argument, register_coco_datasets
 from moco_d2.detection.launch import launch
 from moco_d2.detection.norm import resolve_sync_bn
 from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
@@ -30,6 +33,7 @@ def argument_parser() -> argparse.ArgumentParser:
     one line and exit 2 like those of the other tools, not a usage block."""
     parser = default_argument_parser()
     parser.__class__ = ArgumentParser
+    add_coco_dataset_argument(parser)
     return parser
 
 
@@ -76,6 +80,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
 
 def run(args: argparse.Namespace) -> dict | None:
     """Train then evaluate, or only evaluate (``--eval-only``), in one process."""
+    register_coco_datasets(args.coco_dataset)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str]) -> int:
     args = argument_parser().parse_args(argv)
+    register_coco_datasets(args.coco_dataset)
     cfg = load_config(args)
     if finished(cfg, args):
         return 0

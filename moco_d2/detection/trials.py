@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from moco_d2.cli import ArgumentParser
+from moco_d2.detection.data.coco import add_coco_dataset_argument, register_coco_datasets
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
 from moco_d2.errors import UserError
 from moco_d2.published import VOC_DETECTION
@@ -194,7 +195,12 @@ def claim_output_dir(output_dir: str, current: dict[str, Any], restart: bool) ->
 
 
 def run_trial(
-    config_file: str, output_dir: str, seed: int, num_gpus: int, opts: Sequence[str]
+    config_file: str,
+    output_dir: str,
+    seed: int,
+    num_gpus: int,
+    opts: Sequence[str],
+    coco_datasets: Sequence[Sequence[str]] = (),
 ) -> None:
     """One fine-tuning + evaluation in its own process (fresh detectron2 state per trial)."""
     resume = os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
@@ -208,6 +214,7 @@ def run_trial(
         str(num_gpus),
     ]
     command += ["--resume"] if resume else []
+    command += [part for dataset in coco_datasets for part in ("--coco-dataset", *dataset)]
     command += list(opts) + ["OUTPUT_DIR", output_dir, "SEED", str(seed)]
     logger.info("%s trial in %s (seed %d)", "resuming" if resume else "starting", output_dir, seed)
     if subprocess.run(command).returncode != 0:
@@ -285,8 +292,11 @@ def run_trials(
     opts: Sequence[str] = (),
     reference: str | None = None,
     restart: bool = False,
+    coco_datasets: Sequence[Sequence[str]] = (),
 ) -> tuple[dict[str, Any], str]:
-    """Run (or finish) ``num_trials`` trials and write the summary; return it."""
+    """Run (or finish) ``num_trials`` trials and write the summary; return it.
+    ``coco_datasets``: the ``--coco-dataset`` entries, registered here and in every trial."""
+    register_coco_datasets(coco_datasets)
     current = fingerprint(config_file, opts)
     claim_output_dir(output_dir, current, restart)
     remove_stale_temporaries(output_dir)
@@ -297,7 +307,7 @@ def run_trials(
         if os.path.isfile(metrics_path):
             logger.info("trial %d already done: %s", index, metrics_path)
         else:
-            run_trial(config_file, directory, first_seed + index, num_gpus, opts)
+            run_trial(config_file, directory, first_seed + index, num_gpus, opts, coco_datasets)
             metrics_path = trial_metrics_path(directory)
         per_trial.append(read_trial_metrics(metrics_path))
     summary = summarize(per_trial)
@@ -343,6 +353,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="delete the trials already in --output-dir and start the set over",
     )
+    add_coco_dataset_argument(parser)
     parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
@@ -370,6 +381,7 @@ def main(argv: list[str]) -> int:
         args.opts,
         args.reference,
         args.restart,
+        args.coco_dataset,
     )
     print(markdown, end="")
     print(f"summary written to {os.path.join(args.output_dir, SUMMARY_MD)} and {SUMMARY_JSON}")

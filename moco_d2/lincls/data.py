@@ -12,22 +12,33 @@ import os
 
 import torchvision.transforms as T
 
+from moco_d2.convert.layouts import IMAGENET, INPUT_NORMS
 from moco_d2.errors import UserError
 from moco_d2.pretrain.data import TolerantImageFolder
-from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
 
-NORMALIZE = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 NOT_AN_IMAGE_FOLDER = "is not an ImageFolder (one sub-folder of images per class)"
 
 
-def train_transform(crop_size: int = 224) -> T.Compose:
+def normalize(input_norm: str = IMAGENET) -> T.Normalize:
+    """The input the pretrained weights expect (ImageNet mean/std unless they say otherwise)."""
+    return T.Normalize(mean=INPUT_NORMS[input_norm]["mean"], std=INPUT_NORMS[input_norm]["std"])
+
+
+def train_transform(crop_size: int = 224, input_norm: str = IMAGENET) -> T.Compose:
     return T.Compose(
-        [T.RandomResizedCrop(crop_size), T.RandomHorizontalFlip(), T.ToTensor(), NORMALIZE]
+        [
+            T.RandomResizedCrop(crop_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize(input_norm),
+        ]
     )
 
 
-def val_transform(crop_size: int = 224, resize: int = 256) -> T.Compose:
-    return T.Compose([T.Resize(resize), T.CenterCrop(crop_size), T.ToTensor(), NORMALIZE])
+def val_transform(crop_size: int = 224, resize: int = 256, input_norm: str = IMAGENET) -> T.Compose:
+    return T.Compose(
+        [T.Resize(resize), T.CenterCrop(crop_size), T.ToTensor(), normalize(input_norm)]
+    )
 
 
 def _image_folder(root: str, split: str, transform: T.Compose) -> TolerantImageFolder:
@@ -50,13 +61,13 @@ def _image_folder(root: str, split: str, transform: T.Compose) -> TolerantImageF
 
 
 def build_datasets(
-    root: str, crop_size: int = 224, resize: int = 256
+    root: str, crop_size: int = 224, resize: int = 256, input_norm: str = IMAGENET
 ) -> tuple[TolerantImageFolder, TolerantImageFolder]:
     """(train, val) folders; both must have the same classes, so label i means one thing."""
     if not os.path.isdir(root):
         raise UserError(f"data dir not found: {root}")
-    train = _image_folder(root, "train", train_transform(crop_size))
-    val = _image_folder(root, "val", val_transform(crop_size, resize))
+    train = _image_folder(root, "train", train_transform(crop_size, input_norm))
+    val = _image_folder(root, "val", val_transform(crop_size, resize, input_norm))
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))
         raise UserError(

@@ -1,8 +1,9 @@
 """Turn a pretrained file into backbone weights, and check they fit the model exactly.
 
-Any file :func:`moco_d2.weights.read_trunk` accepts: our pretraining checkpoints and the
-released MoCo ones, torchvision state_dicts, and lincls outputs. Only the trunk is kept, so
-the loaded model misses exactly its head (``fc.*``) and BN's batch counters.
+Any file :func:`moco_d2.weights.read_trunk` accepts: our pretraining checkpoints, those of
+the self-supervised releases the converter reads (the same trunk, by the same rules),
+torchvision state_dicts, and lincls outputs. Only the trunk is kept, so the loaded model
+misses exactly its head (``fc.*``) and BN's batch counters.
 """
 
 import re
@@ -22,13 +23,16 @@ def _listed(keys: set[str], limit: int = 4) -> str:
     return f"{shown}, … ({len(keys)} in all)" if len(keys) > limit else shown
 
 
-def load_pretrained(model: torch.nn.Module, path: str, arch: str) -> dict[str, torch.Tensor]:
-    """Load the trunk of ``path`` into ``model``; only ``fc.*`` may stay missing.
+def load_pretrained(
+    model: torch.nn.Module, path: str, arch: str, trunk: weights.Trunk | None = None
+) -> dict[str, torch.Tensor]:
+    """Load the trunk of ``path`` (``trunk``, when already read) into ``model``; only
+    ``fc.*`` may stay missing.
 
     Raises a :class:`UserError` naming the offending keys (or the arch) otherwise, so a
     checkpoint that does not fit never trains a linear layer on random features.
     """
-    trunk = weights.read_trunk(path)
+    trunk = trunk or weights.read_trunk(path)
     if trunk.arch is not None and trunk.arch != arch:
         raise UserError(f"{path} is a {trunk.arch} checkpoint, but -a/--arch is {arch}")
     state = trunk.tensors
@@ -57,9 +61,10 @@ def _differing(model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> s
     return {k for k, v in pretrained.items() if not torch.equal(current[k].cpu(), v)}
 
 
-def check_backbone_unchanged(model: torch.nn.Module, path: str) -> None:
-    """Compare every trunk tensor (BN running stats too) with the file: the freeze worked."""
-    changed = _differing(model, weights.read_trunk(path).tensors)
+def check_backbone_unchanged(model: torch.nn.Module, path: str, choice: str | None = None) -> None:
+    """Compare every trunk tensor (BN running stats too) with the file's (its ``--trunk``
+    ``choice``): the freeze worked."""
+    changed = _differing(model, weights.read_trunk(path, choice).tensors)
     if changed:
         raise RuntimeError(
             f"backbone changed during linear classification: {_listed(changed)}; "

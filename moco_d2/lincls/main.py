@@ -3,6 +3,7 @@
 import argparse
 import functools
 
+from moco_d2 import weights
 from moco_d2.cli import ArgumentParser
 from moco_d2.errors import UserError
 from moco_d2.lincls.model import ARCHS
@@ -38,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         type=str,
         metavar="PATH",
-        help="pretrained checkpoint: ours, released MoCo, or a torchvision state_dict",
+        help="pretrained checkpoint: ours, another release's (those the converter reads), "
+        "or a torchvision state_dict",
     )
+    weights.add_trunk_arguments(parser)
     parser.add_argument(
         "--output-dir",
         default="output/lincls",

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from moco_d2 import weights
+from moco_d2.convert.layouts import IMAGENET
 from moco_d2.errors import UserError
 from moco_d2.lincls.data import build_datasets
 from moco_d2.lincls.engine import evaluate, train_one_epoch
@@ -70,11 +71,14 @@ def prepare(args: argparse.Namespace) -> Prepared:
     """Datasets, the model with its pretrained (or resumed) weights, and the --resume checkpoint.
 
     Everything a user's input can break happens here, once before any process is spawned, so
-    bad input fails as one line in every launch mode.
+    bad input fails as one line in every launch mode. Images are normalised as the pretrained
+    weights expect (``--input-norm``, else what their layout says, else ImageNet mean/std).
     """
-    train_set, val_set = build_datasets(args.data, args.crop_size, args.resize)
+    trunk = weights.read_trunk(args.pretrained, args.trunk) if args.pretrained else None
+    input_norm = args.input_norm or (trunk and trunk.input_norm) or IMAGENET
+    train_set, val_set = build_datasets(args.data, args.crop_size, args.resize, input_norm)
     model = build_model(args.arch, num_classes=len(train_set.classes))
-    pretrained = load_pretrained(model, args.pretrained, args.arch) if args.pretrained else None
+    pretrained = load_pretrained(model, args.pretrained, args.arch, trunk) if trunk else None
     resumed = _load_resume(args.resume, model, args) if args.resume else None
     if resumed is not None and pretrained is not None:
         check_resumed_backbone(model, pretrained, args.resume, args.pretrained)
@@ -298,7 +302,7 @@ def _log_val_unreadable(when: str, count: int) -> None:
 def _finish(model, history, args):
     """The sanity check that the backbone is the pretrained one, then results.json."""
     if args.pretrained:
-        check_backbone_unchanged(unwrap(model), args.pretrained)
+        check_backbone_unchanged(unwrap(model), args.pretrained, args.trunk)
         logger.info("sanity check passed: backbone weights equal %s", args.pretrained)
     best = max(history, key=lambda h: h[ACC1]) if history else {}
     last = history[-1] if history else {}

@@ -8,14 +8,19 @@ validation layer: a missing folder, an annotation file that is not COCO instance
 that names missing images, and an invalid box are a :class:`UserError` naming the path and
 the annotation, before launch (:func:`check_coco_datasets`, streaming the file) and again in
 the loader, which applies the same box rule (:mod:`coco_check`).
+
+A COCO-format dataset of one's own (``train_net --coco-dataset NAME JSON IMAGE_DIR``, e.g. a
+CVAT, Roboflow or labelme export) is registered the same way, with the categories of its own
+file, and gets the same checks.
 """
 
+import argparse
 import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
@@ -143,16 +148,49 @@ def load_coco_instances(json_file: str, image_root: str, name: str) -> list[dict
     return dicts
 
 
-def register_coco(name: str, image_root: str, json_file: str) -> None:
-    """(Re-)register one split with detectron2's COCO metadata and the checking loader."""
+def register_coco(name: str, image_root: str, json_file: str, builtin: bool = True) -> None:
+    """(Re-)register one split with the checking loader: with detectron2's COCO metadata
+    (``builtin``), or, as ``register_coco_instances`` does, with none, the loader then
+    taking the categories from the file."""
     register_replacing(
         name,
         lambda: load_coco_instances(json_file, image_root, name),
         json_file=json_file,
         image_root=image_root,
         evaluator_type="coco",
-        **_get_builtin_metadata("coco"),
+        **(_get_builtin_metadata("coco") if builtin else {}),
     )
+
+
+def add_coco_dataset_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--coco-dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"),
+        help="register a COCO-format dataset of your own (e.g. a CVAT, Roboflow or labelme "
+        "export) as NAME, for DATASETS.TRAIN/TEST; repeat for each split (docs/coco.md)",
+    )
+
+
+def register_coco_datasets(datasets: Iterable[tuple[str, str, str]]) -> None:
+    """Register each ``--coco-dataset NAME JSON IMAGE_DIR``; a name that another dataset
+    already has (a protocol split, say) is refused rather than replaced."""
+    for name, json_file, image_root in datasets:
+        if not os.path.isfile(json_file):
+            raise UserError(f"--coco-dataset {name}: annotation file not found: {json_file}")
+        if not os.path.isdir(image_root):
+            raise UserError(f"--coco-dataset {name}: image folder not found: {image_root}")
+        if (
+            name in DatasetCatalog.list()
+            and MetadataCatalog.get(name).get("json_file") != json_file
+        ):
+            raise UserError(
+                f"--coco-dataset {name}: another dataset is registered under that name; "
+                "choose another NAME"
+            )
+        register_coco(name, image_root, json_file, builtin=False)
 
 
 def register_all_coco(root: str | None = None) -> None:

@@ -35,9 +35,11 @@ _KEYS = {
 
 @dataclass
 class CocoSummary:
-    """What one file holds: images, kept boxes, dropped empty boxes, clipped boxes."""
+    """What one file holds: images, kept boxes, dropped empty boxes, clipped boxes, and the
+    categories (the classes detectron2 gives a model trained on it)."""
 
     images: int = 0
+    categories: int = 0
     objects: int = 0
     empty: int = 0
     first_empty: str = ""  # "FILE, annotation ID (image I): bbox [...]" of the first empty box
@@ -188,6 +190,7 @@ class _Checker:
                 f"e.g. {self.first_missing}"
             )
         self.summary.images = self.counts["images"]
+        self.summary.categories = len(known)
         return self.summary
 
 
