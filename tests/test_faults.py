@@ -6,12 +6,14 @@ no earlier output was lost or changed.
 """
 
 import json
+import math
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -434,6 +436,47 @@ def test_resuming_a_finished_train_net_run_has_nothing_to_do(synthetic_voc_root,
     result = train_net(synthetic_voc_root, "OUTPUT_DIR", tmp_path, args=["--resume"])
     assert result.returncode == 0 and "nothing to do" in result.stdout, result.stderr[-2000:]
     assert snapshot(tmp_path) == before
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_train_net_killed_after_its_first_checkpoint_resumes_and_finishes(
+    synthetic_voc_root, tmp_path
+):
+    """SIGKILL once model_0000000.pth is saved (after iteration 0), then --resume. The
+    resumed monitor starts from biases a step away from zero (norms near 1e-7): that is no
+    divergence, the run finishes with finite metrics."""
+    out = tmp_path / "out"
+    opts = ["MODEL.WEIGHTS", "", "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "3"]
+    opts += ["SOLVER.CHECKPOINT_PERIOD", "1"]
+    command = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file"]
+    command += [CONFIG, *TINY_OPTS, *map(str, opts)]
+    env = dict(ENV, DETECTRON2_DATASETS=str(synthetic_voc_root))
+    victim = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(out / "last_checkpoint", victim)  # written after the checkpoint it names
+    victim.kill()
+    victim.communicate()
+    last = (out / "last_checkpoint").read_text()
+    assert last == "model_0000000.pth", f"killed too late to test anything: {last}"
+
+    result = train_net(synthetic_voc_root, *opts, args=["--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting training from iteration 1" in (out / "log.txt").read_text()
+    metrics = json.loads((out / "metrics_voc.json").read_text(), parse_constant=pytest.fail)
+    values = [metrics["voc_2007_test"][name] for name in ("AP", "AP50", "AP75")]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in values), values
+    lines = (out / "metrics.json").read_text().splitlines()
+    steps = [json.loads(x) for x in lines if "health_max_weight_ratio" in x]
+    assert steps[-1]["iteration"] == 2
+    assert 1 <= steps[-1]["health_max_weight_ratio"] < 10  # the bound is 1e3
 
 
 # Detection: clean stops (one line, exit 2, the output folder intact).

@@ -2,6 +2,7 @@
 on one line, a finished run has nothing to do, and --start-epoch past --epochs is refused."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -159,3 +160,22 @@ def test_start_epoch_at_or_past_epochs_is_refused_before_anything_starts(run, tm
     with pytest.raises(UserError, match="^--start-epoch 5 is not below --epochs 2: nothing would"):
         pretrain.parse_args(argv + extra)
     assert not (tmp_path / "new").exists()
+
+
+def test_resume_after_the_first_epoch_passes_the_health_check_and_finishes(run, tmp_path):
+    """The shared weight bound, checked at every iteration (-p 1), lets a resumed run go on:
+    what it judges is divergence, not how far the checkpoint's weights are from zero."""
+    out, argv = run
+    resumed = tmp_path / "out"
+    shutil.copytree(out, resumed)
+    argv = [a if a != str(out) else str(resumed) for a in argv]
+    assert pretrain.main(argv + ["--resume", str(resumed), "--epochs", "2", "-p", "1"]) == 0
+    assert "resumed from" in (resumed / "log.txt").read_text()
+    state = torch.load(resumed / "checkpoint_0001.pth.tar", weights_only=True)
+    assert state["epoch"] == 2
+    weights = [v for v in state["state_dict"].values() if v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in weights)
+    first = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
+    assert not torch.equal(
+        first["module.encoder_q.conv1.weight"], state["state_dict"]["module.encoder_q.conv1.weight"]
+    )  # it trained on

@@ -15,7 +15,8 @@ from torch import nn
 from moco_d2.pretrain import MoCo
 from moco_d2.pretrain.health import HealthMonitor as PretrainHealthMonitor
 from moco_d2.pretrain.health import TrainingDiverged
-from moco_d2.training.health import MAX_NORM_RATIO, MAX_RUNNING_VAR, HealthMonitor
+from moco_d2.training.health import LAYER_RMS_FLOOR, MAX_NORM_RATIO, MAX_RUNNING_VAR, HealthMonitor
+from moco_d2.utils.op_count import OpCounter
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc_R50_C4.yaml"
 
@@ -32,7 +33,9 @@ def _model():
 def test_ratio_var_and_norms_of_known_tensors():
     model = _model()
     monitor = HealthMonitor(model)
-    start = monitor.measure()
+    with OpCounter() as counter:
+        start = monitor.measure()
+    assert counter.count.syncs == 0  # no host read per tensor: one .tolist() of the summary
     assert (start.ratio, start.var, start.non_finite) == (1.0, 1.0, False)
     # ones(2, 3), zeros(2), BN weight ones(2), BN bias zeros(2): √(6 + 0 + 2 + 0)
     assert start.param_norm == pytest.approx(math.sqrt(8))
@@ -40,14 +43,42 @@ def test_ratio_var_and_norms_of_known_tensors():
 
     with torch.no_grad():
         model[0].weight.mul_(5.0)
-        model[0].bias.fill_(1e6)  # zero at the start: no ratio
+        model[0].bias.fill_(2.0)  # zero at the start: counted with its layer's weight
         model[1].running_var.copy_(torch.tensor([3.0, 7.0]))
     model[1].weight.grad = torch.tensor([3.0, 4.0])
     reading = monitor.measure()
-    assert reading.ratio == pytest.approx(5.0)
+    assert reading.ratio == pytest.approx(math.sqrt((25 * 6 + 4 * 2) / 6))
     assert reading.var == 7.0 and reading.grad_norm == pytest.approx(5.0)
-    assert reading.param_norm == pytest.approx(math.sqrt(25 * 6 + 2e12 + 2))
+    assert reading.param_norm == pytest.approx(math.sqrt(25 * 6 + 8 + 2))
     assert reading.problem() is None
+
+
+def test_a_bias_a_step_off_zero_is_judged_with_its_layer():
+    """As in a resumed detector: a bias of norm 1e-7 at the start that an ordinary step moves
+    to 0.01 is a ratio of 1e5 on its own, but leaves its layer almost as it was."""
+    model = _model()
+    with torch.no_grad():
+        model[0].bias.fill_(1e-7)
+    monitor = HealthMonitor(model)
+    with torch.no_grad():
+        model[0].bias.fill_(0.01)
+    assert monitor.measure().ratio == pytest.approx(math.sqrt((6 + 2e-4) / (6 + 2e-14)))
+    with torch.no_grad():
+        model[0].weight.mul_(2 * MAX_NORM_RATIO)  # the layer itself blows up: stopped
+    assert monitor.measure().ratio > MAX_NORM_RATIO
+
+
+def test_a_layer_that_starts_all_zero_is_judged_against_the_floor():
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    monitor = HealthMonitor(model)
+    assert monitor.measure().ratio == 1.0  # the BN layer; the zero one reads 0
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+    floor = LAYER_RMS_FLOOR * math.sqrt(6 + 2)  # weight and bias: 8 values
+    assert monitor.measure().ratio == pytest.approx(2 * math.sqrt(6) / floor)
+    assert monitor.measure().problem().startswith("a weight's norm reached 1.73e+03x its value")
 
 
 @pytest.mark.parametrize(
@@ -68,7 +99,7 @@ def test_each_bound_is_named(fault, says):
         elif fault == "var":
             model[1].running_var[1] = 2 * MAX_RUNNING_VAR
         elif fault == "nan weight":
-            model[0].bias[0] = float("nan")  # untracked for the ratio, still checked
+            model[0].bias[0] = float("nan")
         else:
             model[1].running_var[0] = float("inf")
     assert monitor.measure().problem() == says
@@ -108,7 +139,8 @@ def _rank(rank, init, results):
         monitor = HealthMonitor(model)
         with torch.no_grad():
             if rank == 1:
-                model[0].weight.mul_(50.0)
+                model[0].weight.mul_(50.0)  # weight and bias: the layer's norm 50-fold
+                model[0].bias.mul_(50.0)
             else:
                 model[1].running_var[0] = 9.0
         reading = monitor.measure()
@@ -167,12 +199,15 @@ def test_detector_reference_is_the_loaded_model(trainer):
 def test_detector_stops_past_a_bound_with_iteration_and_lr(trainer, fault, says):
     from moco_d2.detection.launch import EveryRankError
 
+    bias = _param(trainer, "roi_heads.box_predictor.cls_score.bias")
+    with torch.no_grad():
+        bias.fill_(1e-7)  # as resumed after a step: its own ratio would be 1e5 below
     trainer.before_train()
     trainer.iter = 4
     with torch.no_grad():
+        bias.fill_(0.01)
         if fault == "ratio":
             _param(trainer, "roi_heads.box_predictor.cls_score.weight").mul_(1e4)
-            _param(trainer, "roi_heads.box_predictor.cls_score.bias").fill_(1e9)  # zero: no ratio
         else:
             trainer.model.backbone.res3[0].conv2.norm.running_var[5] = 3e8
     with pytest.raises(EveryRankError) as caught:

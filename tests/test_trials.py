@@ -1,10 +1,13 @@
 """tools/run_trials.py: N real fine-tuning runs, mean ± std from their JSON files, resume."""
 
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from moco_d2.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_trials(out, num_trials, voc_root, weights, *extra):
+def _trials_command(out, num_trials, voc_root, weights, *extra):
     command = [
         sys.executable,
         os.path.join(REPO, "tools", "run_trials.py"),
@@ -35,7 +38,11 @@ def _run_trials(out, num_trials, voc_root, weights, *extra):
         *TINY_OPTS,
         *extra,
     ]
-    env = dict(os.environ, DETECTRON2_DATASETS=str(voc_root))
+    return command, dict(os.environ, DETECTRON2_DATASETS=str(voc_root))
+
+
+def _run_trials(out, num_trials, voc_root, weights, *extra):
+    command, env = _trials_command(out, num_trials, voc_root, weights, *extra)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -87,6 +94,39 @@ def test_two_trials_resume_and_aggregate(
         assert "holds trials of other settings" in line and "--restart" in line, line
         assert ("weights_sha256" if weights == other else "SOLVER.BASE_LR") in line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_trial_killed_after_its_first_checkpoint_is_resumed_by_a_rerun(
+    tmp_path, synthetic_voc_root, converted_weights
+):
+    """SIGKILL to run_trials and its trial process once the trial has checkpointed iteration
+    0 of 2; the same command again resumes that trial from its checkpoint and finishes."""
+    out = tmp_path / "trials"
+    command, env = _trials_command(out, 1, synthetic_voc_root, converted_weights)
+    command += ["SOLVER.CHECKPOINT_PERIOD", "1"]
+    victim = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    last = out / "trial_0" / "last_checkpoint"  # written after the checkpoint it names
+    deadline = time.monotonic() + 300
+    while not last.exists():
+        assert victim.poll() is None, victim.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{last} never appeared"
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)  # the trial is a child process: kill the group
+    victim.communicate()
+    assert last.read_text() == "model_0000000.pth", f"killed too late: {last.read_text()}"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming trial in" in rerun.stderr + rerun.stdout
+    log = (out / "trial_0" / "log.txt").read_text()
+    assert "Starting training from iteration 1" in log
+    trial = trials.read_trial_metrics(str(out / "trial_0" / "metrics_voc.json"))
+    assert all(math.isfinite(trial[name]) for name in ("AP", "AP50", "AP75")), trial
+    summary = json.loads((out / "trials_summary.json").read_text())
+    assert summary["seeds"] == [0] and summary["summary"]["AP"]["mean"] == trial["AP"]
 
 
 def test_restart_discards_earlier_trials_and_unfingerprinted_trials_are_refused(tmp_path):
