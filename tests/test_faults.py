@@ -666,7 +666,7 @@ def test_weights_that_explode_but_stay_finite_stop_the_run(tmp_path, synthetic_v
         "SOLVER.BASE_LR", "1e6", "SOLVER.MAX_ITER", "2",
     )  # fmt: skip
     line = assert_one_error_line(
-        result, "training diverged at iteration 1 of 2 (learning rate 1000): a weight's norm "
+        result, "training diverged at iteration 1 of 2 (learning rate 1000): a layer's norm "
     )
     assert "x its value at the start (bound 1e+03)" in line
     assert "no checkpoint was written" in line

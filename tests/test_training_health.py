@@ -78,13 +78,13 @@ def test_a_layer_that_starts_all_zero_is_judged_against_the_floor():
         model[0].weight.fill_(2.0)
     floor = LAYER_RMS_FLOOR * math.sqrt(6 + 2)  # weight and bias: 8 values
     assert monitor.measure().ratio == pytest.approx(2 * math.sqrt(6) / floor)
-    assert monitor.measure().problem().startswith("a weight's norm reached 1.73e+03x its value")
+    assert monitor.measure().problem().startswith("a layer's norm reached 1.73e+03x its value")
 
 
 @pytest.mark.parametrize(
     "fault, says",
     [
-        ("ratio", "a weight's norm reached 2e+03x its value at the start (bound 1e+03)"),
+        ("ratio", "a layer's norm reached 2e+03x its value at the start (bound 1e+03)"),
         ("var", "BN running_var reached 2e+08 (bound 1e+08)"),
         ("nan weight", "a weight or a BN running_var became NaN or infinite"),
         ("inf var", "a weight or a BN running_var became NaN or infinite"),
@@ -126,7 +126,7 @@ def test_pretraining_watches_the_query_encoder_and_every_bn():
     with pytest.raises(TrainingDiverged) as caught:
         monitor.check("at epoch 3, iteration 7")
     assert str(caught.value).startswith(
-        "weights exploded at epoch 3, iteration 7: a weight's norm reached 1e+04x its initial "
+        "weights exploded at epoch 3, iteration 7: a layer's norm reached 1e+04x its initial "
         "value (bound 1000), BN running_var 1 (bound 1e+08); "
     )
 
@@ -192,7 +192,7 @@ def test_detector_reference_is_the_loaded_model(trainer):
 @pytest.mark.parametrize(
     "fault, says",
     [
-        ("ratio", "a weight's norm reached 1e+04x its value at the start (bound 1e+03)"),
+        ("ratio", "a layer's norm reached 1e+04x its value at the start (bound 1e+03)"),
         ("var", "BN running_var reached 3e+08 (bound 1e+08)"),
     ],
 )

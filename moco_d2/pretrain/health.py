@@ -68,7 +68,7 @@ class HealthMonitor(health.HealthMonitor):
         reading = self.measure()
         if reading.problem():
             raise TrainingDiverged(
-                f"weights exploded {where}: a weight's norm reached {reading.ratio:.3g}x its "
+                f"weights exploded {where}: a layer's norm reached {reading.ratio:.3g}x its "
                 f"initial value (bound {MAX_NORM_RATIO:g}), BN running_var {reading.var:.3g} "
                 f"(bound {MAX_RUNNING_VAR:g}); lower --lr or use larger BatchNorm groups "
                 "(--crop-size, -b, --bn-splits); the last checkpoint is intact"

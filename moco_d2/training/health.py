@@ -54,7 +54,7 @@ class Health:
             return "a weight or a BN running_var became NaN or infinite"
         if self.ratio > MAX_NORM_RATIO:
             return (
-                f"a weight's norm reached {self.ratio:.3g}x its value at the start (bound "
+                f"a layer's norm reached {self.ratio:.3g}x its value at the start (bound "
                 f"{MAX_NORM_RATIO:.3g})"
             )
         if self.var > MAX_RUNNING_VAR:
