@@ -175,12 +175,14 @@ def fast_step_cost(
     crop_size: int = 224,
     moco_k: int = 65536,
     channels_last: bool = True,
+    augmented: bool = True,
 ) -> StepCount:
     """The fast step of ``tools/pretrain_moco.py`` with its CUDA defaults and ``--amp``, built by
     the tool's own setup from its parser, at full size on the meta device: both views augmented
     from uint8 crops (their nvJPEG decode and crop are not counted), the MoCo forward and
-    backward, SGD, the momentum update and the queue. The second step is counted (the first
-    makes SGD's momentum buffers). ``data_dir`` is any readable image folder: the setup checks
+    backward, SGD, the momentum update and the queue; ``augmented`` False starts from the two
+    normalised views instead. The second step is counted (the first makes SGD's momentum
+    buffers). ``data_dir`` is any readable image folder: the setup checks
     one, and nothing is read from it."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -200,10 +202,14 @@ def fast_step_cost(
     torch.manual_seed(0)
     model = build_model(args, meta, bn_splits)
     optimizer = build_optimizer(model, args, meta)
-    crops = torch.empty(batch, 2, 3, crop_size, crop_size, dtype=torch.uint8, device=meta)
+    if augmented:
+        images = torch.empty(batch, 2, 3, crop_size, crop_size, dtype=torch.uint8, device=meta)
+    else:
+        images = [torch.empty(batch, 3, crop_size, crop_size, device=meta) for _ in range(2)]
+    augment = data.augment if augmented else None
 
     def step():
-        train_step(model, crops, optimizer, meta, False, data.augment, args.channels_last)
+        train_step(model, images, optimizer, meta, False, augment, args.channels_last)
 
     with GpuStepCounter():
         step()
