@@ -18,6 +18,10 @@ thread counts too). It includes freeing the previous batch, as in the training l
 over ``--receive-batches`` batches is reported: a ``next()`` that finds its batch queued behind
 the other worker's receives both and keeps one for later, so single batches vary.
 
+Decoding: the last batch received is then decoded on ``--device`` as the training step does it
+(``DeviceDecoder``: one batched ``decode_jpeg``, nvJPEG on CUDA, then the crops), a few times:
+wall ms per image with the device synced, and the training process's CPU ms per image.
+
 Files: generated 500×375 JPEGs at quality 90 (or ``--data``).
 
     python benchmarks/decode_host_cost.py --num-images 64 --json decode_host_cost.json
@@ -111,8 +115,11 @@ def receive_cost(data, args):
             wall_ms.append((time.perf_counter() - wall) * 1e3)
             thread_ms.append((time.thread_time() - thread) * 1e3 / args.batch_size)
             process_ms.append((time.process_time() - process) * 1e3 / args.batch_size)
+    decode_ms, decode_cpu_ms = device_decode_ms(train.decode, batch[0], device)
     del batch
     return {
+        "decode_ms_per_img": decode_ms,
+        "decode_cpu_ms_per_img": decode_cpu_ms,
         "batch_size": args.batch_size,
         "workers": args.workers,
         "device": str(device),
@@ -122,6 +129,26 @@ def receive_cost(data, args):
         "receive_ms_per_img_each": thread_ms,
         "receive_wall_ms_per_batch": wall_ms,
     }
+
+
+def device_decode_ms(decode, batch, device, repeats=3):
+    """(wall, process CPU) ms per image of ``decode(batch, device)``: the median of ``repeats``
+    after one untimed call."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    decode(batch, device)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        views, _ = decode(batch, device)
+        sync()
+        wall.append((time.perf_counter() - start) * 1e3 / len(views))
+        cpu.append((time.process_time() - start_cpu) * 1e3 / len(views))
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv=None):
@@ -136,6 +163,10 @@ def main(argv=None):
     print(f"| device (worker side) | {result['device_ms_per_img']:.3f} |")
     print(f"| device (training process, receive) | {result['receive_ms_per_img']:.3f} |")
     print(f"device/loader in the worker: {result['device_over_loader']:.3f}x")
+    print(
+        f"decode on {args.device}: {result['decode_ms_per_img']:.3f} ms/img wall, "
+        f"{result['decode_cpu_ms_per_img']:.3f} ms/img training-process CPU"
+    )
     print(
         f"receive: batch {args.batch_size}, -j {args.workers}, mean of "
         f"{result['receive_batches']} batches; process CPU "

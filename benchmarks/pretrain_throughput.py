@@ -83,6 +83,7 @@ from moco_d2.training.distributed import one_process, resolve_device
 
 SEED = 0
 MODES = ("released", "fast")
+STEPS = "steps"  # the fast step alone in STEP_VARIANTS
 LR = 0.03
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (V100: fp16, no bf16).
@@ -110,8 +111,8 @@ def at_least(minimum):
 
 def modes(text):
     chosen = [m for m in text.split(",") if m]
-    if not chosen or any(m not in MODES for m in chosen):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {MODES}")
+    if not chosen or any(m not in (*MODES, STEPS) for m in chosen):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {MODES + (STEPS,)}")
     return chosen
 
 
@@ -144,7 +145,8 @@ def parse_args(argv):
         default="released,fast",
         type=modes,
         help="comma-separated modes to run (default: released,fast; e.g. 'fast' with "
-        "--decode-on loader to compare the decode paths)",
+        "--decode-on loader to compare the decode paths; 'steps': the fast step alone with "
+        "--bn-splits 8 and 1, eager and compiled, channels_last and NCHW)",
     )
     p.add_argument("--json", default="pretrain_throughput.json", help="where to write results")
     return p.parse_args(argv)
@@ -206,6 +208,8 @@ def tool_args(args, device, data, fast):
             argv += ["--bn-splits", str(args.bn_splits)]
         if args.compile:
             argv.append("--compile")
+        if getattr(args, "channels_last", None) is not None:
+            argv.append("--channels-last" if args.channels_last else "--no-channels-last")
     tool = one_process(build_parser().parse_args(argv))
     resolve_speed_arguments(tool, device)
     return tool
@@ -374,6 +378,46 @@ def build(args, device, fast, data, bn_splits=None):
     return tool, splits, model, wrap_for_training(model, tool, device), opt
 
 
+# The step alone in the settings that decide the CUDA defaults: (--bn-splits, None for the
+# tool's default; --compile; channels_last)
+STEP_VARIANTS = (
+    (None, False, True),
+    (1, False, True),
+    (None, True, True),
+    (1, True, True),
+    (None, False, False),
+    (1, False, False),
+)
+
+
+def step_variants(args, device, data, gflops, variants=STEP_VARIANTS):
+    """The fast mode's step alone (:func:`step_only`) per variant, each built as the tool builds
+    it, with the seconds of its first step (where ``--compile`` compiles)."""
+    rows = []
+    for bn_splits, compiled, channels_last in variants:
+        variant = argparse.Namespace(**{**vars(args), "compile": compiled})
+        variant.channels_last = channels_last
+        tool, splits, model, train_model, opt = build(variant, device, True, data, bn_splits)
+        one = argparse.Namespace(**{**vars(args), "warmup": 0, "iters": 1})
+        start = time.perf_counter()
+        step_only(one, device, True, train_model, opt, tool)
+        first_s = time.perf_counter() - start
+        rate = step_only(args, device, True, train_model, opt, tool)
+        rows.append(
+            {
+                "bn_splits": splits,
+                "compile": compiled,
+                "channels_last": tool.channels_last,
+                "amp_bf16": tool.amp,
+                "step_img_per_s": rate,
+                "first_step_s": first_s,
+                "step_tflops": gflops * rate / 1e3,
+            }
+        )
+        del model, train_model, opt
+    return rows
+
+
 def gflops_per_image(args):
     from fvcore.nn import FlopCountAnalysis
 
@@ -439,6 +483,23 @@ def measure(args, device, fast, data, gflops, peak):
     return result
 
 
+def print_modes(results):
+    print(
+        f"{'mode':<9} {'img/s':>8} {'epoch +s':>9} {'step img/s':>11} {'bn-splits':>9} "
+        f"{'host ms/img':>12} {'main ms/img':>12} {'decode':>7} {'peak MiB':>9} {'TFLOP/s':>8} "
+        f"{'MFU':>6}"
+    )
+    for mode, r in results.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(
+            f"{mode:<9} {r['img_per_s']:>8.1f} {r['epoch_overhead_s']:>9.2f} "
+            f"{r['step_img_per_s']:>11.1f} {r['bn_splits']:>9} "
+            f"{r['host_ms_per_img']:>12.2f} {r['main_process_cpu_ms_per_img']:>12.2f} "
+            f"{r['decode_on']:>7} {r['peak_mem_bytes'] / 2**20:>9.0f} "
+            f"{r['tflops']:>8.3f} {mfu:>6}"
+        )
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = resolve_device(args.device)
@@ -456,24 +517,13 @@ def main(argv=None):
             for mode in MODES
             if mode in args.modes
         }
+        variants = step_variants(args, device, data, gflops) if STEPS in args.modes else None
     print(
         f"device: {name}, torch {torch.__version__}, {args.arch} at {args.crop_size} px, "
         f"batch {args.batch_size}, -j {args.workers}, {gflops:.2f} GFLOPs/img"
     )
-    print(
-        f"{'mode':<9} {'img/s':>8} {'epoch +s':>9} {'step img/s':>11} {'bn-splits':>9} "
-        f"{'host ms/img':>12} {'main ms/img':>12} {'decode':>7} {'peak MiB':>9} {'TFLOP/s':>8} "
-        f"{'MFU':>6}"
-    )
-    for mode, r in results.items():
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(
-            f"{mode:<9} {r['img_per_s']:>8.1f} {r['epoch_overhead_s']:>9.2f} "
-            f"{r['step_img_per_s']:>11.1f} {r['bn_splits']:>9} "
-            f"{r['host_ms_per_img']:>12.2f} {r['main_process_cpu_ms_per_img']:>12.2f} "
-            f"{r['decode_on']:>7} {r['peak_mem_bytes'] / 2**20:>9.0f} "
-            f"{r['tflops']:>8.3f} {mfu:>6}"
-        )
+    if results:
+        print_modes(results)
     out = {
         "device": str(device),
         "device_name": name,
@@ -497,6 +547,16 @@ def main(argv=None):
             f"fast/released: {out['ratio_img_per_s']:.2f}x end to end; host ms per image "
             f"x{out['ratio_host_ms_per_img']:.2f}"
         )
+    if variants is not None:
+        out[STEPS] = variants
+        print(f"{'step alone':<10} {'bn-splits':>9} {'compile':>8} {'format':>14} {'img/s':>9} "
+              f"{'first step s':>13}")  # fmt: skip
+        for v in variants:
+            fmt = "channels_last" if v["channels_last"] else "nchw"
+            print(
+                f"{'':<10} {v['bn_splits']:>9} {str(v['compile']):>8} {fmt:>14} "
+                f"{v['step_img_per_s']:>9.1f} {v['first_step_s']:>13.1f}"
+            )
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.json}")

@@ -29,6 +29,7 @@ bytes_ratio, ops_ratio}]}``.
 """
 
 import argparse
+import collections
 import json
 import platform
 import statistics
@@ -36,6 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
@@ -98,11 +100,24 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=10, help="forward+backward steps per timing")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--resnet50",
+        type=int,
+        nargs=2,
+        metavar=("BATCH", "CROP"),
+        help="instead: every BN layer of a ResNet-50 at this batch and crop, summed",
+    )
+    p.add_argument("--compile", action="store_true", help="with --resnet50: SplitBN compiled too")
     p.add_argument("--json", default="split_bn_overhead.json", help="where to write results")
     args = p.parse_args(argv)
     if args.shape[0] % args.num_splits:
         p.error(f"batch {args.shape[0]} is not divisible by --num-splits {args.num_splits}")
     return args
+
+
+def _device_name(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return name or device.type
 
 
 def sync(device):
@@ -156,12 +171,65 @@ def measure(args, device, fmt, impl):
     }
 
 
+def resnet50_bn_shapes(batch: int, crop: int) -> collections.Counter:
+    """The input shape of each of a ResNet-50's 53 BatchNorm layers: shape -> layers."""
+    shapes = collections.Counter()
+    with torch.device("meta"):
+        model = torchvision.models.resnet50()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda _m, inputs, _out: shapes.update([inputs[0].shape]))
+    model(torch.empty(batch, 3, crop, crop, device="meta"))
+    return shapes
+
+
+def median_ms(fn, x, grad, args, device, amp):
+    for _ in range(args.warmup):
+        step_ms(fn, x, grad, 1, device, amp)
+    return statistics.median(
+        step_ms(fn, x, grad, args.iters, device, amp) for _ in range(args.repeats)
+    )
+
+
+def resnet50_rows(args, device):
+    """Per format: forward + backward ms of every BN layer of a ResNet-50 summed, BatchNorm2d
+    against SplitBatchNorm eager (and compiled, one compilation per distinct shape)."""
+    amp = args.dtype == "bf16"
+    dtype = torch.bfloat16 if amp else torch.float32
+    shapes = resnet50_bn_shapes(*args.resnet50)
+    results = {}
+    for fmt in args.format:
+        total = collections.Counter()
+        for shape, layers in shapes.items():
+            x = torch.randn(shape, device=device, dtype=dtype)
+            x = x.contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+            grad = torch.randn_like(x)
+            c = shape[1]
+            candidates = {
+                "ms_bn2d": nn.BatchNorm2d(c, device=device),
+                "ms_split": SplitBatchNorm(c, args.num_splits, device=device),
+            }
+            if args.compile:
+                torch._dynamo.reset()  # one compilation per shape, no recompile limit
+                split = SplitBatchNorm(c, args.num_splits, device=device)
+                candidates["ms_split_compiled"] = torch.compile(split, dynamic=False)
+            for key, module in candidates.items():
+                total[key] += layers * median_ms(module, x, grad, args, device, amp)
+        row = {"format": fmt, "layers": sum(shapes.values()), **total}
+        row["ratio"] = total["ms_split"] / total["ms_bn2d"]
+        if args.compile:
+            row["ratio_compiled"] = total["ms_split_compiled"] / total["ms_bn2d"]
+        results[fmt] = row
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.resnet50:
+        return main_resnet50(args, device)
     rows = [measure(args, device, fmt, impl) for fmt in args.format for impl in args.impl]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    name = name or device.type
+    name = _device_name(device)
     threads = torch.get_num_threads()
     print(f"{name}, {args.dtype}, {tuple(args.shape)}, {args.num_splits} splits, {threads} threads")
     print(
@@ -180,6 +248,26 @@ def main(argv=None):
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.json}")
+
+
+def main_resnet50(args, device):
+    rows = resnet50_rows(args, device)
+    batch, crop = args.resnet50
+    print(
+        f"ResNet-50 at batch {batch}, {crop} px: its 53 BN layers, {args.dtype}, forward + backward"
+    )
+    head = ("format", "ms BN2d", "ms SplitBN", "compiled", "ratio", "compiled")
+    print("{:<14} {:>9} {:>11} {:>9} {:>7} {:>9}".format(*head))
+    for fmt, r in rows.items():
+        compiled = f"{r['ms_split_compiled']:9.2f}" if "ms_split_compiled" in r else f"{'-':>9}"
+        ratio_c = f"{r['ratio_compiled']:9.2f}" if "ratio_compiled" in r else f"{'-':>9}"
+        ms = f"{r['ms_bn2d']:9.2f} {r['ms_split']:11.2f} {compiled}"
+        print(f"{fmt:<14} {ms} {r['ratio']:7.2f} {ratio_c}")
+    out = {"device": _device_name(device), "config": vars(args) | {"json": None}, "resnet50": rows}
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.json}")
+    return out
 
 
 if __name__ == "__main__":

@@ -77,3 +77,21 @@ def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
     assert not released["workers_kept_across_epochs"] and fast["workers_kept_across_epochs"]
     assert fast["step_img_per_s_bn_splits_1"] > 0 and "step_img_per_s_bn_splits_1" not in released
     assert "fast step with --bn-splits 1" in result.stdout
+
+
+def test_step_variants_build_each_setting_as_the_tool_does(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import pretrain_throughput as bench
+
+    data = bench.make_jpeg_folder(str(tmp_path), 8)
+    argv = ["--device", "cpu", "-a", "resnet18", "--crop-size", "64", "-b", "8", "-j", "0"]
+    args = bench.parse_args(argv + ["--warmup", "0", "--iters", "1", "--moco-k", "64"])
+    variants = [(None, False, False), (1, False, True)]
+    rows = bench.step_variants(args, torch.device("cpu"), data, 1.0, variants)
+    assert [(r["bn_splits"], r["compile"], r["channels_last"]) for r in rows] == [
+        (BN_SPLITS, False, False),
+        (1, False, True),
+    ]
+    for r in rows:
+        assert r["step_img_per_s"] > 0 and r["first_step_s"] > 0
+        assert r["step_tflops"] == r["step_img_per_s"] / 1e3

@@ -33,3 +33,5 @@ def test_decode_host_cost_reports_both_paths_and_the_receive(tmp_path):
     assert report["receive_ms_per_img"] == pytest.approx(sum(each) / 3) and min(each) > 0
     receive = f"| device (training process, receive) | {report['receive_ms_per_img']:.3f} |"
     assert receive in result.stdout
+    assert report["decode_ms_per_img"] > 0 and report["decode_cpu_ms_per_img"] > 0
+    assert f"decode on cpu: {report['decode_ms_per_img']:.3f} ms/img wall" in result.stdout
