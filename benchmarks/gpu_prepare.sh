@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .device/site/ for benchmarks/gpu_check.sh on a GPU machine that has no network.
+# Build .device/site/ for benchmarks/gpu_check.py on a GPU machine that has no network.
 #
 # Such a machine's python3 has torch, torchvision, numpy, Pillow, tensorboard, tqdm, matplotlib
 # and pytest, but not detectron2 and its pure-Python dependencies, nor pycocotools. This script
@@ -77,7 +77,7 @@ fi
 # Import check: PYTHON without its site-packages (-S), with the project, .device/site and links
 # to only the GPU machine's packages on the path. The pycocotools extension is built for 3.12:
 # under an older PYTHON its own pycocotools stands in (the 3.12 import is checked by
-# gpu_check.sh's environment step on the GPU machine).
+# gpu_check.py's environment step on the GPU machine).
 bare=$(mktemp -d)
 trap 'rm -rf "$bare"' EXIT
 mkdir "$bare/first" "$bare/gpu"
