@@ -13,8 +13,8 @@ setup(
     packages=find_packages(include=["moco_d2", "moco_d2.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.0",
-        "torchvision>=0.15",
+        "torch>=2.5",
+        "torchvision>=0.20",
         "fvcore>=0.1.5",
         "iopath>=0.1.7",
         "pycocotools>=2.0.2",
