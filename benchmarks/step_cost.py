@@ -10,6 +10,8 @@ CPU in seconds. Rows:
   ``--compile`` also both compiled, counted by inductor (its CPU backend, which needs a C++
   compiler; the fusion decisions that set the bytes are those of its GPU backend);
 - ``augment/...``: one view of 256 uint8 crops at 224 px through ``DeviceAugment``, aug+ and v1;
+- ``decode crops``: the two views that ``--decode-on device`` cuts and resizes from each of 256
+  decoded 500x375 images (the nvJPEG decode itself is not an aten op);
 - ``step/...``: the whole fast step of ``tools/pretrain_moco.py`` with its CUDA defaults
   (ResNet-50, 224 px, batch 256, K 65536, channels_last, the bf16 step of ``--amp``): both
   views augmented, the MoCo forward and backward, SGD, the momentum update and the queue, at
@@ -41,6 +43,7 @@ from moco_d2.pretrain.cost import (
     augment_cost,
     bn_layer_cost,
     compiled_bn_layer_cost,
+    decode_crop_cost,
     fast_step_cost,
 )
 from moco_d2.pretrain.data import make_synthetic_image_folder
@@ -107,6 +110,9 @@ def augment_rows() -> list[dict]:
         torch.manual_seed(0)
         count = augment_cost(aug_plus)
         rows.append(row(f"augment/{name}", count.ops, count.bytes, reference, count.syncs))
+    count = decode_crop_cost()
+    part = "decode crops (2 views of 256 decoded 500x375 JPEGs)"
+    rows.append(row(part, count.ops, count.bytes, 2 * reference, count.syncs))
     return rows
 
 

@@ -351,3 +351,26 @@ def test_replacements_do_not_depend_on_the_workers(tmp_path):
     assert sum(count for _, count in inline) == 2 * 4  # 4 truncated files, each met once an epoch
     for (a, count_a), (b, count_b) in zip(inline, workers):
         assert count_a == count_b and torch.equal(a, b)
+
+
+def test_views_off_the_cpu_are_torchvisions_resize_of_a_gpu_tensor():
+    """Off the CPU torch has no uint8 antialiased kernel: torchvision casts each view to float,
+    resizes, rounds and casts back. The decoder rounds the whole batch at once: the same values
+    (torchvision's float path, run here on CPU tensors)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from moco_d2.pretrain.device_augment import resized_views_unrounded
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 75, 100), dtype=torch.uint8)
+    boxes = [(5, 7, 40, 61), (3, 30, 64, 64), (0, 0, 75, 100)]  # one already at the crop size
+    ours = torch.stack(resized_views_unrounded(pixels, boxes, 64)).round_().to(torch.uint8)
+    reference = torch.stack(
+        [
+            TF.resized_crop(pixels.float(), t, left, h, w, [64, 64], antialias=True)
+            .round_()
+            .to(torch.uint8)
+            for t, left, h, w in boxes
+        ]
+    )
+    assert torch.equal(ours, reference)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from moco_d2.pretrain.device_augment import DeviceAugment
+from moco_d2.pretrain.device_augment import DeviceAugment, TwoCropsLoader
+from moco_d2.pretrain.device_decode import DeviceDecoder
 from moco_d2.utils.op_count import OpCount, OpCounter
 
 aten = torch.ops.aten
@@ -106,6 +107,22 @@ def augment_cost(aug_plus: bool = True, shape: tuple[int, ...] = AUGMENT_SHAPE) 
     crops = torch.empty(shape, dtype=torch.uint8, device="meta")
     with OpCounter() as counter:
         DeviceAugment(aug_plus)(crops)
+    return counter.count
+
+
+def decode_crop_cost(
+    batch: int = 256, crop_size: int = 224, width: int = 500, height: int = 375
+) -> OpCount:
+    """The crops that ``--decode-on device`` cuts from ``batch`` decoded ``width`` x ``height``
+    images on a GPU (two RandomResizedCrop views each, resized as :class:`DeviceDecoder` resizes
+    them off the CPU), on the meta device; ``torchvision`` rounds each view itself."""
+    torch.manual_seed(0)
+    draw = TwoCropsLoader(crop_size).draw_boxes
+    pixels = torch.empty(3, height, width, dtype=torch.uint8, device="meta")
+    boxes = [draw(width, height) for _ in range(batch)]
+    decoder = DeviceDecoder(crop_size, folder=None)
+    with OpCounter() as counter:
+        decoder.views([pixels] * batch, boxes, None, pixels.device)
     return counter.count
 
 

@@ -235,6 +235,25 @@ def resized_views(
     return views
 
 
+def resized_views_unrounded(
+    pixels: torch.Tensor, boxes: list, crop_size: int
+) -> list[torch.Tensor]:
+    """float32 ``(3, crop, crop)`` views of uint8 ``pixels``, as torchvision's resize of a uint8
+    tensor off the CPU computes them before its final round and cast back to uint8 (it casts the
+    crop to float and resizes bilinearly with antialiasing; a crop of the output size it returns
+    unchanged)."""
+    views = []
+    for top, left, h, w in boxes:
+        view = pixels[:, top : top + h, left : left + w].float()
+        if (h, w) != (crop_size, crop_size):
+            view = F.interpolate(
+                view[None], size=[crop_size, crop_size], mode="bilinear", align_corners=False,
+                antialias=True,
+            )[0]  # fmt: skip
+        views.append(view)
+    return views
+
+
 def resized_crops(
     pixels: torch.Tensor, boxes: list, crop_size: int, scale: float = 1
 ) -> torch.Tensor:

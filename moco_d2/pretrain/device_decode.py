@@ -50,7 +50,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from moco_d2.pretrain.data import TolerantImageFolder
-from moco_d2.pretrain.device_augment import TwoCropsLoader, resized_views
+from moco_d2.pretrain.device_augment import TwoCropsLoader, resized_views, resized_views_unrounded
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,11 @@ class DeviceDecoder:
     """Device side: an :class:`EncodedBatch` → uint8 views ``(N, 2, 3, crop, crop)`` on
     ``device`` in the batch's order, and the number of unreadable files met.
 
+    The crops are resized as :class:`TwoCropsLoader` resizes them. Torch's uint8 antialiased
+    kernel is CPU-only, so elsewhere torchvision casts each view to float, resizes it, rounds it
+    and casts it back: here the rounding and the cast back run once for the whole batch (the
+    same values in half the kernels).
+
     Nothing here waits for the device but ``decode_jpeg`` itself: offsets and boxes are read on
     the host (they are host data), the CPU-path crops and the positions go to the device by
     non-blocking copies from the pinned batch, and ``index_copy_`` puts the parts in order.
@@ -236,18 +241,8 @@ class DeviceDecoder:
         c = self.crop_size
         offsets = batch.offsets.tolist()
         data = [batch.data[start:end] for start, end in zip(offsets, offsets[1:])]
-        views, unreadable = [], 0
         decoded = self._decode(data, batch.paths, device)
-        for k, (pixels, boxes) in enumerate(zip(decoded, batch.boxes.tolist())):
-            if pixels is None:
-                crops, skipped = self.folder.replacement(
-                    batch.files[k], batch.seeds[k], self.cpu_path
-                )
-                views.extend(crops.to(device).unbind())
-                unreadable += 1 + skipped
-            else:
-                views.extend(resized_views(pixels, boxes, c))
-        encoded = torch.stack(views).view(-1, 2, 3, c, c) if views else None
+        encoded, unreadable = self.views(decoded, batch.boxes.tolist(), batch, device)
         if batch.crops is None:  # every image was encoded: already in the batch's order
             return encoded, unreadable
         crops = batch.crops.to(device, non_blocking=True)
@@ -258,6 +253,36 @@ class DeviceDecoder:
         out.index_copy_(0, positions[: encoded.shape[0]], encoded)
         out.index_copy_(0, positions[encoded.shape[0] :], crops)
         return out, unreadable
+
+    def views(
+        self,
+        decoded: list[torch.Tensor | None],
+        boxes: list,
+        batch: EncodedBatch | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor | None, int]:
+        """uint8 ``(E, 2, 3, crop, crop)`` views of the ``decoded`` images (None: unreadable,
+        replaced from the folder, ``batch`` saying which file and seed) and the unreadable
+        files met."""
+        c = self.crop_size
+        views, unreadable = [], 0
+        native = device.type == "cpu"
+        for k, (pixels, image_boxes) in enumerate(zip(decoded, boxes)):
+            if pixels is None:
+                crops, skipped = self.folder.replacement(
+                    batch.files[k], batch.seeds[k], self.cpu_path
+                )
+                crops = crops.to(device)
+                views.extend((crops if native else crops.float()).unbind())
+                unreadable += 1 + skipped
+            elif native:
+                views.extend(resized_views(pixels, image_boxes, c))
+            else:
+                views.extend(resized_views_unrounded(pixels, image_boxes, c))
+        if not views:
+            return None, unreadable
+        encoded = torch.stack(views) if native else torch.stack(views).round_().to(torch.uint8)
+        return encoded.view(-1, 2, 3, c, c), unreadable
 
     def _decode(
         self, data: list[torch.Tensor], paths: list[str], device: torch.device
