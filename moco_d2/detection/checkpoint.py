@@ -39,8 +39,12 @@ _SHOWN = 5
 
 
 def _is_detectron2(loaded: dict[str, Any]) -> bool:
-    """A train_net checkpoint or a Detectron2 state_dict: names of a Detectron2 ResNet."""
-    state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
+    """A train_net checkpoint (Detectron2's checkpointer saves the ``model`` with the
+    ``iteration``) or a Detectron2 state_dict: names of a Detectron2 ResNet."""
+    model = loaded.get("model")
+    if isinstance(model, dict) and "iteration" in loaded:
+        return True
+    state = model if isinstance(model, dict) else loaded
     return any(_TRUNK.search(str(name)) for name in state)
 
 
