@@ -50,6 +50,9 @@ def test_demo_runs_end_to_end_and_reports_what_the_runs_measured(tmp_path):
     assert table in result.stdout
     report = (out / "report.md").read_text()
     assert table in report and "2 iterations of Faster R-CNN" in report
+    # ... and say what one run cannot show
+    assert f"What it does not show: that pretraining helps. {demo.CAVEAT}" in report
+    assert demo.CAVEAT in result.stdout
 
     # Pretraining logged every iteration (2 epochs x 2 batches) for the figure.
     steps, losses = demo._pretrain_losses(str(out / "pretrain"))
