@@ -212,6 +212,7 @@ def step_env(ctx: Context) -> dict:
     info["import_errors"] = missing
     print(json.dumps(info, indent=2))
     if missing or (ctx.cuda and not cuda):
+        ctx.save("env", info)
         raise SystemExit(1)
     return info
 
