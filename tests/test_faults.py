@@ -476,7 +476,8 @@ def test_train_net_killed_after_its_first_checkpoint_resumes_and_finishes(
     lines = (out / "metrics.json").read_text().splitlines()
     steps = [json.loads(x) for x in lines if "health_max_weight_ratio" in x]
     assert steps[-1]["iteration"] == 2
-    assert 1 <= steps[-1]["health_max_weight_ratio"] < 10  # the bound is 1e3
+    ratio = steps[-1]["health_max_weight_ratio"]
+    assert ratio >= 1 and ratio < 10, ratio  # the bound is 1e3; per-tensor it was ~3e5
 
 
 # Detection: clean stops (one line, exit 2, the output folder intact).
