@@ -14,7 +14,7 @@ import torchvision
 
 from moco_d2.pretrain.builder import build_encoder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = (
     "img_per_s",
     "step_img_per_s",

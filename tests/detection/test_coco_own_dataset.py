@@ -17,7 +17,7 @@ from moco_d2.detection import train_net
 from moco_d2.errors import UserError
 from moco_d2.utils.fileio import sha256_of
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO = os.path.join(REPO, "configs", "coco_R50_C4_2x.yaml")
 VOC = os.path.join(REPO, "configs", "voc_R50_C4.yaml")
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from moco_d2 import demo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_demo_runs_end_to_end_and_reports_what_the_runs_measured(tmp_path):

@@ -15,7 +15,7 @@ from moco_d2.cli import run_tool
 from moco_d2.convert import resnet
 from moco_d2.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "convert-to-d2.py")
 BN = ("weight", "bias", "running_mean", "running_var")
 

@@ -16,7 +16,7 @@ from transfer_tiny import TINY_OPTS
 from moco_d2.detection import trials
 from moco_d2.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _trials_command(out, num_trials, voc_root, weights, *extra):

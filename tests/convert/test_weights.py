@@ -22,7 +22,7 @@ from transfer_tiny import TINY_OPTS
 from moco_d2 import weights
 from moco_d2.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "voc_R50_C4.yaml")
 
 

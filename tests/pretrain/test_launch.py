@@ -14,7 +14,7 @@ from moco_d2.pretrain.data import make_synthetic_image_folder
 from moco_d2.pretrain.health import TrainingDiverged
 from moco_d2.training import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
 

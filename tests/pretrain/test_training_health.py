@@ -18,7 +18,7 @@ from moco_d2.pretrain.health import TrainingDiverged
 from moco_d2.training.health import LAYER_RMS_FLOOR, MAX_NORM_RATIO, MAX_RUNNING_VAR, HealthMonitor
 from moco_d2.utils.op_count import OpCounter
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc_R50_C4.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "voc_R50_C4.yaml"
 
 
 def _model():

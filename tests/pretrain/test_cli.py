@@ -18,7 +18,7 @@ from moco_d2.pretrain.data import make_synthetic_image_folder
 from moco_d2.pretrain.device_decode import jpeg_size
 from moco_d2.pretrain.engine import TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(ROOT / "tools" / "pretrain_moco.py")]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 

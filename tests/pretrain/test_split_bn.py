@@ -17,7 +17,7 @@ from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
 from moco_d2.pretrain.setup import compile_encoders
 from moco_d2.pretrain.split_bn import SplitBatchNorm, convert_split_bn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 S = 3  # groups
 

@@ -22,7 +22,7 @@ from moco_d2.pretrain.health import (
 )
 from moco_d2.pretrain.setup import resolve_bn_splits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(ROOT / "tools" / "pretrain_moco.py")]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 

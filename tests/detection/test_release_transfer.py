@@ -20,7 +20,7 @@ from moco_d2.lincls.loading import load_pretrained
 from moco_d2.lincls.model import build_model
 from moco_d2.utils.fileio import sha256_of
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOC = os.path.join(REPO, "configs", "voc_R50_C4.yaml")
 
 
