@@ -11,7 +11,7 @@ so that the completeness checks of the converter and lincls refuse it.
 import re
 from collections.abc import Iterable
 
-from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
+from moco_d2 import IMAGENET_MEAN, IMAGENET_STD
 
 # Entries of a checkpoint that may hold the state_dict, in the order they are looked at.
 # "model" only counts when it holds tensors: Detectron2 weights hold numpy arrays there.

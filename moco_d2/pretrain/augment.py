@@ -7,7 +7,7 @@ import torch
 from PIL import ImageFilter
 from torchvision import transforms
 
-from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
+from moco_d2 import IMAGENET_MEAN, IMAGENET_STD
 
 
 class GaussianBlur:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
+from moco_d2 import IMAGENET_MEAN, IMAGENET_STD
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 NONE = 4  # no jitter op at this position (the image is not jittered)

@@ -15,7 +15,12 @@ from moco_d2.pretrain.cost import GpuStepCounter, StepCount, fast_step_cost
 from moco_d2.pretrain.data import make_synthetic_image_folder
 from moco_d2.utils.op_count import OpCount, OpCounter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
+    ),
+)
 import step_cost  # noqa: E402
 
 SMALL = {"arch": "resnet18", "batch": 8, "crop_size": 64, "moco_k": 64}

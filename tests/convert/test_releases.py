@@ -16,11 +16,10 @@ import releases
 import torch
 from releases import OTHER, RELEASES, SHAPES, TAKEN, THIRD
 
-from moco_d2 import weights
+from moco_d2 import IMAGENET_MEAN, IMAGENET_STD, weights
 from moco_d2.cli import run_tool
 from moco_d2.convert import layouts, tool
 from moco_d2.errors import UserError
-from moco_d2.training.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")

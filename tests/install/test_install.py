@@ -82,7 +82,9 @@ def test_moco_d2_imports_without_detectron2():
 
 def test_tool_without_detectron2_says_what_to_run_in_one_line():
     tool = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", "train_net.py"
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "tools",
+        "train_net.py",
     )
     code = HIDE_DETECTRON2 + (
         f"sys.argv = [{tool!r}]; import runpy; runpy.run_path({tool!r}, run_name='__main__')"
