@@ -54,7 +54,7 @@ def measure(mode: str, json_file: str, image_root: str) -> dict:
 
     from moco_d2.detection import preflight
     from moco_d2.detection.data.coco import register_coco
-    from moco_d2.utils.fileio import sha256_of
+    from moco_d2.io import sha256_of
 
     register_coco(DATASET, image_root, json_file)
     cfg = get_cfg()
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
     report = run(args.scale, modes, args.tmp_dir)
     print(format_table(report))
     if args.json:
-        from moco_d2.utils.fileio import atomic_write_json
+        from moco_d2.io import atomic_write_json
 
         atomic_write_json(report, args.json)
     return 0

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from moco_d2.io import atomic_write_json
 from moco_d2.pretrain.data import resolve_train_dir, scan_image_folder
 from moco_d2.pretrain.device_augment import TwoCropsLoader
 from moco_d2.pretrain.device_decode import EncodedTwoCrops
@@ -43,7 +44,6 @@ from moco_d2.pretrain.main import build_parser
 from moco_d2.pretrain.setup import build_train_data, build_train_loader
 from moco_d2.pretrain.speed_flags import resolve_speed_arguments
 from moco_d2.training.distributed import one_process
-from moco_d2.utils.fileio import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pretrain_throughput import make_jpeg_folder  # noqa: E402

@@ -23,9 +23,9 @@ import torch
 from moco_d2.cli import ArgumentParser
 from moco_d2.detection.trainer import METRICS_FILE
 from moco_d2.errors import UserError
+from moco_d2.io import atomic_path, atomic_write_text
 from moco_d2.published import VOC_DETECTION
 from moco_d2.training.logs import LOSS
-from moco_d2.utils.fileio import atomic_path, atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "voc_R50_C4_demo.yaml")

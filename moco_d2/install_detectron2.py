@@ -13,7 +13,7 @@ Usage::
     python -m moco_d2.install_detectron2 --check   # report version and source only
 
 This module must import without detectron2, so it uses only the standard library and
-:mod:`moco_d2.utils.fileio`.
+:mod:`moco_d2.io`.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 import urllib.request
 
-from moco_d2.utils.fileio import sha256_of
+from moco_d2.io import sha256_of
 
 SDIST_NAME = "pb1-detectron2"
 SDIST_VERSION = "0.6"

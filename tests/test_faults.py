@@ -528,9 +528,9 @@ def test_weights_url_found_in_the_download_cache(converted_weights, tmp_path, mo
 def test_train_net_refuses_weights_with_nan_before_launch(converted_weights, voc_copy, tmp_path):
     import pickle
 
-    from moco_d2 import weights
+    from moco_d2.io import load_pickle
 
-    data = weights.load_pickle(str(converted_weights))
+    data = load_pickle(str(converted_weights))
     names = list(data["model"])
     bad = names[len(names) // 2]
     data["model"][bad] = data["model"][bad].copy()

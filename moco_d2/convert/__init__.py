@@ -1,6 +1,6 @@
 """Self-supervised ResNet-50 checkpoints → Detectron2 weights, all 265 trunk tensors or nothing.
 
-:mod:`.layouts` holds the rules by which :mod:`moco_d2.weights` finds the trunk of each
+:mod:`.layouts` holds the rules by which :mod:`.trunk` finds the trunk of each
 release's checkpoint, :mod:`.resnet` checks and renames it, :mod:`.tool` is
 ``tools/convert-to-d2.py`` (and train_net's conversion in memory).
 """

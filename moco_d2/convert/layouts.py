@@ -1,5 +1,5 @@
 """Where each self-supervised release keeps its ResNet trunk, what the rest of its file is,
-and the names and input normalisation it uses: the rules :func:`moco_d2.weights.find_trunk`
+and the names and input normalisation it uses: the rules :func:`.trunk.find_trunk`
 applies.
 
 The rules come from each release's own saving or converting code (docs/transfer.md has the

@@ -9,11 +9,11 @@ the input normalisation the weights expect, which ``train_net`` checks against i
 import pickle
 from typing import Any
 
-from moco_d2 import weights
 from moco_d2.cli import ArgumentParser
 from moco_d2.convert import layouts, resnet
+from moco_d2.convert.trunk import Trunk, add_trunk_arguments, read_trunk
 from moco_d2.errors import UserError
-from moco_d2.utils.fileio import atomic_path
+from moco_d2.io import atomic_path
 
 AUTHOR = "moco_d2 convert-to-d2"
 # The extra key of the .pkl that records the input the weights expect (detectron2 ignores it).
@@ -21,17 +21,17 @@ NORMALISATION = "input_normalisation"
 FORMAT = "RGB"
 
 
-def checked_mapping(trunk: weights.Trunk) -> dict[str, str]:
+def checked_mapping(trunk: Trunk) -> dict[str, str]:
     """torchvision → Detectron2 names, once ``trunk`` is a complete, finite ResNet-50."""
     resnet.check_complete(trunk.tensors)
     resnet.check_finite(trunk.tensors, trunk.sources)
     return {name: resnet.to_detectron2(name) for name in resnet.resnet50_shapes()}
 
 
-def convert(input_path: str, choice: str | None = None) -> tuple[weights.Trunk, dict[str, str]]:
-    """Read ``input_path``; return (its :class:`weights.Trunk`, torchvision → Detectron2 names).
+def convert(input_path: str, choice: str | None = None) -> tuple[Trunk, dict[str, str]]:
+    """Read ``input_path``; return (its :class:`Trunk`, torchvision → Detectron2 names).
     ``choice``: the ``--trunk`` to take."""
-    trunk = weights.read_trunk(input_path, choice)
+    trunk = read_trunk(input_path, choice)
     try:
         return trunk, checked_mapping(trunk)
     except UserError as e:
@@ -67,7 +67,7 @@ def config_overrides(record: dict[str, Any]) -> str:
 
 
 def detectron2_weights(
-    trunk: weights.Trunk, mapping: dict[str, str], input_norm: str | None = None
+    trunk: Trunk, mapping: dict[str, str], input_norm: str | None = None
 ) -> dict[str, Any]:
     """The pickle content Detectron2's DetectionCheckpointer reads, with the input record."""
     model = {d2: trunk.tensors[tv].detach().cpu().numpy() for tv, d2 in mapping.items()}
@@ -78,7 +78,7 @@ def detectron2_weights(
     return data
 
 
-def summary(trunk: weights.Trunk, input_norm: str | None) -> list[str]:
+def summary(trunk: Trunk, input_norm: str | None) -> list[str]:
     """What was read: the layout, the second trunks left out, the input the weights expect."""
     lines = [f"input format: {trunk.format}"]
     if trunk.second:
@@ -102,7 +102,7 @@ def write(weights: dict, output_path: str) -> None:
             pickle.dump(weights, f)
 
 
-def report(trunk: weights.Trunk, mapping: dict[str, str]) -> str:
+def report(trunk: Trunk, mapping: dict[str, str]) -> str:
     """The mapping, one tensor per line, then what was left out on purpose, one per line."""
     width = max(map(len, mapping))
     lines = [
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
         ".torch, .bin, .safetensors), or a ResNet-50 state_dict",
     )
     parser.add_argument("output", help="Detectron2 weights to write, ending in .pkl")
-    weights.add_trunk_arguments(parser)
+    add_trunk_arguments(parser)
     parser.add_argument(
         "--report",
         action="store_true",

@@ -2,14 +2,14 @@
 random.
 
 Detectron2 reads ``.pkl`` weights with plain ``pickle.load``, which runs whatever code the
-file names; here every file goes through :mod:`moco_d2.weights` (a restricted unpickler for
+file names; here every file goes through :mod:`moco_d2.io` (a restricted unpickler for
 ``.pkl``, ``torch.load(weights_only=True)`` otherwise). A pretraining checkpoint that the
 converter accepts is converted in memory, by the converter's own functions, and logged as
 the converter reports it. Detectron2 also only logs a warning for model tensors a checkpoint
 does not provide, so a wrong file trains a half-random backbone; here any ResNet trunk
 tensor left unloaded is an error. And Detectron2 writes checkpoints in place, so a full disk
 or a kill left a truncated file that ``last_checkpoint`` might name; here they are written
-atomically (:mod:`moco_d2.utils.fileio`).
+atomically (:mod:`moco_d2.io`).
 """
 
 import logging
@@ -23,10 +23,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
-from moco_d2 import weights
+from moco_d2 import io
 from moco_d2.convert import tool
+from moco_d2.convert.trunk import find_trunk
 from moco_d2.errors import UserError
-from moco_d2.utils.fileio import atomic_torch_save, atomic_write_text
+from moco_d2.io import atomic_torch_save, atomic_write_text
 
 LAST_CHECKPOINT = "last_checkpoint"  # the file Detectron2's checkpointer keeps in OUTPUT_DIR
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _is_detectron2(loaded: dict[str, Any]) -> bool:
 def converted_in_memory(loaded: Any, path: str) -> dict[str, Any]:
     """A pretraining checkpoint (any layout the converter accepts) as the converter would
     write it, logged as the converter reports it; its own errors if it does not convert."""
-    trunk = weights.find_trunk(loaded, path)
+    trunk = find_trunk(loaded, path)
     try:
         mapping = tool.checked_mapping(trunk)
     except UserError as e:
@@ -74,7 +75,7 @@ def read_detectron2_file(path: str) -> dict[str, Any]:
     Detectron2 names is a pretraining checkpoint or state_dict, converted in memory.
     """
     if path.endswith(".pkl"):
-        data = weights.load_pickle(path)
+        data = io.load_pickle(path)
         if not isinstance(data, dict):
             raise UserError(f"{path} holds a {type(data).__name__}, not Detectron2 weights")
         if "model" in data and "__author__" in data:
@@ -82,7 +83,7 @@ def read_detectron2_file(path: str) -> dict[str, Any]:
         data = data.get("blobs", data)  # Caffe2 / Detectron1 model zoo layout
         data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
         return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-    loaded = weights.load_file(path)
+    loaded = io.load_file(path)
     if not isinstance(loaded, dict):
         raise UserError(f"{path} holds a {type(loaded).__name__}, not Detectron2 weights")
     if path.endswith(".pyth") and isinstance(loaded.get("model_state"), dict):  # pycls

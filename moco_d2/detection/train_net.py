@@ -25,7 +25,7 @@ from moco_d2.detection.norm import resolve_sync_bn
 from moco_d2.detection.preflight import check_before_launch, resume_checkpoint
 from moco_d2.detection.trainer import METRICS_FILE, Trainer
 from moco_d2.errors import UserError
-from moco_d2.utils.fileio import remove_stale_temporaries
+from moco_d2.io import remove_stale_temporaries
 
 
 def argument_parser() -> argparse.ArgumentParser:

@@ -26,8 +26,8 @@ from moco_d2.detection.evaluation import COCODetectionEvaluator, VOCDetectionEva
 from moco_d2.detection.images import CheckedDatasetMapper
 from moco_d2.detection.launch import EveryRankError
 from moco_d2.errors import UserError
+from moco_d2.io import atomic_write_text
 from moco_d2.training.health import HealthMonitor
-from moco_d2.utils.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

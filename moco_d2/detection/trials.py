@@ -28,13 +28,8 @@ from moco_d2.cli import ArgumentParser
 from moco_d2.detection.data.coco import add_coco_dataset_argument, register_coco_datasets
 from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
 from moco_d2.errors import UserError
+from moco_d2.io import atomic_write_json, atomic_write_text, remove_stale_temporaries, sha256_of
 from moco_d2.published import VOC_DETECTION
-from moco_d2.utils.fileio import (
-    atomic_write_json,
-    atomic_write_text,
-    remove_stale_temporaries,
-    sha256_of,
-)
 
 logger = logging.getLogger("moco_d2.detection.trials")
 

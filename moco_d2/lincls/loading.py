@@ -1,6 +1,6 @@
 """Turn a pretrained file into backbone weights, and check they fit the model exactly.
 
-Any file :func:`moco_d2.weights.read_trunk` accepts: our pretraining checkpoints, those of
+Any file :func:`moco_d2.convert.trunk.read_trunk` accepts: our pretraining checkpoints, those of
 the self-supervised releases the converter reads (the same trunk, by the same rules),
 torchvision state_dicts, and lincls outputs. Only the trunk is kept, so the loaded model
 misses exactly its head (``fc.*``) and BN's batch counters.
@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from moco_d2 import weights
+from moco_d2.convert.trunk import Trunk, read_trunk
 from moco_d2.errors import UserError
 
 # Left at the model's init on purpose: the classifier head, and BN's batch counter.
@@ -24,7 +24,7 @@ def _listed(keys: set[str], limit: int = 4) -> str:
 
 
 def load_pretrained(
-    model: torch.nn.Module, path: str, arch: str, trunk: weights.Trunk | None = None
+    model: torch.nn.Module, path: str, arch: str, trunk: Trunk | None = None
 ) -> dict[str, torch.Tensor]:
     """Load the trunk of ``path`` (``trunk``, when already read) into ``model``; only
     ``fc.*`` may stay missing.
@@ -32,7 +32,7 @@ def load_pretrained(
     Raises a :class:`UserError` naming the offending keys (or the arch) otherwise, so a
     checkpoint that does not fit never trains a linear layer on random features.
     """
-    trunk = trunk or weights.read_trunk(path)
+    trunk = trunk or read_trunk(path)
     if trunk.arch is not None and trunk.arch != arch:
         raise UserError(f"{path} is a {trunk.arch} checkpoint, but -a/--arch is {arch}")
     state = trunk.tensors
@@ -64,7 +64,7 @@ def _differing(model: torch.nn.Module, pretrained: dict[str, torch.Tensor]) -> s
 def check_backbone_unchanged(model: torch.nn.Module, path: str, choice: str | None = None) -> None:
     """Compare every trunk tensor (BN running stats too) with the file's (its ``--trunk``
     ``choice``): the freeze worked."""
-    changed = _differing(model, weights.read_trunk(path, choice).tensors)
+    changed = _differing(model, read_trunk(path, choice).tensors)
     if changed:
         raise RuntimeError(
             f"backbone changed during linear classification: {_listed(changed)}; "

@@ -3,8 +3,8 @@
 import argparse
 import functools
 
-from moco_d2 import weights
 from moco_d2.cli import ArgumentParser
+from moco_d2.convert import trunk
 from moco_d2.errors import UserError
 from moco_d2.lincls.model import ARCHS
 from moco_d2.lincls.train import finished, prepare, worker
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained checkpoint: ours, another release's (those the converter reads), "
         "or a torchvision state_dict",
     )
-    weights.add_trunk_arguments(parser)
+    trunk.add_trunk_arguments(parser)
     parser.add_argument(
         "--output-dir",
         default="output/lincls",

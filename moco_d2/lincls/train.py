@@ -12,9 +12,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from moco_d2 import weights
 from moco_d2.convert.layouts import IMAGENET
+from moco_d2.convert.trunk import is_moco_checkpoint, read_trunk
 from moco_d2.errors import UserError
+from moco_d2.io import atomic_path, atomic_torch_save, atomic_write_json, remove_stale_temporaries
 from moco_d2.lincls.data import build_datasets
 from moco_d2.lincls.engine import evaluate, train_one_epoch
 from moco_d2.lincls.loading import check_backbone_unchanged, check_resumed_backbone, load_pretrained
@@ -46,12 +47,6 @@ from moco_d2.training.logs import (
     teardown_logging,
 )
 from moco_d2.training.schedule import adjust_learning_rate
-from moco_d2.utils.fileio import (
-    atomic_path,
-    atomic_torch_save,
-    atomic_write_json,
-    remove_stale_temporaries,
-)
 
 LAST_CHECKPOINT = "checkpoint.pth.tar"
 BEST_CHECKPOINT = "model_best.pth.tar"
@@ -74,7 +69,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     bad input fails as one line in every launch mode. Images are normalised as the pretrained
     weights expect (``--input-norm``, else what their layout says, else ImageNet mean/std).
     """
-    trunk = weights.read_trunk(args.pretrained, args.trunk) if args.pretrained else None
+    trunk = read_trunk(args.pretrained, args.trunk) if args.pretrained else None
     input_norm = args.input_norm or (trunk and trunk.input_norm) or IMAGENET
     train_set, val_set = build_datasets(args.data, args.crop_size, args.resize, input_norm)
     model = build_model(args.arch, num_classes=len(train_set.classes))
@@ -143,7 +138,7 @@ def _loaders(train_set, val_set, args):
 def _load_resume(path, model, args):
     """Load the model weights of a checkpoint of this tool; return the checkpoint for the rest."""
     checkpoint = load_checkpoint(path)
-    if weights.is_moco_checkpoint(checkpoint):
+    if is_moco_checkpoint(checkpoint):
         raise UserError(
             f"--resume {path} is a MoCo pretraining checkpoint, not a tools/lincls.py one: "
             "pass it as --pretrained"

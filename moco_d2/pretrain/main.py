@@ -15,7 +15,9 @@ import torch
 import torchvision
 
 from moco_d2.cli import ArgumentParser
+from moco_d2.convert.trunk import state_dict_error
 from moco_d2.errors import UserError
+from moco_d2.io import remove_stale_temporaries
 from moco_d2.pretrain.data import resolve_train_dir
 from moco_d2.pretrain.engine import train_one_epoch
 from moco_d2.pretrain.health import HealthMonitor
@@ -58,8 +60,6 @@ from moco_d2.training.distributed import (
 )
 from moco_d2.training.logs import setup_logging, teardown_logging
 from moco_d2.training.schedule import adjust_learning_rate
-from moco_d2.utils.fileio import remove_stale_temporaries
-from moco_d2.weights import state_dict_error
 
 logger = logging.getLogger("moco_d2.pretrain")
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from moco_d2 import weights
-from moco_d2.utils.fileio import atomic_torch_save
+from moco_d2 import io
+from moco_d2.io import atomic_torch_save
 
 CHECKPOINT_PATTERN = "checkpoint_{:04d}.pth.tar"
 _CHECKPOINT_RE = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
@@ -46,8 +46,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """A training checkpoint read by :func:`moco_d2.weights.load_checkpoint` (weights_only)."""
-    return weights.load_checkpoint(path)
+    """A training checkpoint read by :func:`moco_d2.io.load_checkpoint` (weights_only)."""
+    return io.load_checkpoint(path)
 
 
 def add_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from moco_d2 import weights
 from moco_d2.cli import run_tool
-from moco_d2.convert import resnet
+from moco_d2.convert import resnet, trunk
 from moco_d2.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,22 +105,22 @@ def test_complete_trunk_passes(r50):
 
 
 def test_missing_bn_buffer_is_named(r50):
-    trunk = trunk_of(r50)
-    del trunk["layer2.1.bn2.running_var"]
+    tensors = trunk_of(r50)
+    del tensors["layer2.1.bn2.running_var"]
     with pytest.raises(
         UserError,
         match=r"^not a complete ResNet-50 trunk: 1 missing "
         r"\(layer2\.1\.bn2\.running_var\)$",
     ):
-        resnet.check_complete(trunk)
+        resnet.check_complete(tensors)
 
 
 def test_extra_and_wrong_shape_are_named(r50):
-    trunk = trunk_of(r50)
-    trunk["layer2.0.se.weight"] = torch.zeros(512)
-    trunk["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    tensors = trunk_of(r50)
+    tensors["layer2.0.se.weight"] = torch.zeros(512)
+    tensors["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     with pytest.raises(UserError) as e:
-        resnet.check_complete(trunk)
+        resnet.check_complete(tensors)
     assert str(e.value) == (
         "not a complete ResNet-50 trunk: 1 unexpected (layer2.0.se.weight); "
         "1 with the wrong shape (conv1.weight [64, 3, 3, 3] ≠ [64, 3, 7, 7])"
@@ -166,7 +165,7 @@ def test_resnet18_is_recognised_and_refused():
     ],
 )
 def test_each_layout_is_detected_and_gives_the_query_trunk(r50, make, fmt, n_dropped):
-    found = weights.find_trunk(make(r50), "x.pth")
+    found = trunk.find_trunk(make(r50), "x.pth")
     assert found.format.startswith(fmt)
     assert found.tensors.keys() == trunk_of(r50).keys()
     assert all(found.tensors[k] is v for k, v in trunk_of(r50).items())
@@ -174,7 +173,7 @@ def test_each_layout_is_detected_and_gives_the_query_trunk(r50, make, fmt, n_dro
 
 
 def test_a_moco_checkpoint_drops_key_encoder_queue_and_head(r50):
-    found = weights.find_trunk(released(r50), "x.pth")
+    found = trunk.find_trunk(released(r50), "x.pth")
     assert "module.queue" in found.dropped and "module.queue_ptr" in found.dropped
     assert "module.encoder_q.fc.2.weight" in found.dropped
     assert "module.encoder_k.conv1.weight" in found.dropped

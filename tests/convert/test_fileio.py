@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from moco_d2.utils.fileio import atomic_path, atomic_write_text
+from moco_d2.io import atomic_path, atomic_write_text
 
 
 def test_failure_leaves_neither_the_target_nor_a_temporary(tmp_path):
@@ -37,11 +37,11 @@ def test_permissions_follow_the_umask(tmp_path):
 def test_importing_the_module_leaves_the_umask_alone():
     import importlib
 
-    import moco_d2.utils.fileio as fileio
+    import moco_d2.io as io
 
     previous = os.umask(0o027)
     try:
-        importlib.reload(fileio)
+        importlib.reload(io)
         assert os.umask(0o027) == 0o027
     finally:
         os.umask(previous)

@@ -16,9 +16,9 @@ import releases
 import torch
 from releases import OTHER, RELEASES, SHAPES, TAKEN, THIRD
 
-from moco_d2 import IMAGENET_MEAN, IMAGENET_STD, weights
+from moco_d2 import IMAGENET_MEAN, IMAGENET_STD, io
 from moco_d2.cli import run_tool
-from moco_d2.convert import layouts, tool
+from moco_d2.convert import layouts, tool, trunk
 from moco_d2.errors import UserError
 
 
@@ -50,7 +50,7 @@ def convert(argv, capsys):
 @pytest.mark.parametrize("name", list(RELEASES))
 def test_each_release_gives_the_trunk_its_authors_evaluate(files, name):
     _, _, layout, second, input_norm = RELEASES[name]
-    found = weights.read_trunk(files[name])
+    found = trunk.read_trunk(files[name])
     assert_trunk(found.tensors, TAKEN)
     assert (found.format, found.second, found.input_norm) == (layout, second, input_norm)
     assert len(tool.checked_mapping(found)) == 265
@@ -72,14 +72,14 @@ def test_each_release_gives_the_trunk_its_authors_evaluate(files, name):
     ],
 )
 def test_second_trunks_and_heads_are_dropped_by_name(files, name, dropped):
-    assert set(dropped) <= set(weights.read_trunk(files[name]).dropped)
+    assert set(dropped) <= set(trunk.read_trunk(files[name]).dropped)
 
 
 def test_whole_prefixes_only_a_momentum_backbone_alone_is_not_a_backbone():
     """``"backbone" in key`` would take momentum_backbone.*; a whole-prefix rule does not."""
     state = releases.prefixed("momentum_backbone.", releases.trunk(OTHER))
     with pytest.raises(UserError, match=r"trunks under momentum_backbone, and no rule .*--trunk"):
-        weights.find_trunk({"state_dict": state}, "m.ckpt")
+        trunk.find_trunk({"state_dict": state}, "m.ckpt")
 
 
 @pytest.mark.parametrize(
@@ -106,14 +106,14 @@ def test_whole_prefixes_only_a_momentum_backbone_alone_is_not_a_backbone():
 )
 def test_two_trunks_and_no_rule_are_refused_with_the_candidates(make, listed):
     with pytest.raises(UserError) as e:
-        weights.find_trunk(make(), "two.ckpt")
+        trunk.find_trunk(make(), "two.ckpt")
     message = str(e.value)
     assert f"two.ckpt holds ResNet trunks under {listed}, and no rule says which" in message
     assert "--trunk PREFIX" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
-    "name, trunk, base, second",
+    "name, choice, base, second",
     [
         ("lightly_dino_example", "teacher_backbone", TAKEN, ["student_backbone"]),
         ("lightly_dino_example", "student_backbone", OTHER, ["teacher_backbone"]),
@@ -125,15 +125,15 @@ def test_two_trunks_and_no_rule_are_refused_with_the_candidates(make, listed):
         ("densecl", "encoder_q.0", TAKEN, ["backbone", "encoder_k.0"]),
     ],
 )
-def test_trunk_flag_picks_an_entry_or_a_prefix(name, trunk, base, second):
-    found = weights.find_trunk(getattr(releases, name)(), "f.pth", trunk)
+def test_trunk_flag_picks_an_entry_or_a_prefix(name, choice, base, second):
+    found = trunk.find_trunk(getattr(releases, name)(), "f.pth", choice)
     assert_trunk(found.tensors, base)
     assert found.second == second
 
 
 def test_trunk_flag_naming_nothing_lists_the_trunks():
     with pytest.raises(UserError) as e:
-        weights.find_trunk(releases.moco_v2(), "m.pth", "momentum_encoder")
+        trunk.find_trunk(releases.moco_v2(), "m.pth", "momentum_encoder")
     assert str(e.value) == (
         "--trunk momentum_encoder: m.pth has no entry or name prefix momentum_encoder (its "
         "trunks: module.encoder_q, module.encoder_k)"
@@ -145,7 +145,7 @@ def test_bare_names_beside_the_trunk_taken_are_never_mixed_into_it():
         **releases.prefixed("backbone.", releases.trunk(TAKEN)),
         "conv1.weight": torch.zeros(64, 3, 7, 7),
     }
-    found = weights.find_trunk({"state_dict": state}, "b.ckpt")
+    found = trunk.find_trunk({"state_dict": state}, "b.ckpt")
     assert_trunk(found.tensors, TAKEN)
     assert "conv1.weight" in found.dropped
 
@@ -155,7 +155,7 @@ def test_a_third_trunk_is_never_taken_for_a_missing_tensor():
     checkpoint = releases.dino_full()
     del checkpoint["teacher"]["module.backbone.layer2.0.conv2.weight"]
     checkpoint["third"] = releases.prefixed("module.backbone.", releases.trunk(THIRD))
-    found = weights.find_trunk(checkpoint, "d.pth")
+    found = trunk.find_trunk(checkpoint, "d.pth")
     assert "layer2.0.conv2.weight" not in found.tensors
     assert found.second == ["student", "third"]
     with pytest.raises(UserError, match=r"^not a complete ResNet-50 trunk: 1 missing"):
@@ -164,7 +164,7 @@ def test_a_third_trunk_is_never_taken_for_a_missing_tensor():
 
 def test_simclr_v2_names_map_as_its_converter_writes_them(files):
     """Each torchvision tensor comes from its SimCLRv2-Pytorch name (distinct values)."""
-    found = weights.read_trunk(files["simclr_v2"])
+    found = trunk.read_trunk(files["simclr_v2"])
     state = releases.simclr_v2()["resnet"]
     by_value = {float(v.reshape(-1)[0]): k for k, v in state.items() if v.numel() > 3}
     for name, value in releases.expected(TAKEN).items():
@@ -184,7 +184,7 @@ def test_simclr_v2_names_map_as_its_converter_writes_them(files):
 )
 def test_wider_and_selective_kernel_simclr_v2_nets_are_refused(make, says):
     with pytest.raises(UserError, match=rf"^s\.pth holds a {re.escape(says)}"):
-        weights.find_trunk(make(), "s.pth")
+        trunk.find_trunk(make(), "s.pth")
 
 
 # ---- formats ---------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_torch_legacy_format_reads_the_same(tmp_path, name):
     path = releases.save(tmp_path, name, legacy=True)
     with open(path, "rb") as f:
         assert f.read(2) == b"\x80\x02"  # a pickle stream, not a zip archive
-    assert_trunk(weights.read_trunk(path).tensors, TAKEN)
+    assert_trunk(trunk.read_trunk(path).tensors, TAKEN)
 
 
 def test_safetensors_timm_hub_file(tmp_path):
@@ -203,16 +203,16 @@ def test_safetensors_timm_hub_file(tmp_path):
 
     path = str(tmp_path / "model.safetensors")
     save_file({k: v.contiguous() for k, v in releases.trunk(TAKEN, fc=1000).items()}, path)
-    found = weights.read_trunk(path)
+    found = trunk.read_trunk(path)
     assert_trunk(found.tensors, TAKEN)
     assert found.format == releases.TORCHVISION_FC
     (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(UserError, match="is not a readable safetensors file, or is truncated"):
-        weights.load_file(str(tmp_path / "random.safetensors"))
+        io.load_file(str(tmp_path / "random.safetensors"))
 
 
 def test_namespace_is_admitted_with_weights_only_and_nothing_else(files):
-    loaded = weights.load_file(files["dino_full"])
+    loaded = io.load_file(files["dino_full"])
     assert isinstance(loaded["args"], argparse.Namespace) and loaded["args"].arch == "resnet50"
 
 
@@ -224,7 +224,7 @@ def test_any_other_object_beside_a_namespace_is_refused(tmp_path):
     path = tmp_path / "timm.pth.tar"
     torch.save({**releases.timm_train(), "extra": Custom()}, path)
     with pytest.raises(UserError, match=r"refused to load .*test_releases\.Custom"):
-        weights.read_trunk(str(path))
+        trunk.read_trunk(str(path))
 
 
 def byol_pkl(path):
@@ -236,7 +236,7 @@ def byol_pkl(path):
 def test_deepmind_byol_pkl_is_refused_with_the_published_conversion(tmp_path):
     path = byol_pkl(tmp_path / "pretrain_res50x1.pkl")
     with pytest.raises(UserError) as e:
-        weights.read_trunk(path)
+        trunk.read_trunk(path)
     message = str(e.value)
     assert message.startswith(f"refused to load {path}: it is a JAX/Haiku checkpoint pickled")
     assert "dill._dill._create_namedtuple" in message and "ajtejankar/byol-convert" in message
@@ -268,7 +268,7 @@ def test_converter_writes_the_simclr_v2_normalisation_and_prints_the_config(
         "INPUT.FORMAT": "RGB",
     }
     expected = releases.expected(TAKEN)
-    for tv, d2 in tool.checked_mapping(weights.read_trunk(files["simclr_v2"])).items():
+    for tv, d2 in tool.checked_mapping(trunk.read_trunk(files["simclr_v2"])).items():
         assert np.all(data["model"][d2] == np.float32(expected[tv])), d2
 
 
@@ -325,7 +325,7 @@ def test_a_partial_release_trunk_writes_nothing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    from moco_d2.pretrain.data import make_synthetic_image_folder
+    from moco_d2.synthetic import make_synthetic_image_folder
 
     root = tmp_path_factory.mktemp("images")
     for split in ("train", "val"):

@@ -19,7 +19,8 @@ import torch
 import torchvision
 from transfer_tiny import TINY_OPTS
 
-from moco_d2 import weights
+from moco_d2 import io
+from moco_d2.convert import trunk
 from moco_d2.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +52,7 @@ def marker(tmp_path):
 
 @pytest.fixture
 def d2_payloads(converted_weights, marker, tmp_path):
-    """Detectron2 weights files with a payload: .pkl and .pth, alone and among real weights."""
+    """Detectron2 weights files with a payload: .pkl and .pth, alone and among real trunk."""
     with open(converted_weights, "rb") as f:
         real = pickle.load(f)  # our own converter's output, trusted here
     tensors = {k: torch.from_numpy(v) for k, v in real["model"].items()}
@@ -115,15 +116,15 @@ def test_restricted_unpickler_loads_plain_containers_and_numpy(tmp_path):
         "set": {1, 2},
     }
     path = write_pkl(tmp_path / "ok.pkl", content)
-    loaded = weights.load_file(path)
+    loaded = io.load_file(path)
     assert np.array_equal(loaded["model"]["a"], content["model"]["a"])
     assert loaded["model"]["b"] == 2.5 and loaded["tuple"] == content["tuple"]
     assert loaded["set"] == {1, 2}
-    assert weights.load_pickle(write_pkl(tmp_path / "p2.pkl", content)) is not None
+    assert io.load_pickle(write_pkl(tmp_path / "p2.pkl", content)) is not None
     with open(tmp_path / "p2.pkl", "wb") as f:
         pickle.dump(content, f, protocol=2)  # how Python 2 era model-zoo files are written
     assert np.array_equal(
-        weights.load_file(str(tmp_path / "p2.pkl"))["model"]["a"], content["model"]["a"]
+        io.load_file(str(tmp_path / "p2.pkl"))["model"]["a"], content["model"]["a"]
     )
 
 
@@ -133,7 +134,7 @@ TRUNK_CASES = ["pth alone", "pth embedded", "pkl embedded", "namespace embedded"
 @pytest.mark.parametrize("case", TRUNK_CASES)
 def test_reader_refuses_payloads(trunk_payloads, case):
     with pytest.raises(UserError) as e:
-        weights.read_trunk(trunk_payloads[case])
+        trunk.read_trunk(trunk_payloads[case])
     assert_refused(e, trunk_payloads[case])
 
 
@@ -155,7 +156,7 @@ def test_blocked_module_payload_is_refused_with_the_object_named(marker, tmp_pat
     else:
         torch.save({"state_dict": {"a": torch.zeros(2)}, "x": MkdirPayload(marker)}, path)
     with pytest.raises(UserError) as e:
-        weights.load_file(path)
+        io.load_file(path)
     assert_refused(e, path)
     assert "mkdir" in str(e.value)
 
@@ -165,7 +166,7 @@ def test_random_bytes_are_one_line_without_unsafe_advice(tmp_path):
         path = tmp_path / name
         path.write_bytes(np.random.default_rng(0).bytes(4096))
         with pytest.raises(UserError) as e:
-            weights.load_file(str(path))
+            io.load_file(str(path))
         message = str(e.value)
         assert "\n" not in message and str(path) in message and "corrupt" in message
         assert "weights_only" not in message
@@ -179,13 +180,13 @@ def test_random_bytes_are_one_line_without_unsafe_advice(tmp_path):
                 "state_dict": {"module.encoder_q." + k: v for k, v in s.items()},
                 "arch": "resnet18",
             },
-            weights.MOCO,
+            trunk.MOCO,
             "MoCo checkpoint",
         ),
-        (lambda s: s, weights.TORCHVISION, "torchvision ResNet state_dict with an ImageNet"),
+        (lambda s: s, trunk.TORCHVISION, "torchvision ResNet state_dict with an ImageNet"),
         (
             lambda s: {"state_dict": {"module." + k: v for k, v in s.items()}, "best_acc1": 1.0},
-            weights.LINCLS,
+            trunk.LINCLS,
             "lincls checkpoint",
         ),
     ],
@@ -193,18 +194,18 @@ def test_random_bytes_are_one_line_without_unsafe_advice(tmp_path):
 def test_reader_describes_what_it_found(tmp_path, content, kind, fmt):
     state = torchvision.models.resnet18().state_dict()
     path = _torch_save(tmp_path / "w.pth", content(state))
-    trunk = weights.read_trunk(path)
-    assert trunk.kind == kind and trunk.format.startswith(fmt)
+    found = trunk.read_trunk(path)
+    assert found.kind == kind and found.format.startswith(fmt)
     expected = {k for k in state if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))}
-    assert set(trunk.tensors) == expected
-    assert all(torch.equal(trunk.tensors[k], state[k]) for k in expected)
+    assert set(found.tensors) == expected
+    assert all(torch.equal(found.tensors[k], state[k]) for k in expected)
 
 
 def test_state_dict_error_keeps_the_detail():
     model = torch.nn.Linear(2, 3)
     with pytest.raises(RuntimeError) as e:
         model.load_state_dict({"weight": torch.zeros(3, 2)})
-    line = weights.state_dict_error(e.value)
+    line = trunk.state_dict_error(e.value)
     assert "\n" not in line and "Missing key(s)" in line and '"bias"' in line
 
 
@@ -234,7 +235,7 @@ def test_converter_refuses_payloads(trunk_payloads, case, tmp_path):
 )
 def test_lincls_refuses_payloads(trunk_payloads, case, flag, tmp_path):
     from moco_d2.lincls.main import main
-    from moco_d2.pretrain.data import make_synthetic_image_folder
+    from moco_d2.synthetic import make_synthetic_image_folder
 
     data = tmp_path / "data"
     for split in ("train", "val"):

@@ -15,7 +15,7 @@ from coco_tiny import COCO_TINY_OPTS, make_synthetic_coco
 
 from moco_d2.detection import train_net
 from moco_d2.errors import UserError
-from moco_d2.utils.fileio import sha256_of
+from moco_d2.io import sha256_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO = os.path.join(REPO, "configs", "coco_R50_C4_2x.yaml")

@@ -11,14 +11,13 @@ import releases
 import torch
 from releases import RELEASES, SHAPES, TAKEN
 
-from moco_d2 import weights
-from moco_d2.convert import tool
+from moco_d2.convert import tool, trunk
 from moco_d2.detection import preflight, train_net, trials
 from moco_d2.detection.checkpoint import read_detectron2_file
 from moco_d2.errors import UserError
+from moco_d2.io import sha256_of
 from moco_d2.lincls.loading import load_pretrained
 from moco_d2.lincls.model import build_model
-from moco_d2.utils.fileio import sha256_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOC = os.path.join(REPO, "configs", "voc_R50_C4.yaml")
@@ -40,7 +39,7 @@ def test_lincls_and_train_net_read_the_same_tensors(files, lincls_model, name):
     load_pretrained(lincls_model, files[name], "resnet50")
     lincls = lincls_model.state_dict()
     data = read_detectron2_file(files[name])
-    mapping = tool.checked_mapping(weights.read_trunk(files[name]))
+    mapping = tool.checked_mapping(trunk.read_trunk(files[name]))
     assert set(data["model"]) == set(mapping.values())
     for tv, d2 in mapping.items():
         assert np.array_equal(data["model"][d2], lincls[tv].numpy()), d2

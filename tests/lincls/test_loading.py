@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from moco_d2 import weights
+from moco_d2.convert.trunk import MOCO, find_trunk
 from moco_d2.errors import UserError
 from moco_d2.lincls.loading import check_backbone_unchanged, load_pretrained
 from moco_d2.lincls.model import build_model
@@ -71,11 +71,11 @@ def test_accepted_layouts_load_the_query_encoder(tmp_path, resnet18_state, layou
 
 
 def test_trunk_drops_head_key_encoder_queue_and_bn_counters(resnet18_state):
-    trunk = weights.find_trunk(moco_checkpoint(resnet18_state), "c.pth")
+    trunk = find_trunk(moco_checkpoint(resnet18_state), "c.pth")
     expected = {
         k for k in resnet18_state if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))
     }
-    assert trunk.kind == weights.MOCO and trunk.arch == "resnet18"
+    assert trunk.kind == MOCO and trunk.arch == "resnet18"
     assert set(trunk.tensors) == expected
 
 

@@ -1,76 +1,28 @@
-"""The one reader of weights files: safe loading, and finding the trunk the authors evaluate.
+"""The trunk its authors evaluate, found in the checkpoint of any major self-supervised release.
 
-Loading never runs code from the file. PyTorch files (``.pth``, ``.pth.tar``, ``.ckpt``,
-``.bin``; zip or legacy format) load with ``torch.load(weights_only=True)``, which admits
-``argparse.Namespace`` as well (DINO, PixPro and timm store their arguments so) and no other
-object; ``.safetensors`` files hold tensors only; Detectron2 ``.pkl`` files load with an
-unpickler that admits plain containers, numpy arrays and dtypes only. Any other object in a
-file is refused with one line naming the file. The converter, lincls (``--pretrained``,
-``--resume``), pretraining ``--resume`` and the Detectron2 weight loader all read through
-here, so their errors are worded the same.
-
-:func:`find_trunk` reads the checkpoints of the major self-supervised releases with the
-rules of :mod:`moco_d2.convert.layouts`: where the state_dict is, which whole-name prefixes
-to strip, and which trunk the authors' own evaluation takes (the query encoder, the online
-network, DINO's teacher ...). Heads, queues and BN batch counters are dropped on purpose;
-second trunks (key, momentum, target, teacher or student copies) are dropped and named; a
-file with two trunks and no rule for them is refused, and ``--trunk`` picks one.
+:func:`find_trunk` applies the rules of :mod:`.layouts`: where the state_dict is, which
+whole-name prefixes to strip, and which trunk the authors' own evaluation takes (the query
+encoder, the online network, DINO's teacher ...). Heads, queues and BN batch counters are
+dropped on purpose; second trunks (key, momentum, target, teacher or student copies) are
+dropped and named; a file with two trunks and no rule for them is refused, and ``--trunk``
+picks one.
 """
 
 import argparse
 import dataclasses
-import io
-import os
-import pickle
 import re
-import warnings
 from typing import Any
 
 import torch
 
 from moco_d2.convert import layouts
 from moco_d2.errors import UserError
+from moco_d2.io import load_file
 
 MOCO = "moco"
 TORCHVISION = "torchvision"
 LINCLS = "lincls"
 
-# The only globals a Detectron2 .pkl may name: numpy array and scalar reconstruction, dtypes,
-# OrderedDict, sets, and _codecs.encode (how protocol 2 pickles bytes). None of them runs code
-# chosen by the file.
-_PKL_GLOBALS = frozenset(
-    {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("__builtin__", "set"),  # protocol 2 spells builtins the Python 2 way
-        ("__builtin__", "frozenset"),
-        ("_codecs", "encode"),
-    }
-)
-# The only object a PyTorch checkpoint may hold besides tensors and plain containers: the
-# arguments DINO, PixPro and timm save beside the weights. Its attributes are unpickled
-# under the same rules.
-_TORCH_OBJECTS = [argparse.Namespace]
-_NOT_ALLOWED = (
-    "refused to load {path}: it holds a Python object ({name}), and unpickling arbitrary "
-    "objects can run arbitrary code; weights files may hold only tensors, arrays and plain "
-    "containers. Re-save just the weights (e.g. the state_dict) from a trusted copy"
-)
-# Top-level modules of a JAX/Haiku checkpoint pickled with dill (DeepMind's BYOL release).
-_JAX_MODULES = frozenset({"dill", "haiku", "jax", "jaxlib", "optax", "byol"})
-_JAX_PICKLE = (
-    "refused to load {path}: it is a JAX/Haiku checkpoint pickled with dill ({name}), as "
-    "DeepMind's BYOL release is, and unpickling it can run arbitrary code; convert it to a "
-    "PyTorch state_dict with the published conversion (github.com/ajtejankar/byol-convert) "
-    "and pass that file"
-)
 # Parts of an encoder that are not the trunk: the head (MoCo projection, ImageNet or lincls
 # classifier) and BN's batch counter, which no consumer of the trunk needs.
 _NOT_TRUNK = re.compile(r"fc\..*|.*\.num_batches_tracked")
@@ -95,101 +47,6 @@ class Trunk:
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # torchvision → file name
     second: list[str] = dataclasses.field(default_factory=list)  # other trunks, not taken
     input_norm: str | None = None  # a key of layouts.INPUT_NORMS, when the layout says
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, path: str) -> None:
-        super().__init__(file, encoding="latin1")  # Detectron2/Caffe2 pickles from Python 2
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PKL_GLOBALS:
-            return super().find_class(module, name)
-        if module.split(".", 1)[0] in _JAX_MODULES:
-            raise UserError(_JAX_PICKLE.format(path=self._path, name=f"{module}.{name}"))
-        raise UserError(_NOT_ALLOWED.format(path=self._path, name=f"{module}.{name}"))
-
-
-def _check_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a directory, not a weights file")
-    if not os.path.isfile(path):
-        raise UserError(f"no such file: {path}")
-
-
-def _reason(error: BaseException) -> str:
-    """The useful line of a loader's error, without torch's advice to load unsafely."""
-    text = str(error).strip()
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    line = (found.group(1) if found else text.splitlines()[0] if text else "").strip()
-    line = re.split(r"(?<=\.)\s", line)[0]
-    if "weights_only" in line or not line:
-        return type(error).__name__
-    return f"{type(error).__name__}: {line}"
-
-
-def load_pickle(path: str) -> Any:
-    """A Detectron2 ``.pkl`` read with the restricted unpickler."""
-    _check_file(path)
-    try:
-        with open(path, "rb") as f:
-            return _RestrictedUnpickler(f, path).load()
-    except UserError:
-        raise
-    except Exception as e:  # pickle raises many types for random or truncated bytes
-        raise UserError(
-            f"{path} is not a readable Detectron2 .pkl weights file, or is truncated or "
-            f"corrupt ({_reason(e)})"
-        ) from None
-
-
-def load_torch(path: str) -> Any:
-    """A PyTorch file read with ``torch.load(weights_only=True)`` on the CPU."""
-    _check_file(path)
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_TORCH_OBJECTS):
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        unsafe = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", str(e))
-        if unsafe:
-            raise UserError(_NOT_ALLOWED.format(path=path, name=unsafe.group(1))) from None
-        raise UserError(
-            f"{path} is not a readable PyTorch checkpoint, or is truncated or corrupt "
-            f"({_reason(e)})"
-        ) from None
-
-
-def load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` file (tensors only, by the format) on the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file as load_tensors
-
-    _check_file(path)
-    try:
-        return load_tensors(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(
-            f"{path} is not a readable safetensors file, or is truncated or corrupt ({_reason(e)})"
-        ) from None
-
-
-def load_file(path: str) -> Any:
-    """Whatever ``path`` holds, loaded safely: ``.pkl`` as Detectron2 weights, ``.safetensors``
-    as such, anything else as a PyTorch file."""
-    if path.endswith(".pkl"):
-        return load_pickle(path)
-    if path.endswith(".safetensors"):
-        return load_safetensors(path)
-    return load_torch(path)
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """A PyTorch checkpoint that must be a dict (a training run's state)."""
-    checkpoint = load_torch(path)
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    return checkpoint
 
 
 def is_moco_checkpoint(obj: Any) -> bool:
@@ -459,21 +316,21 @@ def read_trunk(path: str, choice: str | None = None) -> Trunk:
     return find_trunk(load_file(path), path, choice)
 
 
+TRUNK_HELP = (
+    "the trunk to take from a file that holds several and no rule says which: a name prefix "
+    "(e.g. momentum_encoder) or a checkpoint entry (e.g. state_dict_ema, student); the error "
+    "lists the candidates"
+)
+INPUT_NORM_HELP = (
+    "the input normalisation the weights expect, when their layout does not say it: rgb01 (RGB "
+    "in [0, 1], no mean/std: TF-converted SimCLR v1) or imagenet"
+)
+
+
 def add_trunk_arguments(parser: argparse.ArgumentParser) -> None:
     """``--trunk`` and ``--input-norm``, for the tools that read a pretrained file."""
-    parser.add_argument(
-        "--trunk",
-        metavar="PREFIX",
-        help="the trunk to take from a file that holds several and no rule says which: a name "
-        "prefix (e.g. momentum_encoder) or a checkpoint entry (e.g. state_dict_ema, student); "
-        "the error lists the candidates",
-    )
-    parser.add_argument(
-        "--input-norm",
-        choices=sorted(layouts.INPUT_NORMS),
-        help="the input normalisation the weights expect, when their layout does not say it: "
-        "rgb01 (RGB in [0, 1], no mean/std: TF-converted SimCLR v1) or imagenet",
-    )
+    parser.add_argument("--trunk", metavar="PREFIX", help=TRUNK_HELP)
+    parser.add_argument("--input-norm", choices=sorted(layouts.INPUT_NORMS), help=INPUT_NORM_HELP)
 
 
 def state_dict_error(error: Exception) -> str:
