@@ -1,5 +1,3 @@
 """Linear classification on frozen features: the MoCo papers' ImageNet evaluation
-(arXiv 1911.05722, 2003.04297).
-
-Like :mod:`moco_d2.training`, it needs only torch and torchvision.
+(arXiv 1911.05722, 2003.04297). Needs only torch and torchvision.
 """

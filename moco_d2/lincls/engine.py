@@ -1,16 +1,19 @@
 """One training epoch of the linear classifier, and top-1/top-5 evaluation."""
 
-import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from moco_d2.errors import UserError
-from moco_d2.training.amp import autocast
-from moco_d2.training.distributed import all_gather_cat, is_distributed, is_main_process
-from moco_d2.training.logs import ACC1, LOSS
-from moco_d2.training.meters import AverageMeter, accuracy
+from moco_d2.launch import Launch, all_gather_cat, autocast, is_distributed
+
+if TYPE_CHECKING:
+    from moco_d2.lincls.main import LinclsConfig
+
+ACC1 = "acc1"
+ACC5 = "acc5"
 
 
 def train_one_epoch(
@@ -18,40 +21,45 @@ def train_one_epoch(
     loader: Iterable,
     criterion: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
     epoch: int,
-    args: argparse.Namespace,
+    config: "LinclsConfig",
+    here: Launch,
 ) -> tuple[float, float, int]:
     """SGD on the fc over ``loader``; returns (mean loss, top-1 %) on this process's share and
     the unreadable images replaced on all processes."""
     # Eval mode for the whole model: the frozen BN layers must use (and keep) the pretrained
     # running statistics. The fc has no train/eval difference, so it still learns.
     model.eval()
-    losses, top1 = AverageMeter(LOSS), AverageMeter(ACC1)
+    device = here.device
+    loss_sum = hits = count = 0.0
     unreadable = torch.zeros(1, dtype=torch.long)
-    bar = tqdm(loader, desc=f"train {epoch}", disable=not is_main_process(), leave=False)
+    bar = tqdm(loader, desc=f"train {epoch}", disable=not here.is_main, leave=False)
     for i, (images, target, skipped) in enumerate(bar):
         unreadable += skipped.sum()
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with autocast(device, args.amp):
+        with autocast(device, config.amp):
             output = model(images)
         loss = criterion(output.float(), target)
-        _stop_unless_finite(loss, epoch, i, args)
+        _stop_unless_finite(loss, epoch, i, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.update(loss.item(), images.shape[0])
-        top1.update(accuracy(output, target, topk=(1,))[0].item(), images.shape[0])
-        if i % args.print_freq == 0:
-            bar.set_postfix({LOSS: f"{losses.avg:.4f}", ACC1: f"{top1.avg:.2f}"})
+        n = images.shape[0]
+        loss_sum += loss.item() * n
+        hits += accuracy(output, target, topk=(1,))[0].item() * n
+        count += n
+        if i % config.print_freq == 0:
+            bar.set_postfix({"loss": f"{loss_sum / count:.4f}", ACC1: f"{hits / count:.2f}"})
     unreadable = unreadable.to(device)
     if is_distributed():
         torch.distributed.all_reduce(unreadable)
-    return losses.avg, top1.avg, int(unreadable.item())
+    return loss_sum / max(count, 1), hits / max(count, 1), int(unreadable.item())
 
 
-def _stop_unless_finite(loss, epoch, iteration, args):
+def _stop_unless_finite(
+    loss: torch.Tensor, epoch: int, iteration: int, config: "LinclsConfig"
+) -> None:
     """Stop every process when any process's loss is NaN or infinite: training on would only
     write NaN accuracies. The last checkpoint stays as it is."""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
@@ -61,9 +69,21 @@ def _stop_unless_finite(loss, epoch, iteration, args):
         raise UserError(
             f"linear classification stopped: the loss is not finite ({loss.item():g} on this "
             f"process) at epoch {epoch}, iteration {iteration}; the pretrained features are "
-            f"probably broken (check {args.pretrained or 'the pretraining run'}) or --lr "
-            f"{args.lr:g} is too high; checkpoints in {args.output_dir} are left as they were"
+            f"probably broken (check {config.pretrained or 'the pretraining run'}) or --lr "
+            f"{config.lr:g} is too high; checkpoints in {config.output_dir} are left as they were"
         )
+
+
+@torch.no_grad()
+def accuracy(
+    output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)
+) -> list[torch.Tensor]:
+    """Top-k accuracies in percent, one per k, as in the released code."""
+    maxk = min(max(topk), output.shape[1])
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
+    batch = target.shape[0]
+    return [correct[: min(k, maxk)].reshape(-1).float().sum() * (100.0 / batch) for k in topk]
 
 
 @torch.no_grad()
@@ -76,9 +96,8 @@ def evaluate(
     model.eval()
     # top-1 hits, top-5 hits, readable images, unreadable images
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    for images, target, skipped in tqdm(
-        loader, desc="val", disable=not is_main_process(), leave=False
-    ):
+    quiet = is_distributed() and torch.distributed.get_rank() != 0
+    for images, target, skipped in tqdm(loader, desc="val", leave=False, disable=quiet):
         readable = skipped == 0
         if not readable.all():  # masking copies the batch: only when one is unreadable
             totals[3] += (~readable).sum().item()

@@ -203,30 +203,29 @@ def fast_step_cost(
     one, and nothing is read from it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from moco_d2.pretrain.engine import train_step
-    from moco_d2.pretrain.main import build_parser
-    from moco_d2.pretrain.setup import build_model, build_optimizer, build_train_data
-    from moco_d2.pretrain.speed_flags import resolve_speed_arguments
-    from moco_d2.training.distributed import one_process
+    from moco_d2.launch import Launch
+    from moco_d2.pretrain.config import PretrainConfig
+    from moco_d2.pretrain.main import build_model, build_optimizer, build_train_data, train_step
 
-    argv = [data_dir, "-a", arch, "-b", str(batch), "--crop-size", str(crop_size), "--amp"]
+    argv = [data_dir, "-a", arch, "-b", str(batch), "--crop-size", str(crop_size)]
     argv += ["--moco-k", str(moco_k), "--bn-splits", str(bn_splits), "--decode-on", "loader"]
     argv += ["--augment-on", "device", "--channels-last" if channels_last else "--no-channels-last"]
-    args = one_process(build_parser().parse_args(argv))
-    resolve_speed_arguments(args, torch.device("cuda"))
-    data = build_train_data(args, data_dir)
+    cuda = Launch(1, 0, 1, torch.device("cuda"))  # its defaults; nothing runs on it
+    config = PretrainConfig.parse(argv).resolved(cuda, seed=0)
+    data = build_train_data(config, data_dir)
     meta = torch.device("meta")
     torch.manual_seed(0)
-    model = build_model(args, meta, bn_splits)
-    optimizer = build_optimizer(model, args, meta)
+    model = build_model(config, meta)
+    optimizer = build_optimizer(model, config, meta)
     if augmented:
         images = torch.empty(batch, 2, 3, crop_size, crop_size, dtype=torch.uint8, device=meta)
     else:
         images = [torch.empty(batch, 3, crop_size, crop_size, device=meta) for _ in range(2)]
-    augment = data.augment if augmented else None
+    if not augmented:
+        data = dataclasses.replace(data, augment=None)
 
     def step():
-        train_step(model, images, optimizer, meta, False, augment, args.channels_last)
+        train_step(model, images, optimizer, data, config, meta)
 
     with GpuStepCounter():
         step()

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco_d2.errors import UserError
+
 _aten = torch.ops.aten
 
 
@@ -204,3 +206,60 @@ def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_split_bn(child, num_splits))
     return module
+
+
+# A BN channel normalised over m values keeps only m-1 degrees of freedom (m=2: just a sign).
+# With 2 images per group and a 1x1 last stage, a ResNet-50 ended one epoch with a stem conv std
+# of 1.6e7 (0.025 at init) and BN running_var up to 3.7e27, its L2-normalised loss looking normal.
+MIN_BN_VALUES = 16
+MAX_DEFAULT_SPLITS = 8
+
+
+def last_stage_positions(arch: str, crop_size: int) -> int:
+    """Fewest spatial positions any BatchNorm of torchvision's ``arch`` sees at ``crop_size`` (the
+    last stage, res5 in a ResNet), from shapes only: the model is built on the meta device."""
+    import torchvision
+
+    sizes: list[int] = []
+    with torch.device("meta"):
+        encoder = torchvision.models.get_model(arch, num_classes=1).eval()
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-2] * out.shape[-1]))
+            for m in encoder.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        encoder(torch.empty(1, 3, crop_size, crop_size))
+    for hook in hooks:
+        hook.remove()
+    return min(sizes) if sizes else MIN_BN_VALUES
+
+
+def resolve_bn_splits(config, batch: int, distributed: bool) -> int:
+    """``--bn-splits``, or its default: 1 when distributed, else the largest s <= 8 that splits
+    ``batch`` into groups of at least 2 images and ``MIN_BN_VALUES`` values per channel in the
+    last stage. Smaller groups are refused (UserError)."""
+    positions = last_stage_positions(config.arch, config.crop_size)
+    if config.bn_splits is not None:
+        if batch % config.bn_splits:
+            raise UserError(
+                f"--bn-splits {config.bn_splits} does not divide the per-process batch {batch}"
+            )
+        splits = config.bn_splits
+    elif distributed:
+        splits = 1
+    else:
+        splits = max(
+            s
+            for s in range(1, MAX_DEFAULT_SPLITS + 1)
+            if batch % s == 0
+            and (s == 1 or (batch // s >= 2 and batch // s * positions >= MIN_BN_VALUES))
+        )
+    values = batch // splits * positions
+    if values < MIN_BN_VALUES:
+        fewer = f", or fewer --bn-splits (now {splits})" if splits > 1 else ""
+        raise UserError(
+            f"BatchNorm groups too small: {batch // splits} images per group x {positions} "
+            f"last-stage positions at --crop-size {config.crop_size} = {values} values per "
+            f"channel (need >= {MIN_BN_VALUES}); use a larger --crop-size or a larger -b{fewer}"
+        )
+    return splits

@@ -11,11 +11,10 @@ from PIL import Image
 
 from moco_d2.cli import run_tool
 from moco_d2.errors import UserError
-from moco_d2.lincls.engine import evaluate
-from moco_d2.lincls.main import main, parse_args
+from moco_d2.launch import Launch
+from moco_d2.lincls.engine import accuracy, evaluate
+from moco_d2.lincls.main import LinclsConfig, _loaders, main
 from moco_d2.lincls.model import build_model, build_optimizer
-from moco_d2.lincls.train import _loaders
-from moco_d2.training.meters import accuracy
 
 CPU = torch.device("cpu")
 COLORS = {"blue": (20, 40, 230), "green": (30, 200, 40), "red": (220, 30, 30)}
@@ -282,9 +281,9 @@ def test_checkpoint_of_another_arch(data, pretrained, tmp_path, capsys):
 def test_batch_is_per_node_and_workers_per_process(data, launch, procs):
     """As in the released main_lincls.py: -b 8 is split over the node's processes (not over all
     nodes' processes), and every process gets -j 2 workers."""
-    args = parse_args([str(data), *SMALL, "-j", "2", *launch])
-    args.world_size, args.rank, args.distributed = 3 * procs, 0, False
-    train_loader, val_loader, _ = _loaders(data_set(data), data_set(data), args)
+    config = LinclsConfig.parse([str(data), *SMALL, "-j", "2", *launch])
+    here = Launch(1, 0, procs, CPU)  # no process group: the split is what is checked
+    train_loader, val_loader, _ = _loaders(data_set(data), data_set(data), config, here)
     assert (train_loader.batch_size, val_loader.batch_size) == (8 // procs, 8 // procs)
     assert (train_loader.num_workers, val_loader.num_workers) == (2, 2)
 

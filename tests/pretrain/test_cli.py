@@ -14,7 +14,7 @@ import torch
 
 from moco_d2.errors import UserError
 from moco_d2.pretrain import main as pretrain
-from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.device_decode import jpeg_size
 from moco_d2.pretrain.engine import TrainingDiverged
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moco_d2.pretrain import device_decode
-from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.engine import train_step
 from moco_d2.pretrain.main import build_parser
 from moco_d2.pretrain.setup import (

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from moco_d2.errors import UserError
 from moco_d2.pretrain import MoCo
-from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.health import (
     MIN_BN_VALUES,
     HealthMonitor,

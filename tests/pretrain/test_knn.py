@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from moco_d2.errors import UserError
-from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.knn import KNNMonitor, knn_predict
 
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.health import TrainingDiverged
 from moco_d2.training import distributed
 

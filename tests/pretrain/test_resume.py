@@ -9,7 +9,7 @@ import torch
 
 from moco_d2.errors import UserError
 from moco_d2.pretrain import main as pretrain
-from moco_d2.pretrain.data import make_synthetic_image_folder
+from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.resume import NothingToDo, check_resume, check_unfinished, recorded_settings
 
 

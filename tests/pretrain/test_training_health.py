@@ -197,7 +197,7 @@ def test_detector_reference_is_the_loaded_model(trainer):
     ],
 )
 def test_detector_stops_past_a_bound_with_iteration_and_lr(trainer, fault, says):
-    from moco_d2.detection.launch import EveryRankError
+    from moco_d2.errors import EveryRankError
 
     bias = _param(trainer, "roi_heads.box_predictor.cls_score.bias")
     with torch.no_grad():

@@ -1,14 +1,22 @@
-"""The MoCo model: query/key encoders, momentum update, queue, InfoNCE logits (as released)."""
+"""The MoCo model: query/key encoders, momentum update, queue, InfoNCE logits (as released), and
+shuffling BN.
+
+Shuffling BN encodes the keys in a random order so that BatchNorm cannot leak the positive pair.
+Across processes (released MoCo): gather the keys' images from every rank, permute them with a
+permutation broadcast from rank 0, let each rank encode its slice, and undo the permutation on
+the gathered features. In one process the same is emulated by a local permutation, which matters
+together with SplitBatchNorm (each BN group then sees a random mix of the batch).
+"""
 
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moco_d2.pretrain import shuffle
+from moco_d2.launch import all_gather_cat, is_distributed
 from moco_d2.pretrain.split_bn import convert_split_bn
-from moco_d2.training.distributed import all_gather_cat, is_distributed
 
 SHUFFLE_MODES = ("auto", "ddp", "local", "none")
 
@@ -112,15 +120,11 @@ class MoCo(nn.Module):
     def _encode_keys(self, im_k):
         mode = self._shuffle_mode()
         if mode == "ddp":
-            im_k, idx_unshuffle = shuffle.batch_shuffle_ddp(im_k)
-            return shuffle.batch_unshuffle_ddp(
-                F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle
-            )
+            im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
+            return batch_unshuffle_ddp(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
         if mode == "local":
-            im_k, idx_unshuffle = shuffle.batch_shuffle_local(im_k)
-            return shuffle.batch_unshuffle_local(
-                F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle
-            )
+            im_k, idx_unshuffle = batch_shuffle_local(im_k)
+            return batch_unshuffle_local(F.normalize(self.encoder_k(im_k), dim=1), idx_unshuffle)
         return F.normalize(self.encoder_k(im_k), dim=1)
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,3 +138,36 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._dequeue_and_enqueue(k)
         return logits, labels
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of the globally shuffled batch, and the index that undoes the shuffle."""
+    batch_this = x.shape[0]
+    x_all = all_gather_cat(x)
+    world = x_all.shape[0] // batch_this
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    idx_this = idx_shuffle.view(world, -1)[dist.get_rank()]
+    return x_all[idx_this], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Rows of this rank's original samples, taken from the gathered shuffled outputs."""
+    batch_this = x.shape[0]
+    x_all = all_gather_cat(x)
+    world = x_all.shape[0] // batch_this
+    return x_all[idx_unshuffle.view(world, -1)[dist.get_rank()]]
+
+
+@torch.no_grad()
+def batch_shuffle_local(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+    return x[idx_shuffle], torch.argsort(idx_shuffle)
+
+
+@torch.no_grad()
+def batch_unshuffle_local(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    return x[idx_unshuffle]

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moco_d2.training.distributed import is_distributed
+from moco_d2.errors import TrainingDiverged
 
 # Bounds for a run that went wrong: far beyond what weight decay and BN let a sane run reach.
 MAX_NORM_RATIO = 1e3
@@ -112,7 +112,18 @@ class HealthMonitor:
     def measure(self) -> Health:
         """The summary, agreed by every process (all-reduce MAX), read with one host sync."""
         values = self.summary().float()
-        if is_distributed():
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
         ratio, var, bad, param_norm, grad_norm = values.tolist()
         return Health(ratio, var, bool(bad), param_norm, grad_norm)
+
+    def check(self, where: str, advice: str) -> dict[str, float]:
+        """Raise :class:`TrainingDiverged` (on every rank alike) past a bound; else return the
+        norms to log. ``advice`` says what to change, in the tool's own flags."""
+        reading = self.measure()
+        problem = reading.problem()
+        if problem:
+            raise TrainingDiverged(
+                f"weights exploded {where}: {problem}; {advice}; the last checkpoint is intact"
+            )
+        return {"param_norm": reading.param_norm, "grad_norm": reading.grad_norm}
