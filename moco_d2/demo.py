@@ -25,7 +25,6 @@ from moco_d2.detection.trainer import METRICS_FILE
 from moco_d2.errors import UserError
 from moco_d2.io import atomic_path, atomic_write_text
 from moco_d2.published import VOC_DETECTION
-from moco_d2.training.logs import LOSS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "voc_R50_C4_demo.yaml")
@@ -125,7 +124,7 @@ def _pretrain_losses(pretrain_dir):
 
     events = EventAccumulator(os.path.join(pretrain_dir, "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    tag = f"train/{LOSS}"  # as moco_d2.pretrain.engine writes it
+    tag = "train/loss"  # as moco_d2.pretrain.main writes it
     if tag not in events.Tags().get("scalars", []):
         return [], []
     scalars = events.Scalars(tag)
@@ -249,7 +248,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     from moco_d2.detection.data.synthetic import make_synthetic_voc
-    from moco_d2.pretrain.data import make_synthetic_image_folder
+    from moco_d2.synthetic import make_synthetic_image_folder
 
     args = parse_args(argv)
     device = (

@@ -20,7 +20,7 @@ def _run(code):
 def test_light_subpackages_import_no_detectron2_and_patch_nothing():
     # Pillow >= 10 has no Image.LINEAR; only moco_d2.detection's compat shim adds it back.
     _run(
-        f"import {LIGHT}, moco_d2.training.schedule, moco_d2.pretrain.main, "
+        f"import {LIGHT}, moco_d2.pretrain.main, "
         "moco_d2.lincls.main, sys, PIL.Image\n"
         "assert not any(m.startswith('detectron2') for m in sys.modules), sorted(sys.modules)\n"
         "assert not hasattr(PIL.Image, 'LINEAR')\n"

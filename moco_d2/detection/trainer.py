@@ -26,8 +26,8 @@ from moco_d2.detection.evaluation import COCODetectionEvaluator, VOCDetectionEva
 from moco_d2.detection.images import CheckedDatasetMapper
 from moco_d2.detection.launch import EveryRankError
 from moco_d2.errors import UserError
+from moco_d2.health import HealthMonitor
 from moco_d2.io import atomic_write_text
-from moco_d2.training.health import HealthMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         self.check_health()
 
     def check_health(self) -> None:
-        """EveryRankError past a bound of :mod:`moco_d2.training.health`; else the largest
+        """EveryRankError past a bound of :mod:`moco_d2.health`; else the largest
         weight-norm ratio and BN running_var go to the event storage (metrics.json)."""
         reading = self.health.measure()
         problem = reading.problem()
