@@ -1,91 +1,64 @@
-"""pretrain_moco.py --resume keeps the run it resumes: run-defining flags that differ are refused
-on one line, a finished run has nothing to do, and --start-epoch past --epochs is refused."""
+"""pretrain_moco.py --resume keeps the run it resumes: run-defining settings that differ from the
+checkpoint's config are refused on one line (an earlier version's checkpoint too), a finished run
+has nothing to do, and --start-epoch past --epochs is refused."""
 
 import copy
+import json
+import math
 import shutil
 
 import pytest
 import torch
 
+from moco_d2 import io
 from moco_d2.errors import UserError
+from moco_d2.launch import one_process
 from moco_d2.pretrain import main as pretrain
+from moco_d2.pretrain.config import PretrainConfig
 from moco_d2.synthetic import make_synthetic_image_folder
-from moco_d2.pretrain.resume import NothingToDo, check_resume, check_unfinished, recorded_settings
 
 
-def _args(**changes):
-    args = pretrain.build_parser().parse_args(["data"])
-    args.augment_on, args.channels_last = "loader", False  # as resolved on CPU
-    for name, value in changes.items():
-        setattr(args, name, value)
-    return args
+def _config(seed=7, **flags):
+    return PretrainConfig(**flags).resolved(one_process(), seed)
 
 
-def _record(args, bn_splits=8, batch=256, global_batch=256, seed=7):
+def _checkpoint(**flags):
+    config = _config(**flags)
     return {
-        **recorded_settings(args, bn_splits, batch, global_batch),
-        "arch": args.arch,
-        "seed": seed,
+        "epoch": 10,
+        "arch": config.arch,
+        "state_dict": {},
+        "optimizer": {},
+        "config": config.to_dict(),
     }
-
-
-def _checkpoint(**changes):
-    return {**_record(_args(**changes)), "epoch": 10, "state_dict": {}, "optimizer": {}}
-
-
-def test_the_record_holds_every_run_defining_flag():
-    record = _record(_args(), bn_splits=4, batch=64, global_batch=512)
-    assert record["moco"] == {
-        "dim": 128, "K": 65536, "m": 0.999, "T": 0.2, "mlp": True, "aug_plus": True,
-        "cos": True, "bn_splits": 4, "bn_group": 16, "global_batch": 512,
-    }  # fmt: skip
-    assert record["train"] == {
-        "crop_size": 224, "lr": 0.03, "schedule": [120, 160], "momentum": 0.9,
-        "weight_decay": 1e-4, "epochs": 200,
-    }  # fmt: skip
 
 
 def test_every_difference_is_listed_on_one_line():
     state = _checkpoint()
-    now = _record(
-        _args(moco_t=0.07, aug_plus=False, crop_size=160, lr=0.06, arch="resnet18"),
-        global_batch=512,
+    now = _config(
+        moco_t=0.07, aug_plus=False, crop_size=160, lr=0.06, arch="resnet18", batch_size=512
     )
     with pytest.raises(UserError) as raised:
-        check_resume(state, "ck.pth.tar", now)
-    message = str(raised.value)
-    assert message.startswith("--resume ck.pth.tar: the run was started with other settings: ")
-    listed = message.split("settings: ")[1].split("; ")[0].split(", ")
-    assert listed == [
-        "-a resnet18 (checkpoint: resnet50)",
+        pretrain.check_resume(now, state, "ck.pth.tar")
+    listed = [
+        "--arch resnet18 (checkpoint: resnet50)",
+        "--lr 0.06 (checkpoint: 0.03)",
+        "--crop-size 160 (checkpoint: 224)",
         "--moco-t 0.07 (checkpoint: 0.2)",
         "--no-aug-plus (checkpoint: --aug-plus)",
         "global batch (-b x nodes) 512 (checkpoint: 256)",
-        "--crop-size 160 (checkpoint: 224)",
-        "--lr 0.06 (checkpoint: 0.03)",
+        "images per BatchNorm group (-b, --bn-splits, processes) 64 (checkpoint: 32)",
     ]
+    message = str(raised.value)
+    assert message.startswith(
+        "--resume ck.pth.tar: the run was started with other settings: " + ", ".join(listed) + "; "
+    )
     assert "\n" not in message
-
-
-def test_the_schedule_counts_only_without_the_cosine():
-    assert check_resume(_checkpoint(), "c", _record(_args(schedule=[5]))) == []
-    state = _checkpoint(cos=False)
-    with pytest.raises(UserError, match=r"--schedule 5 \(checkpoint: 120 160\)"):
-        check_resume(state, "c", _record(_args(cos=False, schedule=[5])))
-
-
-def test_more_processes_with_the_same_batchnorm_groups_may_resume():
-    state = {**_record(_args(), bn_splits=8, batch=256), "epoch": 1}  # one process, 8 groups
-    eight_gpus = _record(_args(), bn_splits=1, batch=32)  # 8 processes of 32: same groups
-    assert check_resume(state, "c", eight_gpus) == []
-    with pytest.raises(UserError, match=r"BatchNorm group .* 64 \(checkpoint: 32\)"):
-        check_resume(state, "c", _record(_args(), bn_splits=4, batch=256))
 
 
 def test_allowed_changes_are_logged_and_recorded_and_the_record_accumulates(caplog):
     state = {**_checkpoint(), "resume_changes": [{"epoch": 5, "changes": ["--amp"]}]}
-    now = _record(_args(epochs=400, amp=True), seed=8)
-    history = check_resume(state, "c", now)
+    history = pretrain.check_resume(_config(seed=8, epochs=400, amp=True), state, "c")
     assert history == [
         {"epoch": 5, "changes": ["--amp"]},
         {"epoch": 10, "changes": ["--epochs 400 (checkpoint: 200)", "--seed 8 (checkpoint: 7)",
@@ -95,28 +68,34 @@ def test_allowed_changes_are_logged_and_recorded_and_the_record_accumulates(capl
     assert state["resume_changes"] == [{"epoch": 5, "changes": ["--amp"]}]  # not mutated
 
 
-def test_an_older_record_is_compared_where_it_has_values():
-    old = _checkpoint()
-    old["moco"] = {k: old["moco"][k] for k in ("dim", "K", "T", "bn_splits")}  # no bn_group
-    del old["train"], old["speed"], old["seed"]
-    assert check_resume(old, "c", _record(_args(lr=1.0, amp=True))) == []
-    with pytest.raises(UserError, match=r"--moco-k 4096 \(checkpoint: 65536\), "):
-        check_resume(old, "c", _record(_args(moco_k=4096), bn_splits=4))
-    with pytest.raises(UserError, match=r"--bn-splits 4 \(checkpoint: 8\)"):
-        check_resume(old, "c", _record(_args(), bn_splits=4))
-    legacy = {"epoch": 3, "arch": "resnet50", "state_dict": {}, "optimizer": {}}
-    assert check_resume(legacy, "c", _record(_args(moco_t=0.07))) == []
+def test_a_checkpoint_of_an_earlier_version_of_this_tool_is_refused_on_one_line():
+    old = {"epoch": 3, "arch": "resnet50", "state_dict": {}, "optimizer": {}}
+    old["moco"] = {"dim": 128, "K": 65536, "T": 0.2, "bn_splits": 8}
+    with pytest.raises(UserError, match="^--resume c: written by an earlier version of this tool"):
+        pretrain.check_resume(_config(), old, "c")
 
 
-def test_a_finished_run_has_nothing_to_do():
-    with pytest.raises(NothingToDo, match="^nothing to do: --resume c already finished epoch 10 "):
-        check_unfinished(_checkpoint(), "c", 10)
-    check_unfinished(_checkpoint(), "c", 11)
+def test_a_released_main_moco_checkpoint_is_compared_by_its_arch_only():
+    released = {"epoch": 3, "arch": "resnet50", "state_dict": {}, "optimizer": {}}
+    assert pretrain.check_resume(_config(moco_t=0.07, lr=1.0), released, "c") == []
+    with pytest.raises(UserError, match=r"settings: --arch resnet18 \(checkpoint: resnet50\); "):
+        pretrain.check_resume(_config(arch="resnet18"), released, "c")
+
+
+def test_what_resume_names_must_be_a_pretraining_checkpoint(tmp_path):
+    assert pretrain.load_resume("") == (None, "")
+    with pytest.raises(UserError, match="no checkpoint_.* in that folder"):
+        pretrain.load_resume(str(tmp_path))
+    io.save_checkpoint({"epoch": 1, "state_dict": {}}, str(tmp_path), 0)  # e.g. a lincls one
+    with pytest.raises(
+        UserError, match=r"not a MoCo pretraining checkpoint \(no arch, optimizer\)"
+    ):
+        pretrain.load_resume(str(tmp_path))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A finished 1-epoch run: (data folder, output folder, its argv)."""
+    """A finished 1-epoch run: (its output folder, its argv)."""
     root = tmp_path_factory.mktemp("resume")
     make_synthetic_image_folder(str(root / "data" / "train"), num_images=16, size=40)
     argv = [str(root / "data"), "-a", "resnet18", "-b", "8", "--moco-k", "16", "-j", "0"]
@@ -134,8 +113,9 @@ def test_resume_with_other_flags_is_refused_and_nothing_changes(run):
     out, argv = run
     before = _snapshot(out)
     state = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)
-    assert state["train"]["crop_size"] == 64 and state["moco"]["bn_group"] == 4
+    assert state["config"]["crop_size"] == 64 and state["config"]["bn_group"] == 4
     assert state["resume_changes"] == [] and state["seed"] == 3
+    assert json.loads((out / "config.json").read_text()) == state["config"]
     changed = argv + ["--resume", str(out), "--epochs", "3", "--moco-t", "0.07", "--no-mlp"]
     with pytest.raises(UserError, match=r"--moco-t 0.07 \(checkpoint: 0.2\), --no-mlp "):
         pretrain.main(changed)
@@ -158,7 +138,7 @@ def test_start_epoch_at_or_past_epochs_is_refused_before_anything_starts(run, tm
     argv = [a if a != str(out) else str(tmp_path / "new") for a in argv]
     extra = ["--start-epoch", "5", "--epochs", "2"] + (["--resume", str(out)] if resume else [])
     with pytest.raises(UserError, match="^--start-epoch 5 is not below --epochs 2: nothing would"):
-        pretrain.parse_args(argv + extra)
+        PretrainConfig.parse(argv + extra)
     assert not (tmp_path / "new").exists()
 
 
@@ -173,6 +153,9 @@ def test_resume_after_the_first_epoch_passes_the_health_check_and_finishes(run, 
     assert "resumed from" in (resumed / "log.txt").read_text()
     state = torch.load(resumed / "checkpoint_0001.pth.tar", weights_only=True)
     assert state["epoch"] == 2
+    lr = 0.03 * 0.5 * (1 + math.cos(math.pi / 2))  # the cosine at epoch 1 of 2
+    assert state["lr"] == pytest.approx(lr)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([lr])
     weights = [v for v in state["state_dict"].values() if v.is_floating_point()]
     assert all(torch.isfinite(v).all() for v in weights)
     first = torch.load(out / "checkpoint_0000.pth.tar", weights_only=True)["state_dict"]
