@@ -131,135 +131,6 @@ def test_checkpoint_write_on_a_full_disk(tmp_path):
     assert result.stdout.split() == ["1", "checkpoint_0000.pth.tar"]
 
 
-# Linear classification.
-
-
-@pytest.fixture(scope="module")
-def lincls_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lincls_data")
-    for split, count in (("train", 4), ("val", 2)):
-        for name, rgb in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
-            os.makedirs(root / split / name)
-            for i in range(count):
-                Image.new("RGB", (40, 40), rgb).save(root / split / name / f"{i}.png")
-    return root
-
-
-def lincls(data, out, *extra):
-    return tool(
-        "lincls.py", data, "-a", "resnet18", "-b", "4", "-j", "0", "--epochs", "1",
-        "--crop-size", "32", "--resize", "36", "--device", "cpu", "--seed", "0",
-        "--output-dir", out, *extra,
-    )  # fmt: skip
-
-
-def test_lincls_negative_lr(lincls_data, tmp_path):
-    assert_error(lincls(lincls_data, tmp_path / "out", "--lr", "-1"), "--lr", "-1")
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("flag", ["--pretrained", "--resume"])
-def test_lincls_random_bytes(lincls_data, tmp_path, flag):
-    junk = tmp_path / "junk.pth.tar"
-    junk.write_bytes(os.urandom(4096))
-    line = assert_error(lincls(lincls_data, tmp_path / "out", flag, junk), junk)
-    assert "weights_only" not in line
-
-
-def test_lincls_stops_on_a_nan_loss_and_writes_no_results(lincls_data, tmp_path):
-    state = torchvision.models.resnet18().state_dict()
-    state["conv1.weight"].fill_(float("nan"))
-    torch.save(state, tmp_path / "broken.pth")
-    result = lincls(lincls_data, tmp_path / "out", "--pretrained", tmp_path / "broken.pth")
-    assert_error(result, "not finite", tmp_path / "broken.pth")
-    assert not (tmp_path / "out" / "results.json").exists()
-
-
-def test_lincls_nan_loss_under_multiprocessing_is_one_line(lincls_data, tmp_path):
-    state = torchvision.models.resnet18().state_dict()
-    state["conv1.weight"].fill_(float("nan"))
-    torch.save(state, tmp_path / "broken.pth")
-    result = lincls(
-        lincls_data, tmp_path / "out", "--pretrained", tmp_path / "broken.pth",
-        "--multiprocessing-distributed", "--nproc-per-node", "2",
-    )  # fmt: skip
-    assert_error(result, "not finite", tmp_path / "broken.pth")
-    assert "ProcessExitedException" not in result.stderr
-    assert not (tmp_path / "out" / "results.json").exists()
-
-
-def test_lincls_cleans_temporaries_writes_strict_json_and_resume_of_a_finished_run(
-    lincls_data, tmp_path
-):
-    out = tmp_path / "out"
-    out.mkdir()
-    stale = out / ".checkpoint.pth.tar.0123abcd.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    (out / "notes.tmp").write_text("not ours")
-    first = lincls(lincls_data, out)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert not stale.exists() and (out / "notes.tmp").exists()
-    json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON
-
-    before = snapshot(out)
-    again = lincls(lincls_data, out, "--resume", out / "checkpoint.pth.tar")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing to do" in again.stdout and snapshot(out) == before
-
-
-def test_lincls_resume_given_a_pretraining_checkpoint(lincls_data, tmp_path):
-    state = {
-        "module.encoder_q." + k: v for k, v in torchvision.models.resnet18().state_dict().items()
-    }
-    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state}, tmp_path / "moco.pth.tar")
-    result = lincls(lincls_data, tmp_path / "out", "--resume", tmp_path / "moco.pth.tar")
-    assert_error(result, tmp_path / "moco.pth.tar", "--pretrained")
-
-
-# Pretraining input.
-
-
-def pretrain(data, out, *extra):
-    return tool(
-        "pretrain_moco.py", data, "-a", "resnet18", "-b", "8", "--moco-k", "16",
-        "--workers", "0", "--crop-size", "64", "--epochs", "1", "--device", "cpu",
-        "--output-dir", out, *extra,
-    )  # fmt: skip
-
-
-def test_pretrain_folder_of_only_corrupt_images(tmp_path):
-    folder = tmp_path / "data" / "train" / "a"
-    folder.mkdir(parents=True)
-    for i in range(5):
-        (folder / f"{i}.jpg").write_bytes(b"not an image")
-    result = pretrain(tmp_path / "data", tmp_path / "out")
-    assert_error(result, "no readable image", tmp_path / "data")
-
-
-def test_pretrain_resume_random_bytes_and_mismatch(tmp_path):
-    from moco_d2.pretrain.builder import MoCo
-    from moco_d2.pretrain.data import make_synthetic_image_folder
-
-    make_synthetic_image_folder(str(tmp_path / "data" / "train"), num_images=8, size=40)
-    junk = tmp_path / "junk.pth.tar"
-    junk.write_bytes(os.urandom(4096))
-    assert_error(pretrain(tmp_path / "data", tmp_path / "out", "--resume", junk), junk)
-
-    model = MoCo(torchvision.models.resnet18, dim=128, K=16, mlp=True)
-    optimizer = torch.optim.SGD(model.parameters(), 0.1)
-    state = {"module." + k: v for k, v in model.state_dict().items()}
-    checkpoint = tmp_path / "checkpoint_0000.pth.tar"
-    torch.save(
-        {"epoch": 1, "arch": "resnet18", "state_dict": state, "optimizer": optimizer.state_dict()},
-        checkpoint,
-    )
-    result = pretrain(
-        tmp_path / "data", tmp_path / "out", "--resume", checkpoint, "--moco-dim", "64"
-    )
-    line = assert_error(result, checkpoint, "size mismatch")
-    assert "encoder_q.fc" in line  # the detail after "Error(s) in loading state_dict for MoCo:"
-
-
 # Detection: weights files, and everything checked before launch.
 
 
@@ -706,7 +577,8 @@ def test_train_net_on_a_full_disk_keeps_the_earlier_checkpoint(synthetic_voc_roo
 def test_error_in_every_spawned_process_is_printed_once(tmp_path):
     """Two CPU processes over gloo both stop with the same error: one line, exit 2."""
     (tmp_path / "two_ranks.py").write_text(
-        "from moco_d2.detection.launch import EveryRankError, launch\n"
+        "from moco_d2.detection.train_net import launch\n"
+        "from moco_d2.errors import EveryRankError\n"
         "def fail():\n"
         "    raise EveryRankError('diverged everywhere')\n"
         "def main(argv):\n"
