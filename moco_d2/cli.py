@@ -6,16 +6,12 @@ import importlib
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from moco_d2.errors import DETECTRON2_MISSING, EveryRankError, UserError
+from moco_d2.errors import DETECTRON2_MISSING, UserError
 
 USER_ERROR_EXIT = 2
-# How long a rank other than 0 waits, after an EveryRankError, for rank 0 to report it and the
-# launcher to end the other processes, before it reports the error itself.
-REPORT_GRACE_S = 60.0
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -65,39 +61,29 @@ def run_tool(module_name: str, argv: list[str] | None = None) -> NoReturn:
     sys.exit(status or 0)
 
 
-def report_user_errors(fn: Callable, *args: Any) -> None:
-    """Run ``fn(*args)`` in a spawned process: a :class:`UserError` is printed there as the tools'
-    one line and the process exits 2, which :func:`spawn` turns into the launcher's exit 2
-    (instead of mp.spawn's traceback). An :class:`EveryRankError` is printed by rank 0 alone,
-    unless the launcher has not ended the other ranks after ``REPORT_GRACE_S``."""
-    try:
-        fn(*args)
-    except UserError as e:
-        import torch.distributed as dist
-
-        if isinstance(e, EveryRankError) and dist.is_initialized() and dist.get_rank() != 0:
-            time.sleep(REPORT_GRACE_S)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
-
-
 def spawn(fn: Callable, nprocs: int, args: tuple = ()) -> None:
-    """``mp.spawn(fn, args)`` with :func:`report_user_errors` in every process: a process that
-    printed its one-line error ends this one with exit 2 and nothing more."""
+    """``mp.spawn(fn, nprocs, args)`` for the training tools: a :class:`UserError` in any process
+    ends the run as this process's own one line (the first one reported, so an error that every
+    rank meets is said once), instead of mp.spawn's traceback of the worker."""
     import torch.multiprocessing as mp
 
+    errors = mp.get_context("spawn").SimpleQueue()
     # mp.spawn logs each process it ends after another failed; the error line suffices.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        mp.spawn(_spawned, nprocs=nprocs, args=(fn, args), daemon=False)
-    except mp.ProcessExitedException as e:
-        if e.exit_code != USER_ERROR_EXIT:
+        mp.spawn(_report_user_errors, nprocs=nprocs, args=(errors, fn, args), daemon=False)
+    except mp.ProcessExitedException:
+        if errors.empty():
             raise
-        raise SystemExit(USER_ERROR_EXIT) from None
+        raise UserError(errors.get()) from None
 
 
-def _spawned(local_rank: int, fn: Callable, args: tuple) -> None:
-    report_user_errors(fn, local_rank, *args)
+def _report_user_errors(local_rank: int, errors: Any, fn: Callable, args: tuple) -> None:
+    try:
+        fn(local_rank, *args)
+    except UserError as e:
+        errors.put(str(e))
+        sys.exit(USER_ERROR_EXIT)
 
 
 class TqdmHandler(logging.StreamHandler):

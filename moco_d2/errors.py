@@ -9,10 +9,5 @@ class UserError(Exception):
     """Bad input (a file, a folder, a flag): the message says what and where."""
 
 
-class EveryRankError(UserError):
-    """A :class:`UserError` that every process meets alike (divergence, the same bad weights
-    everywhere); only rank 0 prints it."""
-
-
-class TrainingDiverged(EveryRankError):
+class TrainingDiverged(UserError):
     """The loss, weights or BN statistics blew up: stopping beats writing garbage for days."""

@@ -578,9 +578,9 @@ def test_error_in_every_spawned_process_is_printed_once(tmp_path):
     """Two CPU processes over gloo both stop with the same error: one line, exit 2."""
     (tmp_path / "two_ranks.py").write_text(
         "from moco_d2.detection.train_net import launch\n"
-        "from moco_d2.errors import EveryRankError\n"
+        "from moco_d2.errors import TrainingDiverged\n"
         "def fail():\n"
-        "    raise EveryRankError('diverged everywhere')\n"
+        "    raise TrainingDiverged('diverged everywhere')\n"
         "def main(argv):\n"
         "    launch(fail, 2, dist_url='auto', device='cpu')\n"
     )

@@ -127,13 +127,11 @@ class Pretrainer:
     def train(self) -> None:
         c = self.config
         logger.info(
-            "MoCo %s: %d images, %d processes, %s, device %s",
-            "v2" if c.mlp and c.aug_plus else "v1-style",
-            len(self.data.dataset),
-            self.here.world_size,
-            describe_bn(c, self.here),
-            self.device,
-        )
+            "MoCo %s: %s, %d images, batch %d per process, device %s",
+            "v2" if c.mlp and c.aug_plus else "v1-style", c.arch, len(self.data.dataset),
+            c.batch, self.device,
+        )  # fmt: skip
+        logger.info(describe_bn(c, self.here))
         logger.info("config: %s", c.to_dict())
         if self.here.is_main:
             io.atomic_write_json(c.to_dict(), os.path.join(c.output_dir, "config.json"))
@@ -422,12 +420,18 @@ def describe_bn(config: PretrainConfig, here: Launch) -> str:
     """How this run gets shuffle-BN, in words."""
     if here.distributed:
         return (
-            f"keys shuffled across processes (DDP), {config.bn_splits} BatchNorm group(s) per "
-            "process"
+            f"{here.world_size} processes: keys shuffled across processes (DDP), "
+            f"{config.bn_splits} BatchNorm group(s) per process"
         )
     if config.bn_splits == 1:
-        return "one process: plain BatchNorm over the batch (--bn-splits 1), no shuffle-BN effect"
-    return f"one process: shuffle-BN emulated with {config.bn_splits} BatchNorm groups"
+        return (
+            "one process in total: no process group or DDP; plain BatchNorm over the batch "
+            "(--bn-splits 1), so no shuffle-BN effect"
+        )
+    return (
+        "one process in total: no process group or DDP; shuffle-BN emulated with "
+        f"{config.bn_splits} BatchNorm groups (--bn-splits)"
+    )
 
 
 def load_resume(path: str) -> tuple[dict[str, Any] | None, str]:
