@@ -1,6 +1,6 @@
 """The shared launcher: a process group that cannot form stops within --dist-timeout with one
-line, and a UserError raised in a spawned worker is that process's one line and the launcher's
-exit 2 (an error every rank meets, once)."""
+line, and a UserError raised in a spawned worker ends the launch with its message, said once as
+the tool's one line and exit 2 (an error that every rank meets too)."""
 
 import argparse
 import os
@@ -15,7 +15,7 @@ import torch
 from moco_d2 import launch
 from moco_d2.cli import USER_ERROR_EXIT
 from moco_d2.config import TrainConfig
-from moco_d2.errors import TrainingDiverged, UserError
+from moco_d2.errors import UserError
 from moco_d2.synthetic import make_synthetic_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,64 +69,35 @@ def test_the_nccl_advice_names_the_variables_that_made_nccl_start_on_a_vm(monkey
     assert "NCCL_" not in launch._no_group(config, here, "gloo", TimeoutError("no reply"))
 
 
-def _diverges(config, here):
-    raise TrainingDiverged(f"loss is nan at rank {here.rank}")
-
-
 def _rank_1_fails(config, here):
     if here.rank == 1:
         raise UserError(f"bad input seen by rank {here.rank} of {here.world_size}")
 
 
-def _spawned():
+def test_a_user_error_in_one_spawned_worker_ends_the_launch_with_its_message(capfd):
+    """Two gloo processes spawned as --multiprocessing-distributed spawns them; rank 0 has
+    finished well: the launcher raises rank 1's error, which no process printed."""
     parser = argparse.ArgumentParser()
     TrainConfig.add_arguments(parser)
     argv = ["data", "--device", "cpu", "--multiprocessing-distributed", "--nproc-per-node", "2"]
-    return TrainConfig.from_args(parser.parse_args(argv))
+    with pytest.raises(UserError, match="^bad input seen by rank 1 of 2$"):
+        launch.launch(_rank_1_fails, TrainConfig.from_args(parser.parse_args(argv)))
+    assert "bad input" not in capfd.readouterr().err
 
 
-EVERY_RANK_BUG = (
-    "moco_d2/launch.py _run destroys the process group in its finally before "
-    "moco_d2/cli.py report_user_errors asks dist.get_rank(), so every rank prints an "
-    "EveryRankError at once"
-)
-
-
-@pytest.mark.parametrize(
-    "worker, line",
-    [
-        pytest.param(
-            _diverges,
-            "error: loss is nan at rank 0",
-            marks=pytest.mark.xfail(reason=EVERY_RANK_BUG, strict=True),
-        ),
-        (_rank_1_fails, "error: bad input seen by rank 1 of 2"),
-    ],
-)
-def test_a_user_error_in_a_spawned_worker_is_one_line_and_exit_2(capfd, worker, line):
-    """Two gloo processes spawned as --multiprocessing-distributed spawns them: the failing one
-    prints its line (rank 0 alone for an error every rank meets) and the launcher exits 2."""
-    with pytest.raises(SystemExit) as stopped:
-        launch.launch(worker, _spawned())
-    assert stopped.value.code == USER_ERROR_EXIT
-    err = capfd.readouterr().err
-    assert [text for text in err.splitlines() if text.strip()] == [line], err
-
-
-@pytest.mark.xfail(
-    reason="PretrainConfig.resolved (moco_d2/pretrain/config.py) raises the --moco-k check as a "
-    "plain UserError, which each spawned process prints",
-    strict=True,
-)
-def test_a_bad_flag_that_every_spawned_process_meets_is_one_line(tmp_path, capfd):
-    from moco_d2.pretrain import main as pretrain
-
+def test_an_error_that_every_spawned_process_meets_is_one_line_and_exit_2(tmp_path):
+    """The tool, as a user runs it: each rank refuses --moco-k for the global batch, once."""
     make_synthetic_image_folder(str(tmp_path / "data"), num_images=16, size=40, num_classes=2)
-    argv = [str(tmp_path / "data"), "-a", "resnet18", "-b", "8", "--moco-k", "20", "-j", "0"]
-    argv += ["--crop-size", "64", "--device", "cpu", "--output-dir", str(tmp_path / "out")]
-    with pytest.raises(SystemExit) as stopped:
-        pretrain.main(argv + ["--multiprocessing-distributed", "--nproc-per-node", "2"])
-    assert stopped.value.code == USER_ERROR_EXIT
-    err = capfd.readouterr().err
-    lines = [text for text in err.splitlines() if text.startswith("error: ")]
-    assert lines == ["error: --moco-k 20 must be a multiple of the global batch 8"], err
+    command = [
+        sys.executable,
+        os.path.join(REPO, "tools", "pretrain_moco.py"),
+        str(tmp_path / "data"),
+    ]
+    command += ["-a", "resnet18", "-b", "8", "--moco-k", "20", "-j", "0", "--crop-size", "64"]
+    command += ["--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    command += ["--multiprocessing-distributed", "--nproc-per-node", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=ENV)
+    assert result.returncode == USER_ERROR_EXIT, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: --moco-k 20 must be a multiple of the global batch 8"
+    ], result.stderr[-3000:]
