@@ -1,5 +1,6 @@
 """SplitBatchNorm against per-group F.batch_norm references, in both memory formats; its counted
-cost against BatchNorm2d; torch.compile against eager."""
+cost against BatchNorm2d; torch.compile against eager; the rules for BatchNorm groups (default
+--bn-splits, degenerate groups refused)."""
 
 import copy
 import json
@@ -12,10 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco_d2.pretrain.builder import MoCo
+from moco_d2.errors import UserError
+from moco_d2.pretrain import main as pretrain
+from moco_d2.pretrain.config import PretrainConfig
 from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
-from moco_d2.pretrain.setup import compile_encoders
-from moco_d2.pretrain.split_bn import SplitBatchNorm, convert_split_bn
+from moco_d2.pretrain.moco import MoCo
+from moco_d2.pretrain.split_bn import (
+    MIN_BN_VALUES,
+    SplitBatchNorm,
+    convert_split_bn,
+    last_stage_positions,
+    resolve_bn_splits,
+)
+from moco_d2.synthetic import make_synthetic_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -287,13 +297,15 @@ class TinyEncoder(nn.Module):
 @pytest.mark.skipif(not _inductor_finds_a_compiler(), reason="inductor finds no C++ compiler")
 @pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS.keys())
 def test_compiled_encoders_equal_eager(fmt):
-    """Two MoCo steps with ``compile_encoders`` (as ``--compile``): no graph break, and the same
-    logits, query-encoder gradients, running statistics and queue as eager."""
+    """Two MoCo steps with the encoders compiled as ``build_model`` compiles them for
+    ``--compile``: no graph break, and the same logits, query-encoder gradients, running
+    statistics and queue as eager."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = MoCo(TinyEncoder, dim=8, K=16, bn_splits=2, shuffle="local").to(memory_format=fmt)
     compiled = copy.deepcopy(eager)
-    compile_encoders(compiled)
+    compiled.encoder_q.compile()
+    compiled.encoder_k.compile()
     images = [torch.randn(8, 3, 8, 8).contiguous(memory_format=fmt) for _ in range(4)]
     torch._dynamo.utils.counters.clear()
     results = []
@@ -340,3 +352,38 @@ def test_benchmark_reports_every_candidate_with_its_counted_cost(tmp_path):
             split = bn_layer_cost(SplitBatchNorm(8, 4), fmt, shape_)
             assert row["bytes_ratio"] == pytest.approx(split.bytes / plain.bytes)
             assert row["ops_ratio"] == pytest.approx(split.ops / plain.ops)
+
+
+@pytest.mark.parametrize(
+    "arch, crop, positions",
+    [("resnet50", 224, 49), ("resnet50", 32, 1), ("resnet18", 64, 4), ("resnet18", 100, 16)],
+)
+def test_last_stage_positions_are_the_res5_grid(arch, crop, positions):
+    # torchvision ResNets downsample by 32 with rounding up: 224 -> 7x7, 100 -> 4x4
+    assert last_stage_positions(arch, crop) == positions
+
+
+def test_default_bn_splits_keep_enough_values_per_channel():
+    def splits(batch, distributed=False, **flags):
+        return resolve_bn_splits(PretrainConfig(**flags), batch, distributed)
+
+    assert splits(256) == 8  # unchanged for the real recipe: resnet50 at 224
+    assert splits(32, distributed=True) == 1  # processes shuffle across each other instead
+    assert splits(16, arch="resnet18", crop_size=64) == 4  # 4 images x 4 positions
+    assert splits(32, crop_size=32) == 2  # not 8: 4 images x 1 position
+    with pytest.raises(UserError, match=r"2 images per group x 4 .* = 8 values .*fewer --bn-s"):
+        splits(8, arch="resnet18", crop_size=64, bn_splits=4)
+
+
+def test_degenerate_bn_groups_are_refused_before_training(tmp_path):
+    make_synthetic_image_folder(str(tmp_path / "data"), num_images=8, size=40, num_classes=2)
+    argv = [str(tmp_path / "data"), "-a", "resnet50", "-b", "8", "--crop-size", "32"]
+    argv += ["--device", "cpu", "--output-dir", str(tmp_path / "out"), "--workers", "0"]
+    with pytest.raises(UserError) as refused:
+        pretrain.main(argv)
+    assert str(refused.value) == (
+        "BatchNorm groups too small: 8 images per group x 1 last-stage positions at "
+        f"--crop-size 32 = 8 values per channel (need >= {MIN_BN_VALUES}); use a larger "
+        "--crop-size or a larger -b"
+    )
+    assert not list((tmp_path / "out").glob("checkpoint_*"))
