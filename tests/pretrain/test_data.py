@@ -6,11 +6,8 @@ import pytest
 from PIL import Image
 
 from moco_d2.errors import UserError
-from moco_d2.pretrain.data import (
-    TolerantImageFolder,
-    make_synthetic_image_folder,
-    resolve_train_dir,
-)
+from moco_d2.pretrain.data import TolerantImageFolder, resolve_train_dir
+from moco_d2.synthetic import make_synthetic_image_folder
 
 
 def test_synthetic_folder_writes_real_images(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from moco_d2.pretrain import MoCo
-from moco_d2.pretrain.shuffle import batch_shuffle_ddp, batch_unshuffle_ddp
+from moco_d2.pretrain.moco import batch_shuffle_ddp, batch_unshuffle_ddp
 
 WORLD, BATCH, STEPS, M = 2, 4, 3, 0.9
 

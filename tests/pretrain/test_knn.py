@@ -7,8 +7,8 @@ import torch
 import torchvision
 
 from moco_d2.errors import UserError
-from moco_d2.synthetic import make_synthetic_image_folder
 from moco_d2.pretrain.knn import KNNMonitor, knn_predict
+from moco_d2.synthetic import make_synthetic_image_folder
 
 
 def test_weighted_vote_matches_hand_computation():

@@ -9,12 +9,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from moco_d2.pretrain.augment import TwoCropsTransform, moco_augmentation
-from moco_d2.pretrain.data import (
-    EpochLoader,
-    TolerantImageFolder,
-    item_seed,
-    make_synthetic_image_folder,
-)
+from moco_d2.pretrain.data import EpochLoader, TolerantImageFolder, item_seed
+from moco_d2.synthetic import make_synthetic_image_folder
 
 SEED, BATCH, EPOCHS = 5, 4, 3
 
