@@ -2,7 +2,6 @@
 crops against PIL's, the fallbacks, unreadable files and their replacement, the packed batch and
 its order, and the flags."""
 
-import argparse
 import io
 import logging
 from pathlib import Path
@@ -14,6 +13,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from moco_d2.errors import UserError
+from moco_d2.launch import one_process
+from moco_d2.pretrain.config import PretrainConfig
 from moco_d2.pretrain.data import TolerantImageFolder
 from moco_d2.pretrain.device_augment import TwoCropsLoader
 from moco_d2.pretrain.device_decode import (
@@ -25,10 +26,7 @@ from moco_d2.pretrain.device_decode import (
     collate_encoded,
     jpeg_size,
 )
-from moco_d2.pretrain.main import build_parser
-from moco_d2.pretrain.setup import build_train_data, build_train_loader
-from moco_d2.pretrain.speed_flags import add_speed_arguments, resolve_speed_arguments
-from moco_d2.training.distributed import one_process
+from moco_d2.pretrain.main import build_train_data, build_train_loader
 
 CROP = 48
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -288,46 +286,38 @@ def test_the_host_retry_decodes_with_pil(files):
         Image.open(io.BytesIO(bytes(data[: len(data) // 2].numpy()))).load()
 
 
-def _flags(*argv):
-    parser = argparse.ArgumentParser()
-    add_speed_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 @pytest.mark.parametrize(
-    "argv, device, augment_on, decode_on",
+    "flags, device, augment_on, decode_on",
     [
-        ((), "cpu", "loader", "loader"),
-        ((), "cuda", "device", "device"),
-        (("--augment-on", "loader"), "cuda", "loader", "loader"),
-        (("--augment-on", "device"), "cpu", "device", "loader"),
-        (("--decode-on", "device"), "cpu", "device", "device"),
-        (("--decode-on", "loader"), "cuda", "device", "loader"),
+        ({}, "cpu", "loader", "loader"),
+        ({}, "cuda", "device", "device"),
+        ({"augment_on": "loader"}, "cuda", "loader", "loader"),
+        ({"augment_on": "device"}, "cpu", "device", "loader"),
+        ({"decode_on": "device"}, "cpu", "device", "device"),
+        ({"decode_on": "loader"}, "cuda", "device", "loader"),
     ],
 )
 def test_decode_on_defaults_follow_the_device_and_the_augmentation(
-    argv, device, augment_on, decode_on
+    flags, device, augment_on, decode_on
 ):
-    args = _flags(*argv)
-    resolve_speed_arguments(args, torch.device(device))
-    assert (args.augment_on, args.decode_on) == (augment_on, decode_on)
+    config = PretrainConfig(arch="resnet18", batch_size=8, crop_size=64, **flags)
+    resolved = config.resolved(one_process(device), seed=0)
+    assert (resolved.augment_on, resolved.decode_on) == (augment_on, decode_on)
+    assert resolved.channels_last == (device == "cuda")
 
 
-def test_decode_on_device_with_augment_on_loader_is_a_user_error():
+def test_decode_on_device_with_augment_on_loader_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="^--decode-on device needs --augment-on device"):
-        resolve_speed_arguments(
-            _flags("--decode-on", "device", "--augment-on", "loader"), torch.device("cuda")
-        )
+        PretrainConfig.parse([str(tmp_path), "--decode-on", "device", "--augment-on", "loader"])
 
 
 def _decoded_epochs(root, workers, epochs=2):
     """Every batch of ``epochs`` epochs as the tool loads and decodes it with ``-j workers``."""
     argv = [str(root), "-b", "4", "-j", str(workers), "--crop-size", str(CROP), "--seed", "5"]
     argv += ["--decode-on", "device", "--device", "cpu", "--epochs", str(epochs)]
-    args = one_process(build_parser().parse_args(argv))
-    resolve_speed_arguments(args, torch.device("cpu"))
-    data = build_train_data(args, str(root))
-    loader = build_train_loader(data, args, 4, 5, torch.device("cpu"))
+    config = PretrainConfig.parse(argv).resolved(one_process(), seed=5)
+    data = build_train_data(config, str(root))
+    loader = build_train_loader(data, config, one_process())
     out = []
     for epoch in range(epochs):
         for images, _, skipped in loader.epoch(epoch):
