@@ -119,7 +119,7 @@ class PretrainConfig(TrainConfig):
     # Filled by resolved(): what the launch makes of -b and --bn-splits.
     batch: int = derived()
     global_batch: int = derived(FIXED, "global batch (-b x nodes)")
-    bn_group: int = derived(FIXED, "images per BatchNorm group (-b, --bn-splits, processes)")
+    bn_group: int = derived(FIXED, "images per BatchNorm group (-b / --bn-splits / processes)")
 
     @classmethod
     def parse(cls, argv: list[str]) -> "PretrainConfig":

@@ -155,7 +155,7 @@ def test_more_processes_with_the_same_batchnorm_groups_may_resume():
     assert eight_gpus.diff(one.to_dict()) == ([], [])
     four_groups = _resolved(bn_splits=4)
     assert four_groups.diff(one.to_dict())[0] == [
-        "images per BatchNorm group (-b, --bn-splits, processes) 64 (checkpoint: 32)"
+        "images per BatchNorm group (-b / --bn-splits / processes) 64 (checkpoint: 32)"
     ]
     two_nodes = _resolved(Launch(16, 0, 8, CPU))
     assert two_nodes.diff(eight_gpus.to_dict())[0] == [

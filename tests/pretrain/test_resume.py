@@ -47,7 +47,7 @@ def test_every_difference_is_listed_on_one_line():
         "--moco-t 0.07 (checkpoint: 0.2)",
         "--no-aug-plus (checkpoint: --aug-plus)",
         "global batch (-b x nodes) 512 (checkpoint: 256)",
-        "images per BatchNorm group (-b, --bn-splits, processes) 64 (checkpoint: 32)",
+        "images per BatchNorm group (-b / --bn-splits / processes) 64 (checkpoint: 32)",
     ]
     message = str(raised.value)
     assert message.startswith(
