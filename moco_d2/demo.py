@@ -14,21 +14,20 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 
 import torch
 
 from moco_d2.cli import ArgumentParser
-from moco_d2.detection.trainer import METRICS_FILE
+from moco_d2.detection.evaluation import METRIC_NAMES, METRICS_FILE
+from moco_d2.detection.train_net import COMMAND
 from moco_d2.errors import UserError
-from moco_d2.io import atomic_path, atomic_write_text
+from moco_d2.io import atomic_path, atomic_write_json, atomic_write_text
 from moco_d2.published import VOC_DETECTION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "voc_R50_C4_demo.yaml")
-METRIC_NAMES = ("AP", "AP50", "AP75")
 RUNS = (("MoCo v2 (demo pretraining)", "moco"), ("random init (control)", "random"))
 
 
@@ -39,39 +38,13 @@ def _stage(number: int, text: str) -> None:
 def pretrain(data_dir: str, output_dir: str, args: argparse.Namespace, device: str) -> str:
     from moco_d2.pretrain import main as pretrain_main
 
-    argv = [
-        data_dir,
-        "-a",
-        "resnet50",
-        "-b",
-        str(args.pretrain_batch),
-        "--epochs",
-        str(args.pretrain_epochs),
-        "--workers",
-        "0",
-        "--crop-size",
-        str(args.crop_size),
-        "--moco-k",
-        str(args.moco_k),
-        "--moco-m",
-        str(args.moco_m),
-        "--lr",
-        str(args.pretrain_lr),
-        "--seed",
-        "0",
-        "--mlp",
-        "--aug-plus",
-        "--cos",
-        "--moco-t",
-        "0.2",
-        "--device",
-        device,
-        "--print-freq",
-        "1",
-        "--output-dir",
-        output_dir,
-    ]
-    pretrain_main.main(argv)
+    flags = (
+        f"-a resnet50 -b {args.pretrain_batch} --epochs {args.pretrain_epochs} --workers 0 "
+        f"--crop-size {args.crop_size} --moco-k {args.moco_k} --moco-m {args.moco_m} "
+        f"--lr {args.pretrain_lr} --seed 0 --mlp --aug-plus --cos --moco-t 0.2 "
+        f"--device {device} --print-freq 1"
+    )
+    pretrain_main.main([data_dir, *flags.split(), "--output-dir", output_dir])
     return os.path.join(output_dir, f"checkpoint_{args.pretrain_epochs - 1:04d}.pth.tar")
 
 
@@ -88,19 +61,8 @@ def fine_tune(
 ) -> dict[str, float]:
     """One train_net run in its own process, as a user would launch it; returns its metrics."""
     env = dict(os.environ, DETECTRON2_DATASETS=datasets_root)
-    command = [
-        sys.executable,
-        "-m",
-        "moco_d2.detection",
-        "--config-file",
-        DEMO_CONFIG,
-        "MODEL.WEIGHTS",
-        weights,
-        "MODEL.DEVICE",
-        device,
-        "OUTPUT_DIR",
-        output_dir,
-    ]
+    command = [*COMMAND, "--config-file", DEMO_CONFIG, "MODEL.WEIGHTS", weights]
+    command += ["MODEL.DEVICE", device, "OUTPUT_DIR", output_dir]
     if max_iter:
         steps = tuple(sorted({s for s in (int(max_iter * 0.75), int(max_iter * 0.9)) if s > 0}))
         command += ["SOLVER.MAX_ITER", str(max_iter), "SOLVER.STEPS", str(steps)]
@@ -267,14 +229,7 @@ def main(argv: list[str]) -> int:
         os.path.join(pretrain_data, "train"), args.pretrain_images, size=96, seed=0
     )
     # All 20 classes, as in VOC; enough test images that each class has ground truth.
-    make_synthetic_voc(
-        voc_root,
-        num_train=args.det_train_images,
-        num_test=args.det_test_images,
-        image_size=160,
-        seed=0,
-        num_classes_used=20,
-    )
+    make_synthetic_voc(voc_root, args.det_train_images, args.det_test_images, 160, 0, 20)
 
     _stage(2, "MoCo v2 pretraining, ResNet-50, single-process shuffle-BN emulation")
     pretrain_dir = os.path.join(out, "pretrain")
@@ -295,10 +250,7 @@ def main(argv: list[str]) -> int:
     settings = dict(vars(args), device=device, max_iter=_max_iter(run_dirs[0]))
     plot(os.path.join(out, "demo.png"), pretrain_dir, run_dirs, results, args.moco_k)
     atomic_write_text(report(results, settings, minutes), os.path.join(out, "report.md"))
-    atomic_write_text(
-        json.dumps({"results": results, "settings": settings}, indent=2) + "\n",
-        os.path.join(out, "results.json"),
-    )
+    atomic_write_json({"results": results, "settings": settings}, os.path.join(out, "results.json"))
     print("\n" + table(results))
     print("\nEach stage ran and the detector learned; the rows do not show that pretraining")
     print(f"helps. {CAVEAT}")

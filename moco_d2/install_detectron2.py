@@ -1,19 +1,13 @@
 """Make detectron2 importable: keep a working install, else build the pure-Python 0.6 package.
 
-detectron2 is not published on PyPI under its own name. The sdist ``pb1-detectron2==0.6``
-carries the official v0.6 Python sources (checked file by file) but not the C++ sources, so
-``pip install pb1-detectron2`` fails at build time. We download that sdist, verify its
-sha256, and install its Python package without the extension. R50-C4 Faster R-CNN needs
-none of the compiled ops (torchvision supplies nms and roi_align); the rest is handled
-by :mod:`moco_d2.detection.compat`.
-
-Usage::
+detectron2 is not on PyPI under its own name; the sdist ``pb1-detectron2==0.6`` carries the
+official v0.6 Python sources (checked file by file) but not the C++ sources, so its own build
+fails. This downloads it, verifies its sha256 and installs the Python package alone: R50-C4
+needs none of the compiled ops (torchvision has nms and roi_align), and
+:mod:`moco_d2.detection.compat` handles the rest.
 
     python -m moco_d2.install_detectron2           # install if needed (idempotent)
     python -m moco_d2.install_detectron2 --check   # report version and source only
-
-This module must import without detectron2, so it uses only the standard library and
-:mod:`moco_d2.io`.
 """
 
 import argparse
@@ -28,6 +22,7 @@ import tarfile
 import tempfile
 import urllib.request
 
+from moco_d2.errors import DETECTRON2_MISSING
 from moco_d2.io import sha256_of
 
 SDIST_NAME = "pb1-detectron2"
@@ -172,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if line is None:
-        print(
-            "detectron2 is not installed: run `make install` "
-            "(or `python -m moco_d2.install_detectron2`)",
-            file=sys.stderr,
-        )
+        print(DETECTRON2_MISSING, file=sys.stderr)
         return 1
     print(line)
     if "no C++ ops" in line:

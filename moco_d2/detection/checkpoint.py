@@ -1,21 +1,13 @@
-"""Loading weights into a Detectron2 model safely, and without silently leaving the backbone
-random.
-
-Detectron2 reads ``.pkl`` weights with plain ``pickle.load``, which runs whatever code the
-file names; here every file goes through :mod:`moco_d2.io` (a restricted unpickler for
-``.pkl``, ``torch.load(weights_only=True)`` otherwise). A pretraining checkpoint that the
-converter accepts is converted in memory, by the converter's own functions, and logged as
-the converter reports it. Detectron2 also only logs a warning for model tensors a checkpoint
-does not provide, so a wrong file trains a half-random backbone; here any ResNet trunk
-tensor left unloaded is an error. And Detectron2 writes checkpoints in place, so a full disk
-or a kill left a truncated file that ``last_checkpoint`` might name; here they are written
-atomically (:mod:`moco_d2.io`).
-"""
+"""Detectron2's checkpointer made safe: it unpickles ``.pkl`` files with plain ``pickle.load``
+(here :mod:`moco_d2.io` reads every file without running code), only warns when a file leaves
+model tensors at init (here a backbone tensor left unloaded is an error), and writes in place
+(here atomically, so a full disk or a kill never leaves a truncated checkpoint that
+``last_checkpoint`` names). A pretraining checkpoint is converted in memory, as the converter
+would."""
 
 import logging
 import os
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -40,8 +32,7 @@ _SHOWN = 5
 
 
 def _is_detectron2(loaded: dict[str, Any]) -> bool:
-    """A train_net checkpoint (Detectron2's checkpointer saves the ``model`` with the
-    ``iteration``) or a Detectron2 state_dict: names of a Detectron2 ResNet."""
+    """A train_net checkpoint (a ``model`` with the ``iteration``) or a Detectron2 state_dict."""
     model = loaded.get("model")
     if isinstance(model, dict) and "iteration" in loaded:
         return True
@@ -68,12 +59,8 @@ def converted_in_memory(loaded: Any, path: str) -> dict[str, Any]:
 
 
 def read_detectron2_file(path: str) -> dict[str, Any]:
-    """The content of a weights file as ``DetectionCheckpointer`` expects it.
-
-    ``.pkl`` (converted or model-zoo weights) goes through the restricted unpickler, anything
-    else through ``torch.load(weights_only=True)`` (or safetensors). A file that holds no
-    Detectron2 names is a pretraining checkpoint or state_dict, converted in memory.
-    """
+    """The content of a weights file as ``DetectionCheckpointer`` expects it; a file without
+    Detectron2 names is a pretraining checkpoint or state_dict, converted in memory."""
     if path.endswith(".pkl"):
         data = io.load_pickle(path)
         if not isinstance(data, dict):
@@ -122,18 +109,9 @@ def non_finite_tensor(state: dict[str, Any]) -> str | None:
     return None
 
 
-def trunk_names(names: Iterable[str]) -> list[str]:
-    """Those of ``names`` (model state_dict keys) that belong to the pretrained ResNet trunk."""
-    return [n for n in names if _TRUNK.search(n)]
-
-
 class BackboneCheckingCheckpointer(DetectionCheckpointer):
-    """A :class:`DetectionCheckpointer` whose ``load`` raises :class:`UserError` when a
-    checkpoint leaves any backbone (trunk) tensor of the model unloaded or a file is missing.
-
-    A drop-in replacement, e.g. for ``DefaultTrainer.checkpointer``: ``resume_or_load`` goes
-    through ``load`` too.
-    """
+    """A drop-in :class:`DetectionCheckpointer` (``resume_or_load`` included) that reads files
+    safely, writes them atomically and refuses a file that leaves a backbone tensor unloaded."""
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if path and "://" not in path and not os.path.isfile(path):
@@ -145,8 +123,7 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """fvcore's ``save``, written atomically: on a full disk the error names the file,
-        and the earlier checkpoints and ``last_checkpoint`` stay as they were."""
+        """fvcore's ``save``, atomically: on a full disk the earlier files stay as they were."""
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
@@ -166,7 +143,7 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        missing = trunk_names(incompatible.missing_keys)
+        missing = [name for name in incompatible.missing_keys if _TRUNK.search(name)]
         if missing:
             shown = ", ".join(missing[:_SHOWN]) + (", …" if len(missing) > _SHOWN else "")
             raise UserError(
@@ -175,19 +152,5 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
                 "checkpoints with tools/convert-to-d2.py and check MODEL.RESNETS (DEPTH 50, "
                 "STRIDE_IN_1X1 False)"
             )
-        self.not_loaded = list(incompatible.missing_keys)
+        self.not_loaded = list(incompatible.missing_keys)  # the heads, left at init
         return incompatible
-
-
-def load_detectron2_weights(model: torch.nn.Module, path: str) -> list[str]:
-    """Load ``path`` (e.g. MODEL.WEIGHTS) into ``model``; return the names left at init.
-
-    Every ResNet trunk tensor must come from the file (else :class:`UserError`); the
-    detection heads and the extra res5 norm are expected to stay at init. An empty
-    ``path`` loads nothing, on purpose: training from random initialization.
-    """
-    checkpointer = BackboneCheckingCheckpointer(model)
-    if not path:
-        return sorted(checkpointer.model.state_dict())  # the model without its DDP wrapper
-    checkpointer.load(path)
-    return checkpointer.not_loaded

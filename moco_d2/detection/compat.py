@@ -1,12 +1,8 @@
 """The one place where detectron2 0.6 is made to work with today's numpy, Pillow and torch,
-and where its gaps against later detectron2 are filled.
-
-Each shim checks whether the library is already fine and then does nothing, so the same
-code runs on an official compiled detectron2 and on the pure-Python 0.6 package that
-:mod:`moco_d2.install_detectron2` installs. ``apply()`` runs on ``import moco_d2.detection``;
-:class:`InnerTrainerState` and :func:`set_local_process_group` are used by the trainer and the
-CPU launcher. Dropping detectron2 0.6 means deleting this module and those two uses.
-"""
+and where its gaps against later detectron2 are filled. Each shim does nothing where the
+library is already fine, so the same code runs on an official compiled detectron2 and on the
+pure-Python 0.6 package of :mod:`moco_d2.install_detectron2`. Dropping detectron2 0.6 means
+deleting this module and its uses."""
 
 import contextlib
 import functools
@@ -32,11 +28,8 @@ class MissingCompiledOp(RuntimeError):
 
 
 class _CompiledOpsStandIn(types.ModuleType):
-    """Stands in for ``detectron2._C`` when detectron2 was installed without its C++ ops.
-
-    detectron2.layers imports ``_C`` at import time for rotated boxes and deformable
-    convolution; R50-C4 uses neither. Version queries answer, any op raises a clear error.
-    """
+    """``detectron2._C`` for an install without C++ ops: detectron2.layers imports it for rotated
+    boxes and deformable convolution, which R50-C4 does not use. Any op raises a clear error."""
 
     def __init__(self) -> None:
         super().__init__("detectron2._C", __doc__)
@@ -131,39 +124,26 @@ def wrap_with_numpy_aliases(module: types.ModuleType, name: str) -> bool:
     return True
 
 
-def numpy_alias_users() -> tuple[tuple[object, str], ...]:
-    """``(owner, name)`` of the detectron2 0.6 functions that spell removed numpy aliases.
-
-    The Pascal VOC loader (``np.str``), the class histogram (``np.int``), and the polygon
-    mask code of Mask R-CNN (``np.bool``): rasterizing polygons for the mask loss and
-    dropping empty polygon masks in the data mapper; ``detection_utils`` holds its own
-    reference to ``polygons_to_bitmask`` (used for ``INPUT.MASK_FORMAT bitmask``).
-    """
+def patch_numpy_alias_users() -> list[str]:
+    """Wrap the detectron2 0.6 functions that spell removed numpy aliases, where needed: the
+    VOC loader (``np.str``), the class histogram (``np.int``) and Mask R-CNN's polygon code
+    (``np.bool``; ``detection_utils`` holds its own ``polygons_to_bitmask``). Each is looked up
+    at call time, so replacing the attribute suffices. Returns their dotted names."""
     from detectron2.data import build, detection_utils
     from detectron2.data.datasets import pascal_voc
     from detectron2.structures import masks
 
-    return (
+    patched = []
+    for owner, name in (
         (pascal_voc, "load_voc_instances"),
         (build, "print_instances_class_histogram"),
         (masks, "polygons_to_bitmask"),
         (masks.PolygonMasks, "nonempty"),
         (detection_utils, "polygons_to_bitmask"),
-    )
-
-
-def _owner_name(owner: object) -> str:
-    return f"{owner.__module__}.{owner.__name__}" if isinstance(owner, type) else owner.__name__
-
-
-def patch_numpy_alias_users() -> list[str]:
-    """Wrap each of :func:`numpy_alias_users` that needs it; return their dotted names."""
-    patched = []
-    # Each is looked up as a module global or class attribute at call time, so replacing
-    # the attribute suffices.
-    for owner, name in numpy_alias_users():
+    ):
         if wrap_with_numpy_aliases(owner, name):
-            patched.append(f"{_owner_name(owner)}.{name}")
+            label = f"{owner.__module__}.{owner.__name__}" if isinstance(owner, type) else None
+            patched.append(f"{label or owner.__name__}.{name}")
     return patched
 
 
@@ -172,11 +152,8 @@ def _resource_filename(package: str, resource: str) -> str:
 
 
 def provide_pkg_resources_to_model_zoo() -> bool:
-    """setuptools >= 81 no longer ships ``pkg_resources``, which d2 0.6's model_zoo imports.
-
-    The stand-in (only ``resource_filename``) is visible while model_zoo is imported and
-    removed right after, so no other library mistakes it for the real module.
-    """
+    """setuptools >= 81 no longer ships ``pkg_resources``, which d2 0.6's model_zoo imports: a
+    stand-in (``resource_filename`` only), removed right after, so no other library sees it."""
     if (
         "detectron2.model_zoo.model_zoo" in sys.modules
         or importlib.util.find_spec("pkg_resources") is not None
@@ -193,12 +170,8 @@ def provide_pkg_resources_to_model_zoo() -> bool:
 
 
 class InnerTrainerState:
-    """Mixin for a DefaultTrainer: checkpoints keep the inner trainer (SGD momentum, AMP scaler).
-
-    detectron2 0.6 checkpoints only the iteration and the LR scheduler, so a resumed run
-    restarted SGD momentum from zero. Later detectron2 saves and restores ``_trainer`` itself;
-    there this mixin adds nothing.
-    """
+    """Mixin for a DefaultTrainer: checkpoints keep the inner trainer (SGD momentum, AMP
+    scaler), which detectron2 0.6 drops, so a resumed run restarted momentum from zero."""
 
     def state_dict(self) -> dict:
         ret = super().state_dict()

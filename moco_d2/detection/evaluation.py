@@ -1,16 +1,16 @@
 """Detectron2's VOC and COCO evaluators, changed so that the evaluation cannot fail on data the
-loader accepted, and so that a metric without ground truth is reported as undefined.
+loader accepted and a metric without ground truth is reported as undefined; and the metrics
+files they lead to.
 
 Each evaluator keeps ``undefined``: after ``evaluate()``, one entry per metric that has no
 ground truth to be measured against, ``{"metric", "task", "reason"}`` (VOC adds ``"class"``),
-its value NaN in the results. Any other non-finite value is a fault the trainer stops on.
-With no detections at all, the defined metrics are 0: nothing that exists was found.
-
-The AP computation stays detectron2's (``voc_eval``/``voc_ap``, COCOeval); only where the
-ground truth comes from and how undefined values are told apart changes.
+its value NaN in the results and null in the metrics file. Any other non-finite value stops
+the run. With no detections at all, the defined metrics are 0. The AP computation stays
+detectron2's (``voc_eval``/``voc_ap``, COCOeval).
 """
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -18,23 +18,27 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import numpy as np
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.evaluation import pascal_voc_evaluation as d2_voc
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
-VOC_METRICS = ("AP", "AP50", "AP75")
+from moco_d2.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("AP", "AP50", "AP75")
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+METRICS_FILE = "metrics_voc.json"
+COCO_METRICS_FILE = "metrics_coco.json"
+# The metrics file of each evaluator_type, in the run's OUTPUT_DIR.
+METRICS_FILES = {"pascal_voc": METRICS_FILE, "coco": COCO_METRICS_FILE}
 VOC_THRESHOLDS = range(50, 100, 5)  # IoU in %, as detectron2's evaluator
-# COCO metric -> the COCOeval area range label it is computed over.
-COCO_AREA_OF_METRIC = {
-    "AP": "all",
-    "AP50": "all",
-    "AP75": "all",
-    "APs": "small",
-    "APm": "medium",
-    "APl": "large",
-}
+# COCO metric -> the COCOeval area range it is computed over.
+COCO_AREA_OF_METRIC = dict(
+    zip(COCO_METRIC_NAMES, ("all", "all", "all", "small", "medium", "large"))
+)
 
 
 def voc_records(dataset_dicts: list[dict], class_names: list[str]) -> dict[str, list[dict]]:
@@ -59,13 +63,9 @@ def voc_records(dataset_dicts: list[dict], class_names: list[str]) -> dict[str, 
 
 @contextlib.contextmanager
 def voc_eval_ground_truth(records: dict[str, list[dict]]) -> Iterator[None]:
-    """While it is open, detectron2's ``voc_eval`` reads ``records[image_id]`` as ground truth.
-
-    ``voc_eval`` reads annotations only through its module's ``parse_rec(path)``, a stricter
-    XML parser of its own (integer coordinates, required ``<pose>``, ``<truncated>``,
-    ``<difficult>``); given the annotation template ``"{}"`` that path is the image id. The
-    swap is undone on exit and is the only one in the package; evaluation runs in one thread.
-    """
+    """While open, ``voc_eval`` reads ``records[image_id]`` as ground truth instead of calling
+    ``parse_rec``, a stricter XML parser than the loader's (integer coordinates, required
+    ``<pose>``...): with the annotation template ``"{}"`` its path is the image id."""
     original = d2_voc.parse_rec
     d2_voc.parse_rec = records.__getitem__
     try:
@@ -75,13 +75,9 @@ def voc_eval_ground_truth(records: dict[str, list[dict]]) -> Iterator[None]:
 
 
 class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
-    """Detectron2's Pascal VOC evaluator scoring against the dataset's loaded dicts.
-
-    Besides AP, AP50 and AP75 it returns them per class (``"AP50-cat"``). A class with no
-    non-difficult ground truth has no AP (NaN, listed in ``undefined``); the means are over
-    the classes that have it, as COCOeval averages over categories with ground truth.
-    Detectron2's own evaluator counts such a class as 0 instead.
-    """
+    """Detectron2's Pascal VOC evaluator scoring against the dataset's loaded dicts, also per
+    class (``"AP50-cat"``). A class without non-difficult ground truth has no AP (undefined, not
+    detectron2's 0), and the means are over the others, as COCOeval's are."""
 
     def reset(self) -> None:
         super().reset()
@@ -148,9 +144,9 @@ class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
                         "reason": "no ground-truth object of this class in the test set "
                         "(difficult ones are not scored)",
                     }
-                    for metric in VOC_METRICS
+                    for metric in METRIC_NAMES
                 ]
-        for metric in VOC_METRICS:
+        for metric in METRIC_NAMES:
             values = [results[f"{metric}-{name}"] for name in per_class]
             results[metric] = float(np.mean(values)) if values else math.nan
             if not values:
@@ -203,3 +199,118 @@ class COCODetectionEvaluator(COCOEvaluator):
             elif coco_eval is None:
                 results[metric] = 0.0
         return results
+
+
+def _metric_key(entry: dict) -> tuple[str, str]:
+    """``(task, key in the evaluator's results)`` of an ``undefined`` entry."""
+    cls = entry.get("class")
+    return entry["task"], entry["metric"] + (f"-{cls}" if cls else "")
+
+
+def checked_values(
+    name: str, task: str, values: dict, keys: list[str], undefined: list[dict]
+) -> dict[str, float | None]:
+    """``{key: value}``, None for a metric listed as undefined; any other non-finite value
+    stops with the dataset named ("finite is not healthy")."""
+    missing = {_metric_key(entry) for entry in undefined}
+    checked, bad = {}, []
+    for key in keys:
+        value = float(values[key])
+        if (task, key) in missing:
+            checked[key] = None
+        elif math.isfinite(value):
+            checked[key] = value
+        else:
+            bad.append(key)
+    if bad:
+        raise RuntimeError(
+            f"{name}: {task} {', '.join(bad)} not finite although the test set has ground "
+            "truth for it (NaN detections from a diverged model?)"
+        )
+    return checked
+
+
+def metrics(
+    results: dict,
+    evaluator_type: str,
+    tasks: tuple[str, ...] = ("bbox",),
+    undefined: dict[str, list[dict]] | None = None,
+) -> dict:
+    """``{dataset: {"AP", ..., "segm": {...}, "per_class": {...}, "undefined": [...]}}`` from the
+    evaluators' ``{dataset: {task: ...}}``: box AP at the top, a block per further task, VOC's
+    values per class; undefined values are None."""
+    names = METRIC_NAMES if evaluator_type == "pascal_voc" else COCO_METRIC_NAMES
+    found = {}
+    for name, res in results.items():
+        missing = (undefined or {}).get(name, [])
+        blocks = {}
+        for task in tasks:
+            if not res.get(task):
+                raise RuntimeError(f"{name}: the evaluator returned no {task} AP (no test images?)")
+            classes = [key[len("AP50-") :] for key in res[task] if key.startswith("AP50-")]
+            keys = list(names) + [f"{m}-{c}" for c in classes for m in names]
+            values = checked_values(name, task, res[task], keys, missing)
+            blocks[task] = {key: values[key] for key in names}
+            if classes:
+                blocks[task]["per_class"] = {
+                    c: {m: values[f"{m}-{c}"] for m in names} for c in classes
+                }
+        found[name] = {**blocks.pop("bbox"), **blocks, "undefined": missing}
+    return found
+
+
+def _format(values: dict, keys: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {'n/a' if values[k] is None else f'{values[k]:.2f}'}" for k in keys)
+
+
+def log_undefined(name: str, undefined: list[dict], path: str) -> None:
+    """One line per reason, in words: which metrics are undefined, written as null."""
+    by_reason = {}
+    for entry in undefined:
+        group = by_reason.setdefault(entry["reason"], ({}, {}, {}))
+        for names, key in zip(group, ("task", "metric", "class"), strict=True):
+            if key in entry:
+                names[entry[key]] = None  # an ordered set
+    for reason, (tasks, names, classes) in by_reason.items():
+        of = f" of {len(classes)} classes ({', '.join(classes)})" if classes else ""
+        logger.warning(
+            "%s: %s %s%s undefined, null in %s: %s",
+            name,
+            ", ".join(tasks),
+            ", ".join(names),
+            of,
+            path or "the results",
+            reason,
+        )
+
+
+def write_metrics(
+    results: dict,
+    output_dir: str,
+    masks: bool = False,
+    undefined: dict[str, list[dict]] | None = None,
+) -> None:
+    """Log the AP metrics of each test dataset and write them to ``output_dir``'s
+    :data:`METRICS_FILES`, one file per evaluator_type; ``masks``: COCO's mask AP too."""
+    for evaluator_type, file_name in METRICS_FILES.items():
+        chosen = {
+            name: res
+            for name, res in results.items()
+            if MetadataCatalog.get(name).get("evaluator_type") == evaluator_type
+        }
+        if not chosen:
+            continue
+        voc = evaluator_type == "pascal_voc"
+        tasks = ("bbox", "segm") if masks and not voc else ("bbox",)
+        found = metrics(chosen, evaluator_type, tasks, undefined)
+        names = METRIC_NAMES if voc else COCO_METRIC_NAMES
+        path = os.path.join(output_dir, file_name) if output_dir else ""
+        for name, values in found.items():
+            for task in tasks:
+                label = name if voc else f"{name} {task}"
+                logger.info("%s: %s", label, _format(values.get(task, values), names))
+            log_undefined(name, values["undefined"], path)
+        if output_dir:
+            atomic_write_json(found, path)
+            what = ", ".join(names) if voc else f"COCO {' and '.join(tasks)} AP"
+            logger.info("%s written to %s", what, path)

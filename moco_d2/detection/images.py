@@ -1,12 +1,9 @@
 """Image files of a detection dataset: readable, and of the size their annotation says.
 
-Before launch every image's header is read (:func:`check_images`): a 0-byte or non-image
-file, or an image whose size disagrees with the XML ``<size>`` / COCO ``width``/``height``,
-is refused with the file named. Only the header is read: 0.3 ms per 500x375 JPEG against
-8.8 ms for a full decode, i.e. 5 s against 146 s for VOC07+12 trainval's 16,551 images
-(benchmarks/image_check.py, a loaded 2-core CPU, files in the page cache). A file whose pixel
-data is damaged behind a valid header, or that changes after the check, is caught when the
-data loader reads it (:class:`CheckedDatasetMapper`), again as one line.
+Before launch every image's header is read (:func:`check_images`): 0.3 ms per 500x375 JPEG
+against 8.8 ms for a full decode, 5 s for VOC07+12 trainval (benchmarks/image_check.py). Pixel
+data damaged behind a valid header is caught by the data loader (:class:`CheckedDatasetMapper`),
+again as one line naming the file.
 """
 
 import os
@@ -23,11 +20,8 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class ImageError(UserError):
-    """An unreadable or mis-sized image met while loading data.
-
-    torch's DataLoader re-raises a worker's exception as ``type(e)(text)`` where the text
-    holds the worker's traceback; only that traceback's last line, the message, is kept.
-    """
+    """An unreadable or mis-sized image met while loading data. torch's DataLoader re-raises a
+    worker's exception with its traceback as the text: only the last line, the message, stays."""
 
     def __init__(self, message: str) -> None:
         last = message.strip().splitlines()[-1] if message.strip() else message

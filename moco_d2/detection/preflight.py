@@ -1,12 +1,6 @@
-"""Checks that run before ``train_net`` launches any process, so a mistake is one line and
-exit 2 within seconds, not a traceback per process after hours of training.
-
-Each check raises :class:`UserError` naming the config key or file at fault. The datasets
-are loaded here once (annotations validated; a COCO annotation file is streamed instead, so
-the launcher never holds it parsed), the weights file is read the safe way and its
-kind checked, and the solver settings are those fvcore would reject only when the scheduler
-is built.
-"""
+"""Checks that run before ``train_net`` launches any process, so that a mistake is one line
+naming the config key or file at fault, within seconds, not a traceback per process after hours
+of training."""
 
 import argparse
 import difflib
@@ -24,8 +18,7 @@ from moco_d2.detection.checkpoint import (
     non_finite_tensor,
     read_detectron2_file,
 )
-from moco_d2.detection.data.coco import check_coco_datasets
-from moco_d2.detection.data.coco_check import CocoSummary
+from moco_d2.detection.data.coco import CocoSummary, check_coco_datasets
 from moco_d2.detection.data.voc import check_split_files
 from moco_d2.detection.images import check_images
 from moco_d2.errors import UserError
@@ -94,11 +87,8 @@ def resume_checkpoint(output_dir: str) -> str | None:
 
 
 def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
-    """The file that will be loaded (the resume checkpoint, else MODEL.WEIGHTS) is readable
-    without running code, is Detectron2 weights (or a pretraining checkpoint that converts)
-    and holds only finite numbers, and MODEL.WEIGHTS gets the input normalisation it was
-    converted for. A URL is fetched now (or found in the download cache), not in every
-    process after launch."""
+    """The file to load (the resume checkpoint, else MODEL.WEIGHTS, a URL fetched now rather
+    than in every process) reads safely, converts, holds finite numbers, and gets its input."""
     path = resume_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
     key = f"--resume ({os.path.join(cfg.OUTPUT_DIR, LAST_CHECKPOINT)})"
     if path is None:
@@ -124,44 +114,26 @@ def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
         check_input_normalisation(cfg, path, data.get(tool.NORMALISATION))
 
 
-_INPUT_KEYS = ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT")
-
-
-def _well_formed(record: object) -> bool:
-    return (
-        isinstance(record, dict)
-        and all(
-            isinstance(record.get(key), list)
-            and all(isinstance(v, int | float) for v in record[key])
-            for key in _INPUT_KEYS[:2]
-        )
-        and isinstance(record.get("INPUT.FORMAT"), str)
-    )
-
-
-def _same_input(record: dict, configured: dict) -> bool:
-    for key in _INPUT_KEYS[:2]:
-        expected, actual = record[key], configured[key]
-        if len(expected) != len(actual) or not all(
-            math.isclose(e, a, abs_tol=1e-3) for e, a in zip(expected, actual, strict=True)
-        ):
-            return False
-    return record["INPUT.FORMAT"] == configured["INPUT.FORMAT"]
-
-
 def check_input_normalisation(cfg: CfgNode, path: str, record: object) -> None:
-    """Weights whose conversion recorded the input they expect (tools/convert-to-d2.py, or
-    train_net's conversion in memory) must get it: TF-trained SimCLR weights given ImageNet
-    mean/std see other inputs than they were trained on, and nothing would say so. Weights
-    without a record are not checked."""
-    if not _well_formed(record):
-        return
+    """Weights whose conversion recorded the input they expect must get it: TF-trained SimCLR
+    weights given ImageNet mean/std see other inputs than they were trained on, and nothing
+    would say so. Weights without a (well-formed) record are not checked."""
     configured = {
         "MODEL.PIXEL_MEAN": list(cfg.MODEL.PIXEL_MEAN),
         "MODEL.PIXEL_STD": list(cfg.MODEL.PIXEL_STD),
         "INPUT.FORMAT": cfg.INPUT.FORMAT,
     }
-    if not _same_input(record, configured):
+    means = ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD")
+    try:
+        expected = {key: [float(v) for v in record[key]] for key in means}
+        same = record["INPUT.FORMAT"] == configured["INPUT.FORMAT"]
+    except (TypeError, KeyError, ValueError):
+        return  # no record, or not one the converter wrote
+    for key in means:
+        same &= len(expected[key]) == len(configured[key]) and all(
+            math.isclose(e, a, abs_tol=1e-3) for e, a in zip(expected[key], configured[key])
+        )
+    if not same:
         raise UserError(
             f"MODEL.WEIGHTS {path} expects {record.get('about', 'other')} input, but the config "
             f"has {tool.config_overrides(configured)}: add {tool.config_overrides(record)}"
@@ -177,9 +149,8 @@ def _registered(name: str, key: str) -> None:
 
 
 def _images_and_objects(key: str, name: str, coco: CocoSummary | None) -> tuple[int, int]:
-    """Counts of a dataset whose images have been checked. A COCO dataset's come from its
-    streaming check, which also read the image headers: loading it here would hold the whole
-    parsed annotation file in the launcher while the workers load their own."""
+    """Images and objects, the images checked. COCO's come from the streaming check: loading
+    it here would hold the parsed file in the launcher while the workers load their own."""
     if coco is not None:
         return coco.images, coco.objects
     dicts = DatasetCatalog.get(name)
@@ -188,13 +159,8 @@ def _images_and_objects(key: str, name: str, coco: CocoSummary | None) -> tuple[
 
 
 def check_datasets(cfg: CfgNode, args: argparse.Namespace) -> None:
-    """Every dataset used is registered, its files exist, and it has images (training: with
-    annotations). Every annotation is validated, once, here; with MODEL.MASK_ON a COCO
-    annotation needs a segmentation, and the categories of a COCO file are as many as
-    MODEL.ROI_HEADS.NUM_CLASSES; every image's header is read (decodable, of the annotated
-    size). A VOC test set's dicts are also what its evaluator scores against
-    (:mod:`moco_d2.detection.evaluation`), so an annotation the evaluation could not read is
-    refused here, not after training."""
+    """Every dataset used is registered and has images (training: objects); every annotation
+    is validated (as the evaluator will read it) and every image header read, once, here."""
     used = [("DATASETS.TEST", n) for n in cfg.DATASETS.TEST]
     if not args.eval_only:
         used = [("DATASETS.TRAIN", n) for n in cfg.DATASETS.TRAIN] + used

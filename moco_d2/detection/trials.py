@@ -20,27 +20,34 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moco_d2.cli import ArgumentParser
-from moco_d2.detection.data.coco import add_coco_dataset_argument, register_coco_datasets
-from moco_d2.detection.trainer import COCO_METRIC_NAMES, METRICS_FILE, METRICS_FILES
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from moco_d2.cli import ArgumentParser, positive_int
+from moco_d2.detection.data.coco import (
+    add_coco_dataset_argument,
+    check_coco_tree,
+    register_coco_datasets,
+)
+from moco_d2.detection.data.voc import read_split, split_file
+from moco_d2.detection.evaluation import (
+    COCO_METRIC_NAMES,
+    METRIC_NAMES,
+    METRICS_FILE,
+    METRICS_FILES,
+)
+from moco_d2.detection.train_net import COMMAND, load_config
 from moco_d2.errors import UserError
 from moco_d2.io import atomic_write_json, atomic_write_text, remove_stale_temporaries, sha256_of
 from moco_d2.published import VOC_DETECTION
 
 logger = logging.getLogger("moco_d2.detection.trials")
 
-METRIC_NAMES = ("AP", "AP50", "AP75")
 SUMMARY_JSON = "trials_summary.json"
 SUMMARY_MD = "trials_summary.md"
 FINGERPRINT_JSON = "trials_fingerprint.json"
-
-
-def trial_dir(output_dir: str, index: int) -> str:
-    return os.path.join(output_dir, f"trial_{index}")
 
 
 def trial_metrics_path(directory: str) -> str:
@@ -84,8 +91,6 @@ def fingerprint(config_file: str, opts: Sequence[str]) -> dict[str, Any]:
     except OUTPUT_DIR and SEED (which differ per trial by design), and the datasets."""
     import yaml
 
-    from moco_d2.detection.train_net import load_config
-
     cfg = load_config(argparse.Namespace(config_file=config_file, opts=list(opts)))
     config = yaml.safe_load(cfg.dump())
     config.pop("OUTPUT_DIR", None)
@@ -104,11 +109,6 @@ def _split_file(name: str) -> str | None:
     """The file that lists a registered dataset's images: VOC's ImageSets/Main/<split>.txt,
     COCO's annotation json; None for a name that is not registered (train_net refuses it)
     or a dataset of another kind. A missing file is the loaders' own one-line error."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    from moco_d2.detection.data.coco import check_coco_tree
-    from moco_d2.detection.data.voc import read_split, split_file
-
     if name not in DatasetCatalog.list():
         return None
     metadata = MetadataCatalog.get(name)
@@ -124,11 +124,10 @@ def _split_file(name: str) -> str | None:
 def dataset_identity(cfg: Any) -> dict[str, dict[str, str | None]]:
     """The sha256 of each DATASETS.TRAIN/TEST split file, by dataset name: the same names on
     another DETECTRON2_DATASETS tree, with other images or boxes, are other trials."""
-    identity: dict[str, dict[str, str | None]] = {}
-    for key in ("TRAIN", "TEST"):
-        files = {name: _split_file(name) for name in cfg.DATASETS[key]}
-        identity[key.lower()] = {name: path and sha256_of(path) for name, path in files.items()}
-    return identity
+    return {
+        key.lower(): {name: (path := _split_file(name)) and sha256_of(path) for name in names}
+        for key, names in (("TRAIN", cfg.DATASETS.TRAIN), ("TEST", cfg.DATASETS.TEST))
+    }
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -199,15 +198,7 @@ def run_trial(
 ) -> None:
     """One fine-tuning + evaluation in its own process (fresh detectron2 state per trial)."""
     resume = os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
-    command = [
-        sys.executable,
-        "-m",
-        "moco_d2.detection",
-        "--config-file",
-        config_file,
-        "--num-gpus",
-        str(num_gpus),
-    ]
+    command = [*COMMAND, "--config-file", config_file, "--num-gpus", str(num_gpus)]
     command += ["--resume"] if resume else []
     command += [part for dataset in coco_datasets for part in ("--coco-dataset", *dataset)]
     command += list(opts) + ["OUTPUT_DIR", output_dir, "SEED", str(seed)]
@@ -297,7 +288,7 @@ def run_trials(
     remove_stale_temporaries(output_dir)
     per_trial = []
     for index in range(num_trials):
-        directory = trial_dir(output_dir, index)
+        directory = os.path.join(output_dir, f"trial_{index}")
         metrics_path = trial_metrics_path(directory)
         if os.path.isfile(metrics_path):
             logger.info("trial %d already done: %s", index, metrics_path)
@@ -327,7 +318,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "APl (COCO); rerun to resume a half-done set."
     )
     parser.add_argument("--config-file", required=True, metavar="FILE")
-    parser.add_argument("--num-trials", type=int, default=5)
+    parser.add_argument("--num-trials", type=positive_int, default=5)
     parser.add_argument(
         "--first-seed", type=int, default=0, help="trial k uses SEED first_seed + k"
     )
@@ -355,8 +346,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="config overrides passed to every trial, e.g. MODEL.WEIGHTS w.pkl",
     )
     args = parser.parse_args(argv)
-    if args.num_trials < 1:
-        parser.error("--num-trials must be at least 1")
     if not os.path.isfile(args.config_file):
         raise UserError(f"config file not found: {args.config_file}")
     return args

@@ -15,8 +15,13 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances, polygons_to_bitmask
 
 from moco_d2.detection.data.coco import register_all_coco, register_coco
-from moco_d2.detection.evaluation import COCODetectionEvaluator
-from moco_d2.detection.trainer import COCO_METRIC_NAMES, COCO_METRICS_FILE, Trainer, coco_metrics
+from moco_d2.detection.evaluation import (
+    COCO_METRIC_NAMES,
+    COCO_METRICS_FILE,
+    COCODetectionEvaluator,
+    metrics,
+)
+from moco_d2.detection.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +178,21 @@ def test_no_detections_score_zero_where_there_is_ground_truth(
     assert written == expected
 
 
+TASKS = ("bbox", "segm")
+
+
 def test_missing_task_or_undefined_ap_stops_with_the_dataset_named():
     values = {name: 50.0 for name in COCO_METRIC_NAMES}
-    with pytest.raises(RuntimeError, match="coco_2017_val: the COCO evaluator returned no segm"):
-        coco_metrics({"coco_2017_val": {"bbox": values}})
+    with pytest.raises(RuntimeError, match="coco_2017_val: the evaluator returned no segm"):
+        metrics({"coco_2017_val": {"bbox": values}}, "coco", TASKS)
     # A NaN is an error unless the evaluator said the metric has no ground truth.
     results = {"coco_2017_val": {"bbox": values, "segm": {**values, "APs": float("nan")}}}
     with pytest.raises(RuntimeError, match="coco_2017_val: segm APs not finite although"):
-        coco_metrics(results)
+        metrics(results, "coco", TASKS)
     bbox_aps = [{"metric": "APs", "task": "bbox", "reason": "none small"}]
     with pytest.raises(RuntimeError, match="coco_2017_val: segm APs not finite although"):
-        coco_metrics(results, undefined={"coco_2017_val": bbox_aps})
+        metrics(results, "coco", TASKS, {"coco_2017_val": bbox_aps})
     segm_aps = [{"metric": "APs", "task": "segm", "reason": "none small"}]
-    metrics = coco_metrics(results, undefined={"coco_2017_val": segm_aps})["coco_2017_val"]
-    assert metrics["segm"]["APs"] is None and metrics["APs"] == 50.0
-    assert metrics["undefined"] == segm_aps
+    found = metrics(results, "coco", TASKS, {"coco_2017_val": segm_aps})["coco_2017_val"]
+    assert found["segm"]["APs"] is None and found["APs"] == 50.0
+    assert found["undefined"] == segm_aps

@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from moco_d2.convert import tool
-from moco_d2.detection.trainer import COCO_METRIC_NAMES, COCO_METRICS_FILE
+from moco_d2.detection.evaluation import COCO_METRIC_NAMES, COCO_METRICS_FILE
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 

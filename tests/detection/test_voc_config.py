@@ -13,8 +13,8 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads, buil
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
-from moco_d2.detection.norm import resolve_sync_bn
 from moco_d2.detection.roi_heads import Res5ROIHeadsExtraNorm
+from moco_d2.detection.train_net import resolve_sync_bn
 
 CONFIGS = ["configs/voc_R50_C4.yaml", "configs/voc_R50_C4_supervised.yaml"]
 

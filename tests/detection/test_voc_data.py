@@ -13,7 +13,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from moco_d2.detection.data import prepare_voc
-from moco_d2.detection.data.check import check_voc_tree
+from moco_d2.detection.data.prepare_voc import check_voc_tree
 from moco_d2.detection.data.synthetic import make_synthetic_voc
 from moco_d2.detection.data.voc import CLASS_NAMES, load_voc_instances, register_all_voc
 from moco_d2.errors import UserError

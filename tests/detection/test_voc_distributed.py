@@ -15,9 +15,8 @@ from detectron2.utils import comm
 from transfer_tiny import TINY_OPTS
 
 from moco_d2.detection import train_net
-from moco_d2.detection.launch import launch
-from moco_d2.detection.norm import resolve_sync_bn
-from moco_d2.detection.trainer import METRICS_FILE
+from moco_d2.detection.evaluation import METRICS_FILE
+from moco_d2.detection.train_net import launch, resolve_sync_bn
 
 
 def _norm_worker(output_dir):

@@ -20,8 +20,13 @@ from detectron2.structures import Boxes, Instances
 from PIL import Image
 
 from moco_d2.detection.data.voc import CLASS_NAMES, register_all_voc, register_voc
-from moco_d2.detection.evaluation import VOCDetectionEvaluator, voc_records
-from moco_d2.detection.trainer import METRICS_FILE, Trainer
+from moco_d2.detection.evaluation import (
+    METRICS_FILE,
+    VOCDetectionEvaluator,
+    voc_records,
+    write_metrics,
+)
+from moco_d2.detection.trainer import Trainer
 from moco_d2.errors import UserError
 
 CAT, DOG = CLASS_NAMES.index("cat"), CLASS_NAMES.index("dog")
@@ -312,8 +317,6 @@ def test_no_detections_score_zero_not_null(hand_made_voc, tmp_path):
 
 
 def test_a_nan_where_ground_truth_exists_still_stops(tmp_path):
-    from moco_d2.detection.trainer import write_metrics
-
     results = {"voc_2007_test": {"bbox": {"AP": float("nan"), "AP50": 50.0, "AP75": 10.0}}}
     with pytest.raises(RuntimeError, match="voc_2007_test: bbox AP not finite although"):
         write_metrics(results, str(tmp_path / "out"))

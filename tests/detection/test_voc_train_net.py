@@ -14,7 +14,7 @@ from transfer_tiny import TINY_OPTS
 
 import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 from moco_d2.detection.data.voc import CLASS_NAMES, load_voc_instances
-from moco_d2.detection.trainer import METRICS_FILE
+from moco_d2.detection.evaluation import METRICS_FILE
 
 
 def train_net(root, *args):

@@ -8,7 +8,7 @@ import pytest
 
 from moco_d2.detection import trials
 from moco_d2.detection.data.coco import register_all_coco
-from moco_d2.detection.trainer import COCO_METRIC_NAMES, COCO_METRICS_FILE
+from moco_d2.detection.evaluation import COCO_METRIC_NAMES, COCO_METRICS_FILE
 from moco_d2.errors import UserError
 
 

@@ -1,5 +1,2 @@
-"""Datasets for the detection transfer: validating loaders, tree checks, synthetic trees.
-
-Pascal VOC (:mod:`.voc`, :mod:`.check`, :mod:`.synthetic`) and COCO 2017 instances
-(:mod:`.coco`, :mod:`.synthetic_coco`).
-"""
+"""Pascal VOC (:mod:`.voc`) and COCO 2017 instances (:mod:`.coco`): validating loaders, checks
+before launch, synthetic trees."""

@@ -1,38 +1,35 @@
-"""COCO 2017 instances for the detection transfer, with errors that name the broken file.
+"""COCO 2017 instances, and COCO-format datasets of one's own, with errors that name the broken
+file and annotation.
 
-Detectron2 registers ``coco_2017_train``/``coco_2017_val`` when ``detectron2.data`` is
-imported, with its own paths under ``$DETECTRON2_DATASETS`` and its 80-class metadata. This
-module registers the same two names again under :func:`datasets_root` (read now, with ``~``
-expanded), keeping detectron2's metadata and loader (``load_coco_json``) and adding a
-validation layer: a missing folder, an annotation file that is not COCO instances JSON, one
-that names missing images, and an invalid box are a :class:`UserError` naming the path and
-the annotation, before launch (:func:`check_coco_datasets`, streaming the file) and again in
-the loader, which applies the same box rule (:mod:`coco_check`).
+``coco_2017_train``/``coco_2017_val`` are registered again under :func:`datasets_root` (read
+now), with detectron2's metadata and ``load_coco_json`` behind a validation layer; a dataset of
+one's own (``train_net --coco-dataset NAME JSON IMAGE_DIR``: a CVAT, Roboflow or labelme export)
+gets the categories of its file and the same checks. Before launch the annotation file is
+streamed (:mod:`.json_stream`): the launcher keeps image sizes and annotation ids, not the
+several GB that ``json.load`` makes of ``instances_train2017.json``.
 
-A COCO-format dataset of one's own (``train_net --coco-dataset NAME JSON IMAGE_DIR``, e.g. a
-CVAT, Roboflow or labelme export) is registered the same way, with the categories of its own
-file, and gets the same checks.
+Boxes follow the VOC loader's rule, in COCO's ``[x, y, width, height]``: an inverted box or one
+reaching more than a pixel outside its image is an error, one crossing the border by up to a
+pixel is clipped. An empty box is dropped in training sets (the official train file holds two:
+annotation 918 is a polygon of zero height) and refused in test sets, where COCOeval, reading
+the file itself, would count it as ground truth that no detection can match.
 """
 
 import argparse
 import logging
+import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
-from moco_d2.detection.data.catalog import register_replacing
-from moco_d2.detection.data.coco_check import (
-    CocoSummary,
-    check_coco_file,
-    checked_box,
-    invalid,
-    where,
-)
-from moco_d2.detection.data.voc import datasets_root
+from moco_d2.detection.data.json_stream import END, JSONStreamError, iter_top_level
+from moco_d2.detection.data.voc import BORDER_TOLERANCE, datasets_root, register_replacing
+from moco_d2.detection.images import image_size, size_mismatch
 from moco_d2.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +56,216 @@ def check_coco_tree(image_root: str, json_file: str) -> None:
         raise UserError(f"COCO annotation file not found: {json_file}; {_ROOT_HINT}")
     if not os.path.isdir(image_root):
         raise UserError(f"COCO image folder not found: {image_root}; {_ROOT_HINT}")
+
+
+LIST_KEYS = ("images", "annotations", "categories")
+_KEYS = {
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+@dataclass
+class CocoSummary:
+    """What one file holds: images, kept boxes, dropped empty boxes, clipped boxes, and the
+    categories (the classes detectron2 gives a model trained on it)."""
+
+    images: int = 0
+    categories: int = 0
+    objects: int = 0
+    empty: int = 0
+    first_empty: str = ""  # "FILE, annotation ID (image I): bbox [...]" of the first empty box
+    clipped: int = 0
+
+
+def invalid(json_file: str, why: str) -> UserError:
+    return UserError(f"not a valid COCO instances file {json_file}: {why}")
+
+
+def where(json_file: str, annotation_id: Any, image_id: Any) -> str:
+    return f"{json_file}, annotation {annotation_id} (image {image_id})"
+
+
+def _box_text(bbox: list[float]) -> str:
+    return "bbox [" + ", ".join(f"{v:g}" for v in bbox) + "]"
+
+
+def checked_box(bbox: Any, width: float, height: float, at: str) -> tuple[list[float] | None, bool]:
+    """A COCO box under VOC's rule: ``(box clipped to the image, clipped?)``, or
+    ``(None, False)`` for an empty box (zero width or height, also after clipping)."""
+    if not (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+        and all(math.isfinite(v) for v in bbox)
+    ):
+        raise UserError(
+            f"invalid COCO annotation {at}: bbox {bbox!r} is not 4 finite numbers "
+            "[x, y, width, height]"
+        )
+    x, y, w, h = bbox
+    if w < 0 or h < 0:
+        raise UserError(
+            f"invalid COCO annotation {at}: {_box_text(bbox)} is inverted "
+            "(needs width >= 0 and height >= 0)"
+        )
+    if w == 0 or h == 0:
+        return None, False
+    t = BORDER_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        raise UserError(
+            f"invalid COCO annotation {at}: {_box_text(bbox)} lies more than {t:g} pixel "
+            f"outside the {width}x{height} image"
+        )
+    if x >= 0 and y >= 0 and x + w <= width and y + h <= height:
+        return [x, y, w, h], False
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    w, h = min(x + w, float(width)) - x0, min(y + h, float(height)) - y0
+    return ([x0, y0, w, h], True) if w > 0 and h > 0 else (None, False)
+
+
+def has_segmentation(segmentation: Any) -> bool:
+    """An RLE with counts, or polygons of which one at least is not empty."""
+    if isinstance(segmentation, dict):
+        return bool(segmentation.get("counts"))
+    return isinstance(segmentation, list) and any(isinstance(p, list) and p for p in segmentation)
+
+
+class _Checker:
+    """The state kept while streaming: image sizes, annotation ids, a few counters."""
+
+    def __init__(self, json_file: str, image_root: str, masks: bool) -> None:
+        self.json_file, self.image_root, self.masks = json_file, image_root, masks
+        self.sizes: dict[Any, tuple[Any, Any]] = {}
+        self.annotation_ids: set = set()
+        self.first_of_category: dict[Any, Any] = {}  # category id -> first annotation id
+        self.categories: list[tuple[Any, Any]] = []
+        self.pending: list[tuple[Any, Any, Any]] = []  # boxes seen before the image list ended
+        self.images_done = False
+        self.counts = dict.fromkeys(LIST_KEYS, 0)
+        self.missing, self.first_missing = 0, ""
+        self.summary = CocoSummary()
+
+    def _record(self, key: str, record: Any) -> None:
+        index = self.counts[key]
+        self.counts[key] += 1
+        lacking = [k for k in _KEYS[key] if not isinstance(record, dict) or k not in record]
+        if lacking:
+            raise invalid(self.json_file, f'{key}[{index}] lacks "{lacking[0]}"')
+
+    def image(self, image: Any) -> None:
+        self._record("images", image)
+        image_id, width, height = image["id"], image["width"], image["height"]
+        if image_id in self.sizes:
+            raise invalid(self.json_file, f'image id {image_id} appears twice in "images"')
+        if not all(type(v) is int and v > 0 for v in (width, height)):
+            raise invalid(self.json_file, f"image {image_id} has size {width!r}x{height!r}")
+        self.sizes[image_id] = (width, height)
+        path = os.path.join(self.image_root, str(image["file_name"]))
+        if not os.path.isfile(path):
+            self.missing += 1
+            self.first_missing = self.first_missing or path
+        elif (actual := image_size(path)) != (width, height):
+            raise UserError(size_mismatch(path, actual, image))
+
+    def annotation(self, ann: Any) -> None:
+        self._record("annotations", ann)
+        ann_id, image_id = ann["id"], ann["image_id"]
+        if ann_id in self.annotation_ids:
+            raise invalid(self.json_file, f'annotation id {ann_id} appears twice in "annotations"')
+        self.annotation_ids.add(ann_id)
+        self.first_of_category.setdefault(ann["category_id"], ann_id)
+        if self.masks and not has_segmentation(ann.get("segmentation")):
+            raise UserError(
+                f"invalid COCO annotation {where(self.json_file, ann_id, image_id)}: no "
+                "segmentation (missing or empty), which Mask R-CNN (MODEL.MASK_ON) needs"
+            )
+        if self.images_done:
+            self.box(ann_id, image_id, ann["bbox"])
+        else:
+            self.pending.append((ann_id, image_id, ann["bbox"]))
+
+    def box(self, ann_id: Any, image_id: Any, bbox: Any) -> None:
+        if image_id not in self.sizes:
+            raise invalid(self.json_file, f"annotation {ann_id} names unknown image {image_id}")
+        at = where(self.json_file, ann_id, image_id)
+        box, clipped = checked_box(bbox, *self.sizes[image_id], at)
+        if box is None:
+            self.summary.empty += 1
+            self.summary.first_empty = self.summary.first_empty or f"{at}: {_box_text(bbox)}"
+        else:
+            self.summary.objects += 1
+            self.summary.clipped += clipped
+
+    def end_of_images(self) -> None:
+        self.images_done = True
+        for pending in self.pending:
+            self.box(*pending)
+        self.pending = []
+
+    def category(self, category: Any) -> None:
+        self._record("categories", category)
+        self.categories.append((category["id"], category["name"]))
+
+    def finish(self, expected_categories: list[tuple[Any, Any]] | None) -> CocoSummary:
+        if expected_categories is not None and sorted(self.categories) != expected_categories:
+            raise invalid(self.json_file, "its categories are not COCO's 80 (ids and names)")
+        known = {category_id for category_id, _ in self.categories}
+        for category_id, ann_id in self.first_of_category.items():
+            if category_id not in known:
+                raise invalid(
+                    self.json_file, f"annotation {ann_id} names unknown category {category_id}"
+                )
+        if self.missing:
+            raise UserError(
+                f"{self.json_file} names {self.missing} image(s) that do not exist, "
+                f"e.g. {self.first_missing}"
+            )
+        self.summary.images = self.counts["images"]
+        self.summary.categories = len(known)
+        return self.summary
+
+
+def check_coco_file(
+    json_file: str,
+    image_root: str,
+    expected_categories: Iterable[tuple[Any, Any]] | None = None,
+    masks: bool = False,
+) -> CocoSummary:
+    """Stream ``json_file`` and check what the loader, Mask R-CNN and COCOEvaluator rely on.
+
+    Checks: a JSON object with ``images``, ``annotations`` and ``categories`` lists; unique
+    image and annotation ids; each image has a positive size, exists under ``image_root``,
+    opens and has that size (its header is read); each annotation names a listed image and
+    category and has a valid box (module docstring), and with ``masks`` a segmentation; the
+    categories, when ``expected_categories`` is given, are exactly those ``(id, name)`` pairs.
+    """
+    checker = _Checker(json_file, image_root, masks)
+    handlers = {
+        "images": checker.image,
+        "annotations": checker.annotation,
+        "categories": checker.category,
+    }
+    done = set()
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            for key, item in iter_top_level(f, LIST_KEYS):
+                if key not in handlers:
+                    continue
+                if item is END:
+                    done.add(key)
+                    if key == "images":
+                        checker.end_of_images()
+                else:
+                    handlers[key](item)
+    except (OSError, UnicodeDecodeError, JSONStreamError) as e:
+        raise invalid(json_file, str(e)) from None
+    for key in LIST_KEYS:
+        if key not in done:
+            raise invalid(json_file, f'"{key}" is not a list')
+    expected = None if expected_categories is None else sorted(expected_categories)
+    return checker.finish(expected)
 
 
 def _expected_categories(metadata: Any) -> list[tuple[int, str]] | None:

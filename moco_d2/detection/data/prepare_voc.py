@@ -1,12 +1,51 @@
-"""``datasets/prepare_voc.py``: check a VOC tree, or write a small synthetic one."""
+"""``datasets/prepare_voc.py``: check a VOC tree before a day-long run, or write a small synthetic
+one."""
+
+import os
 
 from moco_d2.cli import ArgumentParser
-from moco_d2.detection.data.check import check_voc_tree
 from moco_d2.detection.data.synthetic import make_synthetic_voc
-from moco_d2.detection.data.voc import datasets_root
+from moco_d2.detection.data.voc import (
+    CLASS_NAMES,
+    SPLITS,
+    annotation_file,
+    datasets_root,
+    image_file,
+    parse_annotation,
+    read_split,
+)
 from moco_d2.errors import UserError
 
+# Image counts of the official releases (5,011 + 11,540 = 16,551 train; 4,952 test).
+EXPECTED_IMAGES = {"voc_2007_trainval": 5011, "voc_2012_trainval": 11540, "voc_2007_test": 4952}
 _SHOWN_PROBLEMS = 5
+
+
+def check_voc_tree(root: str) -> list[dict]:
+    """One row per protocol split: name, images, expected images, objects, clipped boxes and
+    problems, one line each with its path (an empty split, an invalid box, a missing file)."""
+    rows = []
+    for name, (folder, split, _year) in SPLITS.items():
+        dirname = os.path.join(root, folder)
+        row = dict(name=name, images=0, expected_images=EXPECTED_IMAGES[name], objects=0)
+        row.update(clipped=0, problems=[])
+        rows.append(row)
+        try:
+            fileids = read_split(dirname, split)
+        except UserError as e:
+            row["problems"].append(str(e))
+            continue
+        row["images"] = len(fileids)
+        for fileid in fileids:
+            try:
+                record, clipped = parse_annotation(annotation_file(dirname, fileid), CLASS_NAMES)
+                row["objects"] += len(record["annotations"])
+                row["clipped"] += clipped
+            except UserError as e:
+                row["problems"].append(str(e))
+            if not os.path.isfile(image_file(dirname, fileid)):
+                row["problems"].append(f"VOC image not found: {image_file(dirname, fileid)}")
+    return rows
 
 
 def _check(args):
@@ -38,12 +77,7 @@ def _check(args):
 def _synthetic(args):
     try:
         counts = make_synthetic_voc(
-            args.root,
-            num_train=args.num_train,
-            num_test=args.num_test,
-            image_size=args.image_size,
-            seed=args.seed,
-            num_classes_used=args.num_classes,
+            args.root, args.num_train, args.num_test, args.image_size, args.seed, args.num_classes
         )
     except (ValueError, FileExistsError) as e:
         raise UserError(f"synthetic VOC tree: {e}") from None

@@ -1,9 +1,6 @@
-"""A small synthetic tree in Pascal VOC format, for tests and the CPU demo.
-
-Each class is a flat colour and a shape on a plain grey background, so even a tiny R50-C4
-learns it in a few hundred CPU iterations; the tree has the layout, file names and XML
-fields of real VOC, so it runs through the same loader, registration and evaluator.
-"""
+"""A small synthetic tree in Pascal VOC format, for tests and the CPU demo: each class a flat
+colour and shape on grey, which even a tiny R50-C4 learns in a few hundred CPU iterations, in
+the layout, file names and XML fields of real VOC, so it runs through the real loader."""
 
 import os
 import random
@@ -14,27 +11,11 @@ from moco_d2.detection.data.voc import CLASS_NAMES, annotation_file, image_file,
 
 # Saturated colours far apart from each other and from the background.
 _COLOURS = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (255, 225, 25),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (245, 130, 48),
-    (0, 0, 128),
-    (128, 0, 0),
-    (170, 255, 195),
-    (128, 128, 0),
-    (0, 128, 128),
-    (250, 190, 212),
-    (220, 190, 255),
-    (255, 250, 200),
-    (170, 110, 40),
-    (0, 0, 0),
-    (255, 255, 255),
-    (210, 245, 60),
-]
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (245, 130, 48), (0, 0, 128), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+    (0, 128, 128), (250, 190, 212), (220, 190, 255), (255, 250, 200), (170, 110, 40), (0, 0, 0),
+    (255, 255, 255), (210, 245, 60),
+]  # fmt: skip
 _SHAPES = ("rectangle", "ellipse", "triangle")
 _BACKGROUND = (128, 128, 128)
 
@@ -110,16 +91,9 @@ def make_synthetic_voc(
     num_classes_used: int = 4,
     max_objects: int = 2,
 ) -> dict[str, int]:
-    """Write ``VOC2007/`` (trainval, test) and ``VOC2012/`` (trainval) under ``root``.
-
-    The ``num_train`` training images are split between VOC2007 and VOC2012 trainval (both
-    need at least one); objects use the first ``num_classes_used`` VOC class names. Returns
-    ``{dataset name: number of images}``. Files are written fresh; ``root`` must not
-    already hold a VOC tree.
-
-    The VOC metric averages over the classes present in the test split; the others are
-    reported as undefined (``moco_d2.detection.evaluation``).
-    """
+    """Write ``VOC2007/`` (trainval, test) and ``VOC2012/`` (trainval) under ``root``, which
+    must not hold a VOC tree yet; the training images are split between the two trainval sets,
+    objects use the first ``num_classes_used`` classes. Returns ``{dataset name: images}``."""
     if num_train < 2 or num_test < 1:
         raise ValueError("need num_train >= 2 (VOC2007 and VOC2012) and num_test >= 1")
     if not 1 <= num_classes_used <= len(CLASS_NAMES):

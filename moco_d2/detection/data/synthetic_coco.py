@@ -1,11 +1,6 @@
-"""A small synthetic tree in COCO 2017 instances format, for tests.
-
-Each image holds three flat-coloured polygons on grey: one large, one medium and one small
-in COCO's area ranges (above 96², between 32² and 96², below 32² pixels at the default
-image size), so every box and mask AP that COCOeval reports (AP, AP50, AP75, APs, APm, APl)
-is defined. The annotation files list COCO's 80 categories with their real ids, so the tree
-registers under ``coco_2017_train``/``coco_2017_val`` with detectron2's metadata unchanged.
-"""
+"""A small synthetic tree in COCO 2017 instances format, for tests: each image holds a large, a
+medium and a small flat-coloured polygon, so every AP that COCOeval reports is defined, and the
+files list COCO's 80 categories, so the tree registers under detectron2's COCO names."""
 
 import json
 import math
@@ -113,13 +108,9 @@ def write_sized_annotations(
     vertices: int = 22,
     seed: int = 0,
 ) -> None:
-    """An instances file shaped like ``instances_train2017.json`` (its 118,287 images and
-    860,001 polygon annotations make about 450 MB with the defaults), for measuring the
-    checks. Every image is a hard link to one small JPEG of the recorded size: the check
-    reads each image's header, and the links cost no disk.
-
-    Written record by record, so writing it never holds the whole file in memory.
-    """
+    """An instances file shaped like ``instances_train2017.json`` (118,287 images and 860,001
+    polygons make about 450 MB), written record by record, to measure the checks. Every image
+    is a hard link to one small JPEG of the recorded size: its header is read, no disk used."""
     rng = np.random.default_rng(seed)
     os.makedirs(image_root, exist_ok=True)
     os.makedirs(os.path.dirname(json_file) or ".", exist_ok=True)

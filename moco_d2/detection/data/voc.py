@@ -1,58 +1,31 @@
-"""Pascal VOC in Detectron2's format, with errors that name the missing or broken file.
+"""Pascal VOC in Detectron2's format, registered under Detectron2's names, with errors that name
+the missing or broken file where Detectron2's loader fails deep inside numpy or ElementTree.
 
-Detectron2's own loader fails deep inside numpy or ElementTree on a missing split file,
-annotation or image; this one raises :class:`UserError` with the path, keeps each object's
-``difficult`` flag (difficult objects are trained on, as in Detectron2; the evaluator
-ignores them) and is registered under Detectron2's names, replacing the builtin entries.
-
-Boxes are validated, because a bad box silently corrupts AP: as test ground truth it can
-never be matched, in training Detectron2 drops it without a word. An inverted or empty box
-(xmin >= xmax or ymin >= ymax), a box reaching more than one pixel outside the image, and a
-split listing no image are errors naming the file and the object. A box that touches or
-crosses the border by up to a pixel is clipped to the image, as VOC practice does, and
-counted in the log.
-
-This parser is also the ground truth of the evaluator (:mod:`moco_d2.detection.evaluation`),
-so an annotation either fails here, before training, or is scored as read here. Coordinates
-are used as written, decimals kept: the VOC devkit reads them with ``str2double`` and does
-not round. ``<pose>`` and ``<truncated>`` are optional, as in the devkit; ``<difficult>`` is
-0/1, yes/no or true/false (any case), missing meaning 0.
+Boxes are validated, because a bad box silently corrupts AP (as test ground truth it can never
+be matched; in training Detectron2 drops it without a word): an empty or inverted box, one
+reaching more than a pixel outside the image and an empty split are errors; a box crossing the
+border by up to a pixel is clipped, as VOC practice does. This parser is also the evaluator's
+ground truth, so an annotation either fails here, before training, or is scored as read here.
+Coordinates are used as written (the devkit does not round); ``<pose>`` and ``<truncated>`` are
+optional; ``<difficult>`` is 0/1, yes/no or true/false, missing meaning 0.
 """
 
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from moco_d2.detection.data.catalog import register_replacing
 from moco_d2.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
+CLASS_NAMES = tuple(
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor".split()
 )
 
 # name -> (folder under the datasets root, split, year); the splits the protocol uses.
@@ -234,6 +207,18 @@ def load_voc_instances(
             clipped,
         )
     return dicts
+
+
+def register_replacing(name: str, load: Callable[[], list[dict]], **metadata: Any) -> None:
+    """Register ``load`` and ``metadata`` as ``name``, replacing an earlier registration:
+    tests and ``$DETECTRON2_DATASETS`` changes re-point the protocol's names at other trees,
+    and Detectron2's catalogs refuse to overwrite an entry or change a metadata value."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(**metadata)
 
 
 def register_voc(
