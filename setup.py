@@ -24,6 +24,8 @@ setup(
         "matplotlib",
         "tqdm",
         "tensorboard",
+        "submitit>=1.5",
+        "scipy",
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -11,7 +11,7 @@ each checkpoint's ``config``), so a resume check is the difference of two config
 import argparse
 import dataclasses
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 from moco_d2.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from moco_d2.errors import UserError
@@ -37,8 +37,79 @@ def derived(resume: str | None = None, shown: str = "") -> Any:
     return dataclasses.field(default=None, metadata={"resume": resume, "shown": shown})
 
 
+F = TypeVar("F", bound="Flags")
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class Flags:
+    """A frozen set of settings whose fields are flags (:func:`flag`)."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        groups: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if "flag" not in f.metadata:
+                continue
+            meta = dict(f.metadata["flag"])
+            names, group = meta.pop("names"), meta.pop("group")
+            meta.pop("resume")
+            target = groups.setdefault(group, parser.add_argument_group(group)) if group else parser
+            if names[0].startswith("-"):
+                meta["dest"] = f.name
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            target.add_argument(*names, default=default, **meta)
+
+    @classmethod
+    def from_args(cls: type[F], args: argparse.Namespace) -> F:
+        values = {
+            f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if "flag" in f.metadata
+        }
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON, and ``torch.load(weights_only=True)`` of a checkpoint)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterFlags(Flags):
+    """Where the jobs run (:mod:`moco_d2.cluster`): here, on SLURM or through submitit's local
+    executor, and the SLURM job's shape and parameters."""
+
+    launch: str = flag(
+        "--launch", default="here", choices=["here", "slurm", "local"], group="cluster",
+        help="here: in this process (default); slurm: as SLURM jobs through submitit; local: "
+        "the same jobs through submitit's local executor on this machine",
+    )  # fmt: skip
+    partition: str | None = flag("--partition", default=None, group="cluster", help="partition")
+    nodes: int = flag(
+        "--nodes", default=1, type=positive_int, group="cluster", help="nodes of one job"
+    )
+    gpus_per_node: int | None = flag(
+        "--gpus-per-node", default=None, type=non_negative_int, group="cluster",
+        help="GPUs per node of one job (default: 8 on slurm, 0 with --launch local)",
+    )  # fmt: skip
+    timeout_min: int = flag(
+        "--timeout-min", default=72 * 60, type=positive_int, group="cluster",
+        help="a job's time limit in minutes (default: %(default)s); at the limit it is "
+        "checkpointed and requeued",
+    )  # fmt: skip
+    account: str | None = flag("--account", default=None, group="cluster", help="SLURM account")
+    constraint: str | None = flag(
+        "--constraint", default=None, group="cluster", help="SLURM constraint"
+    )
+    slurm_param: tuple[str, ...] = flag(
+        "--slurm-param", default=(), action="append", metavar="KEY=VALUE", group="cluster",
+        help="any other sbatch parameter, e.g. qos=high (repeatable)",
+    )  # fmt: skip
+    job_dir: str | None = flag(
+        "--job-dir", default=None, group="cluster",
+        help="submitit's folder of job scripts and logs (default: OUTPUT/jobs)",
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Flags):
     """The flags of the released main_moco.py / main_lincls.py that both tools share: ``-b`` is
     one node's batch, split evenly over its processes, and ``-j`` each process's workers."""
 
@@ -137,32 +208,6 @@ class TrainConfig:
         "--device", default="auto", group="distributed",
         help="auto (GPU when available), cpu, cuda or cuda:N",
     )  # fmt: skip
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        groups: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if "flag" not in f.metadata:
-                continue
-            meta = dict(f.metadata["flag"])
-            names, group = meta.pop("names"), meta.pop("group")
-            meta.pop("resume")
-            target = groups.setdefault(group, parser.add_argument_group(group)) if group else parser
-            if names[0].startswith("-"):
-                meta["dest"] = f.name
-            default = list(f.default) if isinstance(f.default, tuple) else f.default
-            target.add_argument(*names, default=default, **meta)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        values = {
-            f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if "flag" in f.metadata
-        }
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON, and ``torch.load(weights_only=True)`` of a checkpoint)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
 
     def lr_at(self, epoch: int) -> float:
         """The released step schedule: the lr times 0.1 at each ``--schedule`` epoch reached."""

@@ -72,7 +72,7 @@ def launch(worker: Worker, config: TrainConfig) -> None:
             raise UserError("--multiprocessing-distributed: no GPU found; pass --nproc-per-node")
         nodes = max(config.world_size, 1)
         if nodes * nprocs == 1:
-            return _run(worker, config, 1, 0, 1, 0)
+            return run_process(worker, config, 1, 0, 1, 0)
         url = config.dist_url
         if url == "env://" and "MASTER_ADDR" not in os.environ:
             if nodes > 1:
@@ -90,15 +90,15 @@ def launch(worker: Worker, config: TrainConfig) -> None:
         local_rank = int(os.environ["LOCAL_RANK"])
     if world == 1:
         rank = 0
-    return _run(worker, config, world, rank, procs_per_node(config), local_rank)
+    return run_process(worker, config, world, rank, procs_per_node(config), local_rank)
 
 
 def _spawned(local_rank: int, worker: Worker, config: TrainConfig, plan: tuple) -> None:
     world, first_rank, nprocs, url = plan
-    _run(worker, config, world, first_rank + local_rank, nprocs, local_rank, url)
+    run_process(worker, config, world, first_rank + local_rank, nprocs, local_rank, url)
 
 
-def _run(
+def run_process(
     worker: Worker,
     config: TrainConfig,
     world: int,
@@ -107,6 +107,7 @@ def _run(
     local_rank: int | None,
     url: str | None = None,
 ) -> Any:
+    """``worker(config, launch)`` as process ``rank`` of ``world`` (joining their group)."""
     device = resolve_device(config.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -123,6 +124,8 @@ def _run(
 def procs_per_node(config: TrainConfig) -> int:
     """Processes on this node: those --multiprocessing-distributed spawns, torchrun's
     LOCAL_WORLD_SIZE, or 1. ``-b`` is split over them."""
+    if getattr(config, "launch", "here") != "here":  # one task per GPU (or CPU process) of a job
+        return config.gpus_per_node or config.nproc_per_node or 1  # type: ignore[attr-defined]
     if config.multiprocessing_distributed:
         if config.nproc_per_node:
             return config.nproc_per_node

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torchvision
 
 from moco_d2.cli import ArgumentParser, non_negative_float, positive_float, positive_int
-from moco_d2.config import FIXED, FREE, TrainConfig, derived, flag, per_process_batch
+from moco_d2.config import FIXED, FREE, ClusterFlags, TrainConfig, derived, flag, per_process_batch
 from moco_d2.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ images).
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig(TrainConfig):
+class PretrainConfig(TrainConfig, ClusterFlags):
     arch: str = flag(
         "-a", "--arch", default="resnet50", metavar="ARCH", resume=FIXED,
         choices=sorted(torchvision.models.list_models(module=torchvision.models)),

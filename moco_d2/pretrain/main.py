@@ -43,7 +43,12 @@ DIVERGED_ADVICE = "lower --lr or use larger BatchNorm groups (--crop-size, -b, -
 
 
 def main(argv: list[str]) -> int:
-    launch(run, PretrainConfig.parse(argv))
+    config = PretrainConfig.parse(argv)
+    if config.launch != "here":  # a submitit job on SLURM, or the local executor
+        from moco_d2.pretrain import job
+
+        return job.main(config)
+    launch(run, config)
     return 0
 
 
