@@ -18,7 +18,6 @@ imports are the "before"), and the increment at peak over before.
     python benchmarks/coco_check_cost.py --scale 0.1 --json coco_check_cost.json
 """
 
-import argparse
 import gc
 import json
 import os
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import common
 
 import moco_d2.detection  # noqa: F401  (compat shims before detectron2 is imported)
 
@@ -42,7 +43,7 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
 
 
 def measure(mode: str, json_file: str, image_root: str) -> dict:
@@ -54,7 +55,6 @@ def measure(mode: str, json_file: str, image_root: str) -> dict:
 
     from moco_d2.detection import preflight
     from moco_d2.detection.data.coco import register_coco
-    from moco_d2.io import sha256_of
 
     register_coco(DATASET, image_root, json_file)
     cfg = get_cfg()
@@ -71,7 +71,7 @@ def measure(mode: str, json_file: str, image_root: str) -> dict:
         dicts = DatasetCatalog.get(DATASET)
         del dicts
     else:
-        sha256_of(json_file)
+        common.sha256_of(json_file)
     seconds = time.perf_counter() - start
     gc.collect()
     return {
@@ -117,43 +117,33 @@ def run(scale: float, modes: list[str], keep_dir: str | None = None) -> dict:
     }
 
 
-def format_table(report: dict) -> str:
-    lines = [
+def print_report(report: dict) -> None:
+    keys = ("mode", "seconds", "rss_before_mb", "rss_peak_mb", "rss_after_mb")
+    common.print_table(
+        ["mode", "seconds", "RSS before MB", "RSS peak MB", "RSS after MB", "peak - before MB"],
+        [[*(row[k] for k in keys), row["peak_increment_mb"]] for row in report["rows"]],
         f"{report['images']} images, {report['annotations']} annotations, "
         f"{report['file_bytes'] / 1e6:.0f} MB (scale {report['scale']}), "
         f"{report['cpu_count']} CPUs",
-        "| mode | seconds | RSS before MB | RSS peak MB | RSS after MB | peak - before MB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        lines.append(
-            f"| {row['mode']} | {row['seconds']:.1f} | {row['rss_before_mb']:.0f} | "
-            f"{row['rss_peak_mb']:.0f} | {row['rss_after_mb']:.0f} | "
-            f"{row['peak_increment_mb']:.0f} |"
-        )
-    return "\n".join(lines)
+    )
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(measure(*argv[1:4])))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, "coco_check_cost.json")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of train2017's size")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {MODES}")
     parser.add_argument("--tmp-dir", default=None, help="where the temporary folder goes")
-    parser.add_argument("--json", default=None, help="write the report here")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown or not args.scale > 0:
         parser.error(f"unknown mode(s) {unknown}" if unknown else "--scale must be positive")
     report = run(args.scale, modes, args.tmp_dir)
-    print(format_table(report))
-    if args.json:
-        from moco_d2.io import atomic_write_json
-
-        atomic_write_json(report, args.json)
+    print_report(report)
+    common.write_json(args.json, report)
     return 0
 
 

@@ -11,7 +11,7 @@ are timed with ``time.thread_time`` around each item inside one thread, as
 
 Receiving: what the training process spends taking one ``--decode-on device`` batch off the
 DataLoader, built as ``tools/pretrain_moco.py`` builds it (``build_parser``,
-``build_train_data``, ``build_train_loader``) with ``-b --batch-size -j --workers``. Before each
+``benchmarks/common.py``) with ``-b --batch-size -j --workers``. Before each
 batch the workers get ``--wait`` seconds to fill the prefetch queue; then ``next()`` on the
 loader is timed with the main thread's CPU time (and the whole process's: on CUDA the pinning
 thread counts too). It includes freeing the previous batch, as in the training loop. The mean
@@ -27,30 +27,17 @@ Files: generated 500×375 JPEGs at quality 90 (or ``--data``).
     python benchmarks/decode_host_cost.py --num-images 64 --json decode_host_cost.json
 """
 
-import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 
+import common
 import torch
-
-from moco_d2.io import atomic_write_json
-from moco_d2.pretrain.data import resolve_train_dir, scan_image_folder
-from moco_d2.pretrain.device_augment import TwoCropsLoader
-from moco_d2.pretrain.device_decode import EncodedTwoCrops
-from moco_d2.pretrain.main import build_parser
-from moco_d2.pretrain.setup import build_train_data, build_train_loader
-from moco_d2.pretrain.speed_flags import resolve_speed_arguments
-from moco_d2.training.distributed import one_process
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pretrain_throughput import make_jpeg_folder  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__, "decode_host_cost.json")
     p.add_argument("--data", default=None, help="image folder (default: generate JPEGs)")
     p.add_argument("--num-images", default=64, type=int, help="files timed in the worker")
     p.add_argument("--crop-size", default=224, type=int)
@@ -60,7 +47,6 @@ def parse_args(argv):
     p.add_argument("--receive-batches", default=5, type=int, help="batches received")
     p.add_argument("--wait", default=2.0, type=float, help="seconds before each batch")
     p.add_argument("--device", default="cpu", help="training device (pins on CUDA)")
-    p.add_argument("--json", default="decode_host_cost.json", help="where to write results")
     return p.parse_args(argv)
 
 
@@ -80,8 +66,9 @@ def host_ms_per_image(load, paths, rounds):
 
 def measure(paths, crop_size, rounds):
     torch.set_num_threads(1)  # one worker's view: the crop's resize must not fan out
-    loader = host_ms_per_image(TwoCropsLoader(crop_size), paths, rounds)
-    device = host_ms_per_image(EncodedTwoCrops(crop_size), paths, rounds)
+    items = common.worker_items(crop_size)
+    loader = host_ms_per_image(items["loader"], paths, rounds)
+    device = host_ms_per_image(items["device"], paths, rounds)
     return {
         "images": len(paths),
         "crop_size": crop_size,
@@ -95,15 +82,14 @@ def measure(paths, crop_size, rounds):
 def receive_cost(data, args):
     """Main-thread and process CPU ms per image of taking a waiting ``--decode-on device`` batch
     from the tool's loader (means over the batches), and the wall ms of each ``next()``."""
-    device = torch.device(args.device)
-    steps = len(scan_image_folder(resolve_train_dir(data))[0]) // args.batch_size
+    device = common.device(args.device)
+    steps = len(common.image_paths(data)) // args.batch_size
     epochs = -(-args.receive_batches // steps)  # one loader iterator serves them all
     argv = [data, "-b", str(args.batch_size), "-j", str(args.workers), "--seed", "0"]
     argv += ["--crop-size", str(args.crop_size), "--decode-on", "device", "--device", args.device]
-    tool = one_process(build_parser().parse_args(argv + ["--epochs", str(epochs)]))
-    resolve_speed_arguments(tool, device)
-    train = build_train_data(tool, resolve_train_dir(data))
-    loader = build_train_loader(train, tool, args.batch_size, 0, device)
+    tool = common.pretrain_run(argv + ["--epochs", str(epochs)], device)
+    train = common.train_data(tool, data)
+    loader = common.train_loader(train, tool, device)
     thread_ms, process_ms, wall_ms = [], [], []
     batch = None
     for epoch in range(epochs):
@@ -134,18 +120,13 @@ def receive_cost(data, args):
 def device_decode_ms(decode, batch, device, repeats=3):
     """(wall, process CPU) ms per image of ``decode(batch, device)``: the median of ``repeats``
     after one untimed call."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     decode(batch, device)
     wall, cpu = [], []
     for _ in range(repeats):
-        sync()
+        common.sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         views, _ = decode(batch, device)
-        sync()
+        common.sync(device)
         wall.append((time.perf_counter() - start) * 1e3 / len(views))
         cpu.append((time.process_time() - start_cpu) * 1e3 / len(views))
     return statistics.median(wall), statistics.median(cpu)
@@ -154,26 +135,30 @@ def device_decode_ms(decode, batch, device, repeats=3):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_jpeg_folder(tmp, max(args.num_images, args.batch_size))
-        paths = [p for p, _ in scan_image_folder(data)[0]][: args.num_images]
-        result = measure(paths, args.crop_size, args.rounds)
+        data = args.data or common.make_jpeg_folder(tmp, max(args.num_images, args.batch_size))
+        result = measure(common.image_paths(data)[: args.num_images], args.crop_size, args.rounds)
         result.update(receive_cost(data, args))
-    print("| --decode-on | host ms/img |\n|---|---|")
-    print(f"| loader | {result['loader_ms_per_img']:.3f} |")
-    print(f"| device (worker side) | {result['device_ms_per_img']:.3f} |")
-    print(f"| device (training process, receive) | {result['receive_ms_per_img']:.3f} |")
+    rows = [
+        ["loader", result["loader_ms_per_img"]],
+        ["device (worker side)", result["device_ms_per_img"]],
+        ["device (training process, receive)", result["receive_ms_per_img"]],
+    ]
+    common.print_table(["--decode-on", "host ms/img"], rows)
     print(f"device/loader in the worker: {result['device_over_loader']:.3f}x")
     print(
-        f"decode on {args.device}: {result['decode_ms_per_img']:.3f} ms/img wall, "
-        f"{result['decode_cpu_ms_per_img']:.3f} ms/img training-process CPU"
+        f"decode on {args.device}: {common.fmt(result['decode_ms_per_img'])} ms/img wall, "
+        f"{common.fmt(result['decode_cpu_ms_per_img'])} ms/img training-process CPU"
     )
     print(
         f"receive: batch {args.batch_size}, -j {args.workers}, mean of "
         f"{result['receive_batches']} batches; process CPU "
-        f"{result['receive_process_ms_per_img']:.3f} ms/img"
+        f"{common.fmt(result['receive_process_ms_per_img'])} ms/img"
     )
-    atomic_write_json(result, args.json)
-    print(f"wrote {args.json}")
+    result["summary"] = (
+        f"decode {common.fmt(result['decode_ms_per_img'])} ms/img, receive "
+        f"{common.fmt(result['receive_ms_per_img'])} ms/img CPU"
+    )
+    common.write_json(args.json, result)
     return result
 
 

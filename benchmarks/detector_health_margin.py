@@ -1,42 +1,50 @@
 #!/usr/bin/env python
 """How far a sane detector fine-tuning stays from the divergence bounds of the health check.
 
-Runs tools/train_net.py's Trainer in this process on a synthetic VOC tree with the test suite's
-tiny R50-C4 settings (tests/transfer_tiny.py; BASE_LR 0.02 at 2 images per iteration, 8 times the
-protocol's per-image rate), from random-init torchvision weights through the converter and from
-detectron2's own random init, each fresh and resumed (the state of a run killed after its first
-checkpoint: iteration 0 saved, then ``--resume``). Reports per run the largest layer-norm ratio
-the check read (against the loaded or resumed weights), the largest ratio of one tensor on its
-own (the rule before the per-layer one, which stopped resumed runs), and the largest BN
-running_var, with the bounds. Prints a table and writes JSON.
+Runs tools/train_net.py's Trainer in this process on a synthetic VOC tree with tiny R50-C4
+settings (``TINY_OPTS``, the transfer tests' own; BASE_LR 0.02 at 2 images per iteration, 8
+times the protocol's per-image rate), from random-init torchvision weights through the converter
+and from detectron2's own random init, each fresh and resumed (the state of a run killed after
+its first checkpoint: iteration 0 saved, then ``--resume``). Reports per run the largest
+layer-norm ratio the check read (against the loaded or resumed weights), the largest ratio of one
+tensor on its own (the rule before the per-layer one, which stopped resumed runs), and the
+largest BN running_var, with the bounds. Prints a table and writes JSON.
 
     python benchmarks/detector_health_margin.py --iters 40 --json out.json
 """
 
-import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import common
+import torch
+import torchvision
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from transfer_tiny import TINY_OPTS  # noqa: E402  (moco_d2.detection's shims before detectron2)
+import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
 
 # isort: split
-from detectron2.engine import HookBase  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
+from detectron2.engine import HookBase
+from detectron2.utils.events import EventStorage
 
-from moco_d2.convert import tool as convert  # noqa: E402
-from moco_d2.detection.data.synthetic import make_synthetic_voc  # noqa: E402
-from moco_d2.detection.data.voc import register_all_voc  # noqa: E402
-from moco_d2.detection.train_net import argument_parser, setup  # noqa: E402
-from moco_d2.detection.trainer import Trainer  # noqa: E402
-from moco_d2.training.health import LAYER_RMS_FLOOR, MAX_NORM_RATIO, MAX_RUNNING_VAR, norms  # noqa: E402
+from moco_d2.convert import tool as convert
+from moco_d2.detection.data.voc import register_all_voc
+from moco_d2.detection.train_net import argument_parser, setup
+from moco_d2.detection.trainer import Trainer
+
+# R50-C4 cheap enough for a CPU: small images, few ROIs and proposals, 2 precise-BN iterations
+TINY_OPTS = [
+    "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "16",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "16",
+    "TEST.PRECISE_BN.NUM_ITER", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+]  # fmt: skip
+
+
+def norms(tensors: list) -> torch.Tensor:
+    """Per-tensor L2 norms."""
+    return torch.stack([t.norm() for t in tensors])
 
 
 class TensorRatio(HookBase):
@@ -55,7 +63,7 @@ class TensorRatio(HookBase):
 
 def trainer_for(weights: str, out: str, iters: int, *opts: str) -> Trainer:
     args = argument_parser().parse_args(
-        ["--config-file", os.path.join(ROOT, "configs", "voc_R50_C4.yaml"), *TINY_OPTS]
+        ["--config-file", os.path.join(common.REPO, "configs", "voc_R50_C4.yaml"), *TINY_OPTS]
         + ["SOLVER.MAX_ITER", str(iters), "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out, *opts]
     )
     return Trainer(setup(args))
@@ -102,16 +110,15 @@ def run(weights: str, out: str, iters: int, resume: bool) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> dict:
+    parser = common.parser(__doc__, "detector_health_margin.json")
     parser.add_argument("--iters", type=int, default=40)
-    parser.add_argument("--json", help="write the results here")
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        make_synthetic_voc(os.path.join(tmp, "voc"), num_train=8, num_test=4, image_size=64)
-        register_all_voc(os.path.join(tmp, "voc"))
+        voc = common.synthetic_voc(os.path.join(tmp, "voc"), 8, 4, 64, classes=4, objects=2)
+        register_all_voc(voc)
         torch.save(torchvision.models.resnet50().state_dict(), os.path.join(tmp, "r50.pth"))
         converted = os.path.join(tmp, "converted.pkl")
         convert.main([os.path.join(tmp, "r50.pth"), converted])
@@ -120,32 +127,24 @@ def main() -> None:
                 row = f"{name}{', resumed' if resume else ''}"
                 out = os.path.join(tmp, row.replace(" ", "_").replace(",", ""))
                 rows[row] = run(weights, out, a.iters, resume)
-    print(
-        f"\nbounds: layer-norm ratio {MAX_NORM_RATIO:g} (reference floored at "
-        f"{LAYER_RMS_FLOOR:g} per element), BN running_var {MAX_RUNNING_VAR:g}"
+    bounds = common.health_bounds()
+    keys = ("max_weight_ratio", "at_iteration", "max_tensor_ratio", "bn_running_var_at_start")
+    keys += ("max_bn_running_var", "var_at_iteration")
+    common.print_table(
+        ["start", "max ratio", "at it", "tensor", "var start", "max var", "at it"],
+        [[name, *(r[k] for k in keys)] for name, r in rows.items()],
+        f"\nbounds: layer-norm ratio {bounds['layer_norm_ratio']:g} (reference floored at "
+        f"{bounds['layer_rms_floor']:g} per element), BN running_var "
+        f"{bounds['bn_running_var']:g}",
     )
-    header = ("start", "max ratio", "at it", "tensor", "var start", "max var", "at it")
-    print("{:34} {:>10} {:>6} {:>10} {:>10} {:>10} {:>6}".format(*header))
-    for name, r in rows.items():
-        print(
-            f"{name:34} {r['max_weight_ratio']:10.3g} {r['at_iteration']:6d} "
-            f"{r['max_tensor_ratio']:10.3g} {r['bn_running_var_at_start']:10.3g} "
-            f"{r['max_bn_running_var']:10.3g} {r['var_at_iteration']:6d}"
-        )
-    if a.json:
-        result = {
-            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__,
-            "iters": a.iters,
-            "bounds": {
-                "layer_norm_ratio": MAX_NORM_RATIO,
-                "layer_rms_floor": LAYER_RMS_FLOOR,
-                "bn_running_var": MAX_RUNNING_VAR,
-            },
-            "runs": rows,
-        }
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    result = {
+        **common.machine(torch.device("cpu")),
+        "iters": a.iters,
+        "bounds": bounds,
+        "runs": rows,
+    }
+    common.write_json(a.json, result)
+    return result
 
 
 if __name__ == "__main__":

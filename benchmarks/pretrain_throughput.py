@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """MoCo pretraining throughput, end to end, released recipe against the fast path in one run.
 
-Both modes are built by the functions ``tools/pretrain_moco.py`` builds its runs with
-(:mod:`moco_d2.pretrain.setup`), from the tool's own parser, so that the defaults cannot drift;
-they run through the tool's loader and its ``train_one_epoch`` on one process:
+Both modes are built by the functions ``tools/pretrain_moco.py`` builds its runs with, from the
+tool's own parser (through ``benchmarks/common.py``), so that the defaults cannot drift; they
+run through the tool's loader and its training loop on one process:
 
 - ``released``: what the released main_moco.py does on one process: plain BatchNorm over the
   batch (``--bn-splits 1``), fp32, ``--augment-on loader`` (PIL in the workers), a host sync
@@ -43,47 +43,31 @@ crop size counts one multiply-add as one flop; ×2 gives FLOPs; a training image
 forward, the key forward and the query backward (≈ 2 forwards): 4 forwards in all. The
 queue logits (128 × K multiply-adds per image) are left out.
 
+``--modes`` picks what runs: ``released`` and ``fast`` (above), ``steps`` (the fast step alone
+in the variants that decide the CUDA defaults) and ``augment`` (``DeviceAugment`` ms per image
+and view). The JSON is rewritten as each part finishes, so a run stopped early keeps what it
+measured; its ``summary`` is the key figures in one line.
+
     python benchmarks/pretrain_throughput.py --device cpu -a resnet18 --crop-size 64 --json out.json
 """
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
 
-import numpy as np
+import common
 import torch
-import torchvision
-from PIL import Image
 from torch.utils.data import Dataset
-
-from moco_d2.pretrain.builder import build_encoder
-from moco_d2.pretrain.device_augment import DeviceAugment
-from moco_d2.pretrain.engine import train_one_epoch
-from moco_d2.pretrain.main import build_parser
-from moco_d2.pretrain.setup import (
-    bn_splits_for,
-    build_model,
-    build_optimizer,
-    build_train_data,
-    build_train_loader,
-    epoch_seed,
-    wrap_for_training,
-)
-from moco_d2.pretrain.speed_flags import resolve_speed_arguments
-from moco_d2.training.amp import bf16_supported
-from moco_d2.training.checkpoint import seed_all
-from moco_d2.training.distributed import one_process, resolve_device
 
 SEED = 0
 MODES = ("released", "fast")
 STEPS = "steps"  # the fast step alone in STEP_VARIANTS
+AUGMENT = "augment"  # DeviceAugment alone
 LR = 0.03
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (V100: fp16, no bf16).
@@ -97,6 +81,16 @@ PEAK_TFLOPS = [
     ("L4", 121.0),
     ("V100", 125.0),
 ]
+# The step alone in the settings that decide the CUDA defaults: (--bn-splits, None for the
+# tool's default; --compile; channels_last)
+STEP_VARIANTS = (
+    (None, False, True),
+    (1, False, True),
+    (None, True, True),
+    (1, True, True),
+    (None, False, False),
+    (1, False, False),
+)
 
 
 def at_least(minimum):
@@ -110,14 +104,15 @@ def at_least(minimum):
 
 
 def modes(text):
+    known = (*MODES, STEPS, AUGMENT)
     chosen = [m for m in text.split(",") if m]
-    if not chosen or any(m not in (*MODES, STEPS) for m in chosen):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {MODES + (STEPS,)}")
+    if not chosen or any(m not in known for m in chosen):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {known}")
     return chosen
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p = common.parser(__doc__, "pretrain_throughput.json")
     p.add_argument("--data", default=None, help="folder of JPEGs (default: generate them)")
     p.add_argument("--num-images", default=512, type=int, help="JPEGs to generate without --data")
     p.add_argument("-a", "--arch", default="resnet50")
@@ -144,53 +139,17 @@ def parse_args(argv):
         "--modes",
         default="released,fast",
         type=modes,
-        help="comma-separated modes to run (default: released,fast; e.g. 'fast' with "
+        help="comma-separated parts to run (default: released,fast; e.g. 'fast' with "
         "--decode-on loader to compare the decode paths; 'steps': the fast step alone with "
-        "--bn-splits 8 and 1, eager and compiled, channels_last and NCHW)",
+        "--bn-splits 8 and 1, eager and compiled, channels_last and NCHW; 'augment': "
+        "DeviceAugment alone)",
     )
-    p.add_argument("--json", default="pretrain_throughput.json", help="where to write results")
     return p.parse_args(argv)
 
 
-def photo_like(rng, width=500, height=375):
-    """A 'photograph': 1/f colour noise (natural-image spectrum), a few soft shapes, grain."""
-    fy = np.fft.fftfreq(height)[:, None]
-    fx = np.fft.rfftfreq(width)[None, :]
-    amplitude = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(width, height)) ** 1.1
-    channels = []
-    base = rng.standard_normal((height, width // 2 + 1)) + 1j * rng.standard_normal(
-        (height, width // 2 + 1)
-    )
-    for _ in range(3):
-        tint = rng.standard_normal((height, width // 2 + 1)) * 0.3
-        channels.append(np.fft.irfft2((base + tint) * amplitude, s=(height, width)))
-    img = np.stack(channels, axis=-1)
-    img = (img - img.mean()) / (img.std() + 1e-8) * 45 + rng.uniform(80, 170, 3)
-    yy, xx = np.mgrid[:height, :width]
-    for _ in range(rng.integers(2, 6)):
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(20, 120)
-        mask = 1 / (1 + np.exp((np.hypot(yy - cy, xx - cx) - r) / 3))
-        img += mask[..., None] * rng.uniform(-60, 60, 3)
-    img += rng.normal(0, 4, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def make_jpeg_folder(root, n, seed=0):
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "photos"), exist_ok=True)
-    for i in range(n):
-        photo_like(rng).save(os.path.join(root, "photos", f"{i:05d}.jpg"), quality=90)
-    return root
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def tool_args(args, device, data, fast):
-    """The parsed and resolved flags of ``tools/pretrain_moco.py`` for this mode, on one
-    process."""
+def tool_args(args, device, data, fast, bn_splits=None):
+    """The config of ``tools/pretrain_moco.py`` for this mode, resolved for one process;
+    ``bn_splits`` (fast mode) overrides ``--bn-splits``."""
     K = args.moco_k - args.moco_k % args.batch_size
     argv = [data, "-a", args.arch, "-b", str(args.batch_size), "-j", str(args.workers)]
     argv += ["--crop-size", str(args.crop_size), "--moco-k", str(K), "--lr", str(LR)]
@@ -202,17 +161,15 @@ def tool_args(args, device, data, fast):
         if args.decode_on is not None:
             argv += ["--decode-on", args.decode_on]
         # bf16 autocast on CUDA only: CPUs without native bf16 units run it slower than fp32
-        if device.type == "cuda" and bf16_supported(device):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
             argv.append("--amp")
-        if args.bn_splits is not None:
-            argv += ["--bn-splits", str(args.bn_splits)]
+        if bn_splits or args.bn_splits:
+            argv += ["--bn-splits", str(bn_splits or args.bn_splits)]
         if args.compile:
             argv.append("--compile")
         if getattr(args, "channels_last", None) is not None:
             argv.append("--channels-last" if args.channels_last else "--no-channels-last")
-    tool = one_process(build_parser().parse_args(argv))
-    resolve_speed_arguments(tool, device)
-    return tool
+    return common.pretrain_run(argv, device)
 
 
 class TimedItems(Dataset):
@@ -246,7 +203,7 @@ class TimedLoader:
     def __iter__(self):
         for i, batch in enumerate(self.loader):
             if i == self.warmup:
-                sync(self.device)
+                common.sync(self.device)
                 self.start = time.perf_counter()
             yield batch
 
@@ -265,7 +222,7 @@ class EpochClock:
         self.images = 0
 
     def _now(self):
-        sync(self.device)
+        common.sync(self.device)
         return time.perf_counter()
 
     def __len__(self):
@@ -295,99 +252,45 @@ class EpochClock:
         return images / sum(steady), statistics.median(boundaries) - step_s, cpu / images * 1e3
 
 
-def _timed_epoch(
-    train_model, batches, opt, device, amp, channels_last, fast, augment=None, decode=None
-):
-    """One pass of the real training loop over ``batches``, with the mode's step settings."""
-    train_one_epoch(
-        train_model,
-        batches,
-        opt,
-        0,
-        device,
-        LR,
-        amp=amp,
-        print_freq=len(batches),
-        show_progress=False,
-        augment=augment,
-        channels_last=channels_last,
-        sync_every_step=not fast,
-        decode=decode,
-    )
-    sync(device)
-
-
-def step_only(args, device, fast, train_model, opt, tool):
+def step_only(args, device, fast, model, opt, tool):
     """img/s of forward + backward + SGD + momentum + queue on normalised device tensors."""
     shape = (args.batch_size, 3, args.crop_size, args.crop_size)
     views = [torch.randn(shape, device=device) for _ in range(2)]
     on_device = [(views, None, torch.zeros(1, dtype=torch.long))] * (args.warmup + args.iters)
     timed = TimedLoader(on_device, args.warmup, device)
-    _timed_epoch(train_model, timed, opt, device, tool.amp, tool.channels_last, fast)
+    common.train_epoch(model, timed, opt, device, tool, sync_every_step=not fast)
     return args.batch_size * args.iters / (time.perf_counter() - timed.start)
 
 
-def device_augment_ms(args, device):
-    crops = torch.randint(
-        0, 256, (args.batch_size, 3, args.crop_size, args.crop_size), dtype=torch.uint8
-    ).to(device)
-    aug = DeviceAugment(True)
-    for _ in range(2):
-        aug(crops)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        aug(crops)
-    sync(device)
-    return (time.perf_counter() - start) / (5 * args.batch_size) * 1e3
+def device_augment_ms(args, device, repeats=5):
+    """``DeviceAugment`` ms per image and view on a batch of uint8 crops."""
+    shape = (args.batch_size, 3, args.crop_size, args.crop_size)
+    crops = torch.randint(0, 256, shape, dtype=torch.uint8).to(device)
+    aug = common.device_augment()
+    common.seconds(lambda: aug(crops), device, repeats=2)
+    return common.seconds(lambda: aug(crops), device, repeats) / (repeats * args.batch_size) * 1e3
 
 
-def end_to_end(args, device, fast, train_model, opt, tool):
+def end_to_end(args, device, fast, model, opt, tool):
     """Steady img/s, epoch overhead (s), the workers' and the training process's host CPU ms
     per image over the tool's loader and epoch loop (see the module)."""
-    data = build_train_data(tool, tool.data)
+    data = common.train_data(tool, tool.data)
     timed = TimedItems(data.dataset, args.e2e_iters * args.batch_size)
     data = dataclasses.replace(data, dataset=timed)
-    loader = build_train_loader(data, tool, args.batch_size, SEED, device, across_epochs=fast)
+    loader = common.train_loader(data, tool, device, across_epochs=fast)
     clock = EpochClock(device)
     for epoch in range(args.e2e_epochs):
-        seed_all(epoch_seed(SEED, epoch, 0))  # as the tool starts an epoch
+        common.seed_epoch(SEED, epoch)
         clock.batches = loader.epoch(epoch)
-        _timed_epoch(
-            train_model,
-            clock,
-            opt,
-            device,
-            tool.amp,
-            tool.channels_last,
-            fast,
-            data.augment,
-            data.decode,
-        )
+        common.train_epoch(model, clock, opt, device, tool, not fast, data)
     img_per_s, overhead, main_ms = clock.report(args.batch_size, args.e2e_iters)
     return img_per_s, overhead, clock.pipeline_cpu_s / clock.images * 1e3, main_ms
 
 
 def build(args, device, fast, data, bn_splits=None):
-    """The mode's model, training module and optimizer, as the tool builds them."""
-    tool = tool_args(args, device, data, fast)
-    splits = bn_splits_for(tool, args.batch_size) if bn_splits is None else bn_splits
-    torch.manual_seed(SEED)
-    model = build_model(tool, device, splits, foreach_momentum=fast)
-    opt = build_optimizer(model, tool, device, kernel=None if fast else {"foreach": False})
-    return tool, splits, model, wrap_for_training(model, tool, device), opt
-
-
-# The step alone in the settings that decide the CUDA defaults: (--bn-splits, None for the
-# tool's default; --compile; channels_last)
-STEP_VARIANTS = (
-    (None, False, True),
-    (1, False, True),
-    (None, True, True),
-    (1, True, True),
-    (None, False, False),
-    (1, False, False),
-)
+    """The mode's config, model and optimizer, as the tool builds them."""
+    tool = tool_args(args, device, data, fast, bn_splits)
+    return (tool, *common.build_run(tool, device, released=not fast))
 
 
 def step_variants(args, device, data, gflops, variants=STEP_VARIANTS):
@@ -397,15 +300,15 @@ def step_variants(args, device, data, gflops, variants=STEP_VARIANTS):
     for bn_splits, compiled, channels_last in variants:
         variant = argparse.Namespace(**{**vars(args), "compile": compiled})
         variant.channels_last = channels_last
-        tool, splits, model, train_model, opt = build(variant, device, True, data, bn_splits)
+        tool, model, opt = build(variant, device, True, data, bn_splits)
         one = argparse.Namespace(**{**vars(args), "warmup": 0, "iters": 1})
         start = time.perf_counter()
-        step_only(one, device, True, train_model, opt, tool)
+        step_only(one, device, True, model, opt, tool)
         first_s = time.perf_counter() - start
-        rate = step_only(args, device, True, train_model, opt, tool)
+        rate = step_only(args, device, True, model, opt, tool)
         rows.append(
             {
-                "bn_splits": splits,
+                "bn_splits": tool.bn_splits,
                 "compile": compiled,
                 "channels_last": tool.channels_last,
                 "amp_bf16": tool.amp,
@@ -414,14 +317,14 @@ def step_variants(args, device, data, gflops, variants=STEP_VARIANTS):
                 "step_tflops": gflops * rate / 1e3,
             }
         )
-        del model, train_model, opt
+        del model, opt
     return rows
 
 
 def gflops_per_image(args):
     from fvcore.nn import FlopCountAnalysis
 
-    model = build_encoder(torchvision.models.__dict__[args.arch], 128, mlp=True).eval()
+    model = common.encoder(args.arch).eval()
     counter = FlopCountAnalysis(model, torch.zeros(1, 3, args.crop_size, args.crop_size))
     counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     return 2 * 4 * counter.total() / 1e9  # FMA = 2 FLOPs; q fwd + k fwd + bwd (2 fwd)
@@ -435,17 +338,17 @@ def peak_tflops(name):
 
 
 def measure(args, device, fast, data, gflops, peak):
-    tool, splits, model, train_model, opt = build(args, device, fast, data)
+    tool, model, opt = build(args, device, fast, data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step = step_only(args, device, fast, train_model, opt, tool)
-    e2e, overhead, host_ms, main_ms = end_to_end(args, device, fast, train_model, opt, tool)
+    step = step_only(args, device, fast, model, opt, tool)
+    e2e, overhead, host_ms, main_ms = end_to_end(args, device, fast, model, opt, tool)
     if device.type == "cuda":
         peak_mem, kind = torch.cuda.max_memory_allocated(device), "gpu_allocated"
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         kind = "process_rss_so_far"
-    del model, train_model, opt
+    del model, opt
     tflops = gflops * e2e / 1e3
     result = {
         "img_per_s": e2e,
@@ -465,101 +368,116 @@ def measure(args, device, fast, data, gflops, peak):
         "decode_on": tool.decode_on,
         "channels_last": tool.channels_last,
         "compile": tool.compile,
-        "bn_splits": splits,
+        "bn_splits": tool.bn_splits,
         "workers_kept_across_epochs": fast,
         "steps_per_epoch": args.e2e_iters,
         "K": tool.moco_k,
     }
     if fast:
         result["device_augment_ms_per_img"] = device_augment_ms(args, device)
-        if splits == 1:
+        if tool.bn_splits == 1:
             result["step_img_per_s_bn_splits_1"] = step
         else:
-            tool, _, model, train_model, opt = build(args, device, fast, data, bn_splits=1)
-            result["step_img_per_s_bn_splits_1"] = step_only(
-                args, device, fast, train_model, opt, tool
-            )
-            del model, train_model, opt
+            tool, model, opt = build(args, device, fast, data, bn_splits=1)
+            result["step_img_per_s_bn_splits_1"] = step_only(args, device, fast, model, opt, tool)
+            del model, opt
     return result
 
 
-def print_modes(results):
-    print(
-        f"{'mode':<9} {'img/s':>8} {'epoch +s':>9} {'step img/s':>11} {'bn-splits':>9} "
-        f"{'host ms/img':>12} {'main ms/img':>12} {'decode':>7} {'peak MiB':>9} {'TFLOP/s':>8} "
-        f"{'MFU':>6}"
-    )
-    for mode, r in results.items():
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+def print_report(out, modes_run):
+    """The tables of what ran, and the ratios."""
+    if modes_run:
+        header = ["mode", "img/s", "epoch +s", "step img/s", "bn-splits", "host ms/img"]
+        header += ["main ms/img", "decode", "peak MiB", "TFLOP/s", "MFU"]
+        keys = ("img_per_s", "epoch_overhead_s", "step_img_per_s", "bn_splits")
+        keys += ("host_ms_per_img", "main_process_cpu_ms_per_img", "decode_on")
+        rows = []
+        for mode in modes_run:
+            r = out[mode]
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else None
+            extra = [r["peak_mem_bytes"] / 2**20, r["tflops"], mfu]
+            rows.append([mode, *(r[k] for k in keys), *extra])
+        common.print_table(header, rows)
+    if "fast" in out:
+        fast = out["fast"]
+        bn1 = fast["step_img_per_s_bn_splits_1"]
         print(
-            f"{mode:<9} {r['img_per_s']:>8.1f} {r['epoch_overhead_s']:>9.2f} "
-            f"{r['step_img_per_s']:>11.1f} {r['bn_splits']:>9} "
-            f"{r['host_ms_per_img']:>12.2f} {r['main_process_cpu_ms_per_img']:>12.2f} "
-            f"{r['decode_on']:>7} {r['peak_mem_bytes'] / 2**20:>9.0f} "
-            f"{r['tflops']:>8.3f} {mfu:>6}"
+            f"fast step with --bn-splits 1: {common.fmt(bn1)} img/s; bn-splits "
+            f"{fast['bn_splits']} runs at {fast['step_img_per_s'] / bn1:.2f}x of it"
         )
-
-
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = resolve_device(args.device)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or make_jpeg_folder(tmp, args.num_images)
-        peak = peak_tflops(name) if device.type == "cuda" else None
-        gflops = gflops_per_image(args)
-        results = {
-            mode: measure(args, device, mode == "fast", data, gflops, peak)
-            for mode in MODES
-            if mode in args.modes
-        }
-        variants = step_variants(args, device, data, gflops) if STEPS in args.modes else None
-    print(
-        f"device: {name}, torch {torch.__version__}, {args.arch} at {args.crop_size} px, "
-        f"batch {args.batch_size}, -j {args.workers}, {gflops:.2f} GFLOPs/img"
-    )
-    if results:
-        print_modes(results)
-    out = {
-        "device": str(device),
-        "device_name": name,
-        "peak_bf16_tflops": peak,
-        "torch": torch.__version__,
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        **results,
-    }
-    if "fast" in results:
-        bn1 = results["fast"]["step_img_per_s_bn_splits_1"]
-        print(
-            f"fast step with --bn-splits 1: {bn1:.1f} img/s; "
-            f"bn-splits {results['fast']['bn_splits']} runs at "
-            f"{results['fast']['step_img_per_s'] / bn1:.2f}x of it"
-        )
-    if len(results) == 2:
-        fast, released = results["fast"], results["released"]
-        out["ratio_img_per_s"] = fast["img_per_s"] / released["img_per_s"]
-        out["ratio_host_ms_per_img"] = fast["host_ms_per_img"] / released["host_ms_per_img"]
+    if "ratio_img_per_s" in out:
         print(
             f"fast/released: {out['ratio_img_per_s']:.2f}x end to end; host ms per image "
             f"x{out['ratio_host_ms_per_img']:.2f}"
         )
-    if variants is not None:
-        out[STEPS] = variants
-        print(f"{'step alone':<10} {'bn-splits':>9} {'compile':>8} {'format':>14} {'img/s':>9} "
-              f"{'first step s':>13}")  # fmt: skip
-        for v in variants:
-            fmt = "channels_last" if v["channels_last"] else "nchw"
-            print(
-                f"{'':<10} {v['bn_splits']:>9} {str(v['compile']):>8} {fmt:>14} "
-                f"{v['step_img_per_s']:>9.1f} {v['first_step_s']:>13.1f}"
-            )
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
+    if out.get(STEPS):
+        rows = [
+            [v["bn_splits"], v["compile"], "channels_last" if v["channels_last"] else "nchw",
+             v["step_img_per_s"], v["first_step_s"]]
+            for v in out[STEPS]
+        ]  # fmt: skip
+        header = ["bn-splits", "compile", "format", "img/s", "first step s"]
+        common.print_table(header, rows, "the fast step alone:")
+    if "augment_ms_per_img_view" in out:
+        print(f"DeviceAugment: {common.fmt(out['augment_ms_per_img_view'])} ms per image and view")
+
+
+def headline(out):
+    """The key figures of what ran, in one line (the GPU check's summary shows it)."""
+    fmt, parts = common.fmt, []
+    for mode in (m for m in MODES if m in out):
+        r = out[mode]
+        host = r["host_ms_per_img"] + r["main_process_cpu_ms_per_img"]
+        parts.append(
+            f"{mode} {fmt(r['img_per_s'])} img/s (decode {r['decode_on']}, host+main CPU "
+            f"{fmt(host)} ms/img)"
+        )
+    if "ratio_img_per_s" in out:
+        parts.append(f"fast/released x{out['ratio_img_per_s']:.2f}")
+    for v in out.get(STEPS, []):
+        how = f"{'compiled' if v['compile'] else 'eager'} {'cl' if v['channels_last'] else 'nchw'}"
+        parts.append(f"bn-splits {v['bn_splits']} {how} {fmt(v['step_img_per_s'])} img/s")
+    if "augment_ms_per_img_view" in out:
+        parts.append(f"DeviceAugment {fmt(out['augment_ms_per_img_view'])} ms/img/view")
+    return "; ".join(parts)
+
+
+def save(args, out):
+    common.write_json(args.json, {**out, "summary": headline(out)})
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = common.device(args.device)
+    out = {**common.machine(device), "config": common.config(args)}
+    out["peak_bf16_tflops"] = peak_tflops(out["device_name"]) if device.type == "cuda" else None
+    trains = set(args.modes) - {AUGMENT}
+    gflops = gflops_per_image(args) if trains else None
+    print(
+        f"device: {out['device_name']}, torch {torch.__version__}, {args.arch} at "
+        f"{args.crop_size} px, batch {args.batch_size}, -j {args.workers}, "
+        f"{common.fmt(gflops)} GFLOPs/img",
+        flush=True,
+    )
+    modes_run = [m for m in MODES if m in args.modes]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or (common.make_jpeg_folder(tmp, args.num_images) if trains else None)
+        for mode in modes_run:
+            out[mode] = measure(args, device, mode == "fast", data, gflops, out["peak_bf16_tflops"])
+            save(args, out)
+        if STEPS in args.modes:
+            out[STEPS] = []
+            for variant in STEP_VARIANTS:
+                out[STEPS] += step_variants(args, device, data, gflops, [variant])
+                save(args, out)
+    if AUGMENT in args.modes:
+        out["augment_ms_per_img_view"] = device_augment_ms(args, device)
+    if len(modes_run) == 2:
+        fast, released = out["fast"], out["released"]
+        out["ratio_img_per_s"] = fast["img_per_s"] / released["img_per_s"]
+        out["ratio_host_ms_per_img"] = fast["host_ms_per_img"] / released["host_ms_per_img"]
+    print_report(out, modes_run)
+    save(args, out)
     return 0
 
 

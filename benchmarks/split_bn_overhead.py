@@ -22,19 +22,17 @@ the GPU proxy for memory-bound work), which does not depend on the machine or it
 ``--dtype bf16`` feeds a bf16 tensor under bf16 autocast, as a convolution's output would be.
 Each repeat times ``--iters`` steps of BatchNorm2d and then of the candidate; the table gives the
 median ms over repeats and the median of the per-repeat ratios (so load changes between repeats
-cancel out). JSON: ``{"device", "config", "rows": [{format, impl, ms_bn2d, ms_split, ratio,
-bytes_ratio, ops_ratio}]}``.
+cancel out). JSON: ``{"device", "device_name", "torch", "config", "rows": [{format, impl,
+ms_bn2d, ms_split, ratio, bytes_ratio, ops_ratio}]}``; with ``--resnet50``, ``"resnet50": {format:
+{layers, ms_bn2d, ms_split, ms_split_compiled, ratio, ratio_compiled}}`` in place of ``rows``.
 
     python benchmarks/split_bn_overhead.py --device cpu --json split_bn.json
 """
 
-import argparse
 import collections
-import json
-import platform
 import statistics
-import time
 
+import common
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -88,7 +86,7 @@ IMPLS = {
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__, "split_bn_overhead.json")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument(
@@ -108,32 +106,21 @@ def parse_args(argv):
         help="instead: every BN layer of a ResNet-50 at this batch and crop, summed",
     )
     p.add_argument("--compile", action="store_true", help="with --resnet50: SplitBN compiled too")
-    p.add_argument("--json", default="split_bn_overhead.json", help="where to write results")
     args = p.parse_args(argv)
     if args.shape[0] % args.num_splits:
         p.error(f"batch {args.shape[0]} is not divisible by --num-splits {args.num_splits}")
     return args
 
 
-def _device_name(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return name or device.type
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step_ms(fn, x, grad, iters, device, amp):
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
+    """ms of one forward + backward of ``fn``, the mean of ``iters``."""
+
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = fn(x)
         out.backward(grad)
-    sync(device)
-    return (time.perf_counter() - start) * 1000 / iters
+
+    return common.seconds(step, device, iters) * 1000 / iters
 
 
 def measure(args, device, fmt, impl):
@@ -225,49 +212,38 @@ def resnet50_rows(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = common.device(args.device)
+    out = {**common.machine(device), "config": common.config(args)}
     if args.resnet50:
-        return main_resnet50(args, device)
-    rows = [measure(args, device, fmt, impl) for fmt in args.format for impl in args.impl]
-    name = _device_name(device)
-    threads = torch.get_num_threads()
-    print(f"{name}, {args.dtype}, {tuple(args.shape)}, {args.num_splits} splits, {threads} threads")
-    print(
-        f"{'format':<14} {'impl':<12} {'ms BN2d':>9} {'ms SplitBN':>11} {'ratio':>7}"
-        f" {'bytes x':>8} {'ops x':>6}"
-    )
-    for r in rows:
-        ms = f"{r['ms_bn2d']:9.2f} {r['ms_split']:11.2f}"
-        counts = f"{r['bytes_ratio']:8.2f} {r['ops_ratio']:6.1f}"
-        print(f"{r['format']:<14} {r['impl']:<12} {ms} {r['ratio']:7.2f} {counts}")
-    out = {
-        "device": name,
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "rows": rows,
-    }
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
-
-
-def main_resnet50(args, device):
-    rows = resnet50_rows(args, device)
-    batch, crop = args.resnet50
-    print(
-        f"ResNet-50 at batch {batch}, {crop} px: its 53 BN layers, {args.dtype}, forward + backward"
-    )
-    head = ("format", "ms BN2d", "ms SplitBN", "compiled", "ratio", "compiled")
-    print("{:<14} {:>9} {:>11} {:>9} {:>7} {:>9}".format(*head))
-    for fmt, r in rows.items():
-        compiled = f"{r['ms_split_compiled']:9.2f}" if "ms_split_compiled" in r else f"{'-':>9}"
-        ratio_c = f"{r['ratio_compiled']:9.2f}" if "ratio_compiled" in r else f"{'-':>9}"
-        ms = f"{r['ms_bn2d']:9.2f} {r['ms_split']:11.2f} {compiled}"
-        print(f"{fmt:<14} {ms} {r['ratio']:7.2f} {ratio_c}")
-    out = {"device": _device_name(device), "config": vars(args) | {"json": None}, "resnet50": rows}
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.json}")
+        out["resnet50"] = resnet50_rows(args, device)
+        print_resnet50(args, out["resnet50"])
+        out["summary"] = "; ".join(
+            f"{fmt} x{r['ratio']:.2f}"
+            + (f", compiled x{r['ratio_compiled']:.2f}" if "ratio_compiled" in r else "")
+            for fmt, r in out["resnet50"].items()
+        )
+    else:
+        out["rows"] = [
+            measure(args, device, fmt, impl) for fmt in args.format for impl in args.impl
+        ]
+        threads = torch.get_num_threads()
+        print(
+            f"{out['device_name']}, {args.dtype}, {tuple(args.shape)}, {args.num_splits} splits, "
+            f"{threads} threads"
+        )
+        keys = ("format", "impl", "ms_bn2d", "ms_split", "ratio", "bytes_ratio", "ops_ratio")
+        header = ("format", "impl", "ms BN2d", "ms SplitBN", "ratio", "bytes x", "ops x")
+        common.print_table(header, [[r[k] for k in keys] for r in out["rows"]])
+    common.write_json(args.json, out)
     return out
+
+
+def print_resnet50(args, rows):
+    batch, crop = args.resnet50
+    title = f"ResNet-50 at batch {batch}, {crop} px: its 53 BN layers, {args.dtype}, fwd + bwd"
+    header = ("format", "ms BN2d", "ms SplitBN", "compiled", "ratio", "compiled")
+    keys = ("ms_bn2d", "ms_split", "ms_split_compiled", "ratio", "ratio_compiled")
+    common.print_table(header, [[fmt, *(r.get(k) for k in keys)] for fmt, r in rows.items()], title)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,11 @@ figure, the plain-BN bf16 channels_last step at 3,158 img/s on one H200 (docs/sp
     python benchmarks/step_cost.py --compile --json step_cost.json   # + compiled BN rows
 """
 
-import argparse
-import json
-import os
 import platform
 import sys
 import tempfile
 
+import common
 import torch
 from torch import nn
 
@@ -46,7 +44,6 @@ from moco_d2.pretrain.cost import (
     decode_crop_cost,
     fast_step_cost,
 )
-from moco_d2.pretrain.data import make_synthetic_image_folder
 from moco_d2.pretrain.split_bn import SplitBatchNorm
 
 # HBM bandwidth (bytes/s) and dense bf16 peak (FLOP/s), from the vendors' data sheets.
@@ -127,7 +124,7 @@ def step_ms(step, gpu: str, compute_efficiency: float) -> float:
 def step_rows() -> tuple[list[dict], float]:
     """The steps of :data:`STEPS`, and the compute efficiency fitted on the first."""
     with tempfile.TemporaryDirectory() as folder:
-        make_synthetic_image_folder(folder, num_images=2, size=32)
+        common.make_jpeg_folder(folder, 2, size=(32, 32))
         steps = [(name, fast_step_cost(folder, s, channels_last=cl, augmented=a))
                  for name, s, cl, a in STEPS]  # fmt: skip
     fit = steps[0][1]
@@ -148,19 +145,17 @@ def step_rows() -> tuple[list[dict], float]:
 
 def print_table(rows: list[dict]) -> None:
     gpus = list(GPUS)
-    print(f"| part | aten ops | GB | passes | syncs | {' | '.join(f'ms {g}' for g in gpus)} |")
-    print("|---" * (5 + len(gpus)) + "|")
-    for r in rows:
-        ms = " | ".join(f"{r[f'ms_{g}']:.2f}" for g in gpus)
-        passes = f"{r['passes']:.2f}" if "passes" in r else "-"
-        line = f"| {r['part']} | {r['ops']} | {r['bytes'] / 1e9:.2f} | {passes} | "
-        print(line + f"{r['syncs']} | {ms} |")
+    header = ["part", "aten ops", "GB", "passes", "syncs", *(f"ms {g}" for g in gpus)]
+    common.print_table(
+        header,
+        [[r["part"], r["ops"], r["bytes"] / 1e9, r.get("passes"), r["syncs"],
+          *(r[f"ms_{g}"] for g in gpus)] for r in rows],
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.parser(__doc__, "step_cost.json")
     p.add_argument("--compile", action="store_true", help="also count the compiled BN layers")
-    p.add_argument("--json", default="step_cost.json", help="where to write results")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     parts = bn_rows(args.compile) + augment_rows()
     steps, efficiency = step_rows()
@@ -187,10 +182,8 @@ def main(argv=None) -> int:
         },
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"predictions from counts (stated model), not measurements; wrote {args.json}")
+    print("predictions from counts (stated model), not measurements")
+    common.write_json(args.json, result)
     return 0
 
 

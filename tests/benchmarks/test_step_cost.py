@@ -3,25 +3,16 @@ emulation on the meta device counts what real autocast runs, the whole fast step
 sync and no copy for the BN emulation in NCHW, and the stated model gives back its fit point."""
 
 import collections
-import os
-import sys
 
+import common
 import pytest
+import step_cost
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from moco_d2.pretrain.cost import GpuStepCounter, StepCount, fast_step_cost
-from moco_d2.pretrain.data import make_synthetic_image_folder
 from moco_d2.utils.op_count import OpCount, OpCounter
-
-sys.path.insert(
-    0,
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
-    ),
-)
-import step_cost  # noqa: E402
 
 SMALL = {"arch": "resnet18", "batch": 8, "crop_size": 64, "moco_k": 64}
 
@@ -67,7 +58,7 @@ def test_gpu_step_counter_keeps_channels_last_through_convolutions():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_synthetic_image_folder(str(tmp_path_factory.mktemp("img")), 2, 32)
+    return common.make_jpeg_folder(str(tmp_path_factory.mktemp("img")), 2, size=(32, 32))
 
 
 def test_fast_step_counts_no_sync_and_no_copy_for_split_bn_in_nchw(folder):

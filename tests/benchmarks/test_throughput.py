@@ -9,12 +9,10 @@ import os
 import subprocess
 import sys
 
+import common
+import pretrain_throughput as bench
 import torch
-import torchvision
 
-from moco_d2.pretrain.builder import build_encoder
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = (
     "img_per_s",
     "step_img_per_s",
@@ -51,10 +49,11 @@ def _multiply_adds(model, crop):
 def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
     out = tmp_path / "out.json"
     command = [
-        sys.executable, os.path.join(REPO, "benchmarks", "pretrain_throughput.py"),
+        sys.executable, os.path.join(common.REPO, "benchmarks", "pretrain_throughput.py"),
         "--device", "cpu", "-a", "resnet18", "--crop-size", "64", "-b", "8", "-j", "1",
         "--num-images", "16", "--warmup", "1", "--iters", "1", "--e2e-iters", "2",
-        "--moco-k", "64", "--decode-on", "device", "--json", str(out),
+        "--moco-k", "64", "--decode-on", "device", "--modes", "released,fast,augment",
+        "--json", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,8 +61,7 @@ def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
 
     report = json.loads(out.read_text())
     assert report["device"] == "cpu"
-    encoder = build_encoder(torchvision.models.resnet18, 128, mlp=True)
-    expected = 2 * 4 * _multiply_adds(encoder, 64) / 1e9  # 2 FLOPs per MAC; q, k fwd + bwd
+    expected = 2 * 4 * _multiply_adds(common.encoder("resnet18"), 64) / 1e9  # q, k fwd + bwd
     for mode in ("released", "fast"):
         for key in KEYS:
             assert report[mode][key] > 0, (mode, key)
@@ -77,13 +75,14 @@ def test_benchmark_reports_both_modes_with_a_correct_flop_count(tmp_path):
     assert not released["workers_kept_across_epochs"] and fast["workers_kept_across_epochs"]
     assert fast["step_img_per_s_bn_splits_1"] > 0 and "step_img_per_s_bn_splits_1" not in released
     assert "fast step with --bn-splits 1" in result.stdout
+    assert report["augment_ms_per_img_view"] > 0
+    ratio = f"fast/released x{fast['img_per_s'] / released['img_per_s']:.2f}"
+    assert report["summary"].startswith(f"released {common.fmt(released['img_per_s'])} img/s")
+    assert ratio in report["summary"] and "DeviceAugment" in report["summary"]
 
 
 def test_step_variants_build_each_setting_as_the_tool_does(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import pretrain_throughput as bench
-
-    data = bench.make_jpeg_folder(str(tmp_path), 8)
+    data = common.make_jpeg_folder(str(tmp_path), 8, size=(96, 72))
     argv = ["--device", "cpu", "-a", "resnet18", "--crop-size", "64", "-b", "8", "-j", "0"]
     args = bench.parse_args(argv + ["--warmup", "0", "--iters", "1", "--moco-k", "64"])
     variants = [(None, False, False), (1, False, True)]
