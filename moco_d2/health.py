@@ -72,7 +72,7 @@ class HealthMonitor:
         owner = {
             id(p): i for i, m in enumerate(model.modules()) for p in m.parameters(recurse=False)
         }
-        index = {}  # owning module (or the tensor alone, if none) -> layer number
+        index: dict[int, int] = {}  # owning module (or the tensor alone, if none) -> layer number
         layer = [
             index.setdefault(owner.get(id(p), -1 - k), len(index))
             for k, p in enumerate(self.params)

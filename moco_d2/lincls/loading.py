@@ -18,9 +18,9 @@ _NOT_LOADED = re.compile(r"fc\.(weight|bias)|.*\.num_batches_tracked")
 
 
 def _listed(keys: set[str], limit: int = 4) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown}, … ({len(keys)} in all)" if len(keys) > limit else shown
+    ordered = sorted(keys)
+    shown = ", ".join(ordered[:limit])
+    return f"{shown}, … ({len(ordered)} in all)" if len(ordered) > limit else shown
 
 
 def load_pretrained(

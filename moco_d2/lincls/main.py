@@ -11,7 +11,8 @@ import functools
 import logging
 import os
 import shutil
-from typing import Any
+from collections.abc import Sized
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -188,7 +189,7 @@ def _load_resume(config: LinclsConfig, model: nn.Module) -> dict[str, Any]:
     if set(state) != set(own) or any(state[k].shape != v.shape for k, v in own.items()):
         raise UserError(
             f"--resume {path} is not a tools/lincls.py checkpoint of {config.arch} "
-            f"with {model.fc.out_features} classes"
+            f"with {cast(nn.Linear, model.fc).out_features} classes"
         )
     refused, _ = config.diff(checkpoint.get("config", {}))
     if refused and not config.evaluate:
@@ -221,9 +222,10 @@ def _loaders(
 ) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
     # -b is one node's batch, -j each process's workers, as in the released main_lincls.py.
     batch = per_process_batch(config.batch_size, here.procs_per_node)
-    sampler = DistributedSampler(train_set) if here.distributed else None
+    sampler: DistributedSampler | None = DistributedSampler(train_set) if here.distributed else None
     # Val: a strided shard per process, no padding, so the summed counts are exact.
-    val_shard = Subset(val_set, range(here.rank, len(val_set), here.world_size))
+    val_size = len(cast(Sized, val_set))  # an image folder: map-style, with a length
+    val_shard = Subset(val_set, range(here.rank, val_size, here.world_size))
     pin = here.device.type == "cuda"
     train_loader = DataLoader(
         train_set, batch, shuffle=sampler is None, sampler=sampler,

@@ -1,5 +1,7 @@
 """The linear-classification model: a frozen torchvision ResNet with a fresh, trainable fc."""
 
+from typing import cast
+
 import torch
 import torchvision.models as models
 
@@ -29,7 +31,7 @@ def build_optimizer(
 ) -> torch.optim.SGD:
     """SGD over the trainable parameters, which must be exactly the fc weight and bias."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fc = unwrap(model).fc
+    fc = cast(torch.nn.Linear, unwrap(model).fc)  # build_model's head
     if {id(p) for p in params} != {id(fc.weight), id(fc.bias)}:
         raise RuntimeError("linear classification must train only fc.weight and fc.bias")
     return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)

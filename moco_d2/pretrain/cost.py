@@ -217,6 +217,7 @@ def fast_step_cost(
     torch.manual_seed(0)
     model = build_model(config, meta)
     optimizer = build_optimizer(model, config, meta)
+    images: torch.Tensor | list[torch.Tensor]
     if augmented:
         images = torch.empty(batch, 2, 3, crop_size, crop_size, dtype=torch.uint8, device=meta)
     else:

@@ -47,7 +47,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise UserError(f"image folder not found: {root}")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     folders = [(os.path.join(root, c), i) for i, c in enumerate(classes)] or [(root, 0)]
-    samples = []
+    samples: list[tuple[str, int]] = []
     for folder, index in folders:
         for dirpath, dirnames, filenames in sorted(os.walk(folder, followlinks=True)):
             dirnames.sort()
@@ -259,8 +259,8 @@ class EpochLoader:
             # the workers' base seeds come from here, not from the training process's generator
             generator=torch.Generator().manual_seed(seed),
         )
-        self._iterator = None
-        self._next_epoch = None
+        self._iterator: Iterator[Any] | None = None
+        self._next_epoch: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:

@@ -282,10 +282,10 @@ class TwoCropsLoader:
 
     def from_file(self, f: BinaryIO) -> torch.Tensor:
         """The two views of the image in the open file ``f`` (a file or in-memory bytes)."""
-        img = Image.open(f)
+        img: Image.Image = Image.open(f)
         width, height = img.size
         boxes = self.draw_boxes(width, height)
-        scale = 1
+        scale: float = 1
         if self.draft and img.format == "JPEG":
             smallest = min(min(h, w) for _, _, h, w in boxes)
             wanted = max(1, smallest // self.crop_size)

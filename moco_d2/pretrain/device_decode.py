@@ -213,7 +213,7 @@ def collate_encoded(items: Sequence[tuple[Any, int, int]]) -> tuple[EncodedBatch
         files=[x.file for x in files],
         seeds=[x.seed for x in files],
     )
-    return batch, default_collate(targets), layout[-len(images) :]
+    return batch, default_collate(list(targets)), layout[-len(images) :]
 
 
 class DeviceDecoder:
@@ -229,10 +229,11 @@ class DeviceDecoder:
     the host (they are host data), the CPU-path crops and the positions go to the device by
     non-blocking copies from the pinned batch, and ``index_copy_`` puts the parts in order.
     A file unreadable for the decoder and for PIL is replaced from ``folder``
-    (:meth:`TolerantImageFolder.replacement`, with the CPU path), as the loader path replaces it.
+    (:meth:`TolerantImageFolder.replacement`, with the CPU path), as the loader path replaces it;
+    without a folder (None) every image must be readable.
     """
 
-    def __init__(self, crop_size: int, folder: TolerantImageFolder) -> None:
+    def __init__(self, crop_size: int, folder: TolerantImageFolder | None) -> None:
         self.crop_size = crop_size
         self.folder = folder
         self.cpu_path = TwoCropsLoader(crop_size)
@@ -244,6 +245,7 @@ class DeviceDecoder:
         decoded = self._decode(data, batch.paths, device)
         encoded, unreadable = self.views(decoded, batch.boxes.tolist(), batch, device)
         if batch.crops is None:  # every image was encoded: already in the batch's order
+            assert encoded is not None  # a batch has at least one image
             return encoded, unreadable
         crops = batch.crops.to(device, non_blocking=True)
         if encoded is None:
@@ -269,6 +271,8 @@ class DeviceDecoder:
         native = device.type == "cpu"
         for k, (pixels, image_boxes) in enumerate(zip(decoded, boxes)):
             if pixels is None:
+                # only a decoder with a folder is given unreadable images, with their batch
+                assert self.folder is not None and batch is not None
                 crops, skipped = self.folder.replacement(
                     batch.files[k], batch.seeds[k], self.cpu_path
                 )

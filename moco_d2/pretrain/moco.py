@@ -50,6 +50,9 @@ class MoCo(nn.Module):
     group is running, else ``local``.
     """
 
+    queue: torch.Tensor  # buffer (dim, K): the queued keys, one per column
+    queue_ptr: torch.Tensor  # buffer (1,) long: the column the next keys go to
+
     def __init__(
         self,
         base_encoder: Callable[..., nn.Module],

@@ -156,8 +156,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
             # result is reshaped with _unsafe_view, which autograd does not track as a view:
             # the in-place ReLU that follows in a ResNet would otherwise make its backward copy
             # the whole activation (CopySlices)
-            group_mean = self.running_mean.repeat(s) if track else None
-            group_var = self.running_var.repeat(s) if track else None
+            group_mean = group_var = None
+            if track:
+                running_mean, running_var = self._running_stats()
+                group_mean, group_var = running_mean.repeat(s), running_var.repeat(s)
             out = F.batch_norm(
                 x.contiguous().view(n // s, s * c, h, w),
                 group_mean,
@@ -170,15 +172,23 @@ class SplitBatchNorm(nn.BatchNorm2d):
             )
             out = torch.ops.aten._unsafe_view(out, (n, c, h, w))
         if track:
+            running_mean, running_var = self._running_stats()
             with torch.no_grad():
-                self.running_mean.copy_(group_mean.view(s, c).mean(dim=0))
-                self.running_var.copy_(group_var.view(s, c).mean(dim=0))
+                running_mean.copy_(group_mean.view(s, c).mean(dim=0))
+                running_var.copy_(group_var.view(s, c).mean(dim=0))
         return out
+
+    def _running_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running mean and variance buffers, which exist when the layer tracks them."""
+        assert self.running_mean is not None and self.running_var is not None
+        return self.running_mean, self.running_var
 
     def _momentum(self) -> float:
         """Count this batch and return the momentum nn.BatchNorm2d would use for it."""
         if not self.track_running_stats:
             return 0.0
+        # BatchNorm2d registers the counter with the running statistics
+        assert self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average
             return 1.0 / float(self.num_batches_tracked)
