@@ -1,0 +1,1 @@
+"""Comparing backbones over repeated detection trials, on one machine or a cluster."""
