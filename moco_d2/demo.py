@@ -1,11 +1,9 @@
 """``make demo``: the whole protocol at toy scale — pretrain, convert, fine-tune, compare.
 
-Builds synthetic data, pretrains MoCo v2 ResNet-50 briefly (single-process shuffle-BN
-emulation), converts the checkpoint, fine-tunes Faster R-CNN R50-C4 from it and from random
-initialization (the control), and reports AP, AP50, AP75 of both as a table, a Markdown
-report and a PNG figure. The detection runs use the real protocol config through
-``configs/demo/voc_R50_C4_demo.yaml`` (only sizes and iterations differ) and the real
-``voc_2007_*``/``voc_2012_*`` dataset names, pointed at the synthetic tree.
+Pretrains MoCo v2 ResNet-50 briefly on synthetic images, converts the checkpoint, fine-tunes
+Faster R-CNN R50-C4 from it and from random initialization (the control) on a synthetic VOC
+tree under the real dataset names, with the real protocol config (only sizes and iterations
+differ), and reports AP, AP50, AP75 as a table, a Markdown report and a PNG figure.
 """
 
 import argparse

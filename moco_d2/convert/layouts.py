@@ -1,12 +1,8 @@
-"""Where each self-supervised release keeps its ResNet trunk, what the rest of its file is,
-and the names and input normalisation it uses: the rules :func:`.trunk.find_trunk`
-applies.
-
-The rules come from each release's own saving or converting code (docs/transfer.md has the
-table). Names are matched whole, one dotted component at a time, never as substrings:
-``"backbone" in key`` would also match ``momentum_backbone``. Anything no rule names is kept,
-so that the completeness checks of the converter and lincls refuse it.
-"""
+"""Where each self-supervised release keeps its ResNet trunk, what the rest of its file is, and
+its names and input normalisation: the rules :func:`.trunk.find_trunk` applies, taken from each
+release's own saving or converting code (docs/transfer.md). Names are matched whole, one dotted
+component at a time (``"backbone" in key`` would also match ``momentum_backbone``); anything no
+rule names is kept, for the completeness checks of the converter and lincls to refuse."""
 
 import re
 from collections.abc import Iterable
@@ -37,27 +33,9 @@ _SECOND = re.compile(
 # Parts that are not a trunk: projection and prediction heads, prototypes, classifiers,
 # queues, losses with state, Barlow Twins' final BN.
 HEADS = frozenset(
-    {
-        "fc",
-        "head",
-        "heads",
-        "neck",
-        "projector",
-        "projection_head",
-        "projector_instance",
-        "predictor",
-        "prediction_head",
-        "prototypes",
-        "classifier",
-        "online_classifier",
-        "value_transform",
-        "criterion",
-        "bn",
-        "queue",
-        "queue_ptr",
-        "queue2",
-        "queue2_ptr",
-    }
+    "fc head heads neck projector projection_head projector_instance predictor prediction_head "
+    "prototypes classifier online_classifier value_transform criterion bn queue queue_ptr queue2 "
+    "queue2_ptr".split()
 )
 # First name components of a torchvision ResNet; digits are nn.Sequential(*children()).
 _TORCHVISION_TOP = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})

@@ -1,10 +1,6 @@
-"""The ResNet-50 trunk: its 265 tensors, their Detectron2 names, and the completeness and
-finiteness checks.
-
-Renaming by string replacement "converts" a ResNet-18 or a wrongly prefixed checkpoint
-without complaint; here every name is parsed, and the whole trunk must be present with the
-right shapes before anything is written.
-"""
+"""The ResNet-50 trunk: its 265 tensors, their Detectron2 names, the completeness and finiteness
+checks. Renaming by string replacement "converts" a ResNet-18 or a wrongly prefixed checkpoint
+without complaint; here every name is parsed, and the whole trunk must be there first."""
 
 import re
 from collections.abc import Iterable, Mapping

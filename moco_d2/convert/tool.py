@@ -1,10 +1,7 @@
-"""``tools/convert-to-d2.py INPUT OUTPUT``: a pretraining checkpoint → Detectron2 weights.
-
-The output is written only once the whole ResNet-50 trunk has been found and checked, and
-atomically, so a bad input never leaves a file that Detectron2 would half-load. It records
-the input normalisation the weights expect, which ``train_net`` checks against its config.
-``train_net`` converts a checkpoint given as ``MODEL.WEIGHTS`` in memory with these functions.
-"""
+"""``tools/convert-to-d2.py INPUT OUTPUT``: a pretraining checkpoint → Detectron2 weights, written
+atomically once the whole ResNet-50 trunk is found and checked, so that a bad input never leaves
+a file Detectron2 would half-load; with the input normalisation the weights expect, which
+``train_net`` checks. ``train_net`` converts a ``MODEL.WEIGHTS`` checkpoint in memory with it."""
 
 import pickle
 from typing import Any

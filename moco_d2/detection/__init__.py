@@ -1,9 +1,8 @@
 """Detection transfer with Detectron2: everything in moco_d2 that needs detectron2.
 
-``import moco_d2.detection`` is all a Detectron2 script needs, the way ``import point_rend``
-is: it applies the detectron2 0.6 compatibility shims (:mod:`.compat`, each a no-op where the
-library is already fine), registers ``Res5ROIHeadsExtraNorm`` in ``ROI_HEADS_REGISTRY`` and
-registers the Pascal VOC and COCO 2017 splits under ``$DETECTRON2_DATASETS``.
+Importing it, as one imports ``point_rend``, is all a Detectron2 script needs: it applies the
+detectron2 0.6 shims (:mod:`.compat`), registers ``Res5ROIHeadsExtraNorm`` and the Pascal VOC
+and COCO 2017 splits under ``$DETECTRON2_DATASETS``.
 """
 
 import warnings

@@ -35,17 +35,9 @@ class _CompiledOpsStandIn(types.ModuleType):
         super().__init__("detectron2._C", __doc__)
         self.__spec__ = importlib.util.spec_from_loader("detectron2._C", loader=None)
 
-    @staticmethod
-    def get_compiler_version() -> str:
-        return "none (detectron2 installed without C++ ops)"
-
-    @staticmethod
-    def get_cuda_version() -> str:
-        return "none (detectron2 installed without C++ ops)"
-
-    @staticmethod
-    def has_cuda() -> bool:
-        return False
+    # What detectron2's collect_env_info asks of it.
+    get_compiler_version = get_cuda_version = staticmethod(lambda: "none (built without C++ ops)")
+    has_cuda = staticmethod(lambda: False)
 
     def __getattr__(self, name: str) -> Callable[..., NoReturn]:
         if name.startswith("__"):

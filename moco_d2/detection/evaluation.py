@@ -35,6 +35,9 @@ COCO_METRICS_FILE = "metrics_coco.json"
 # The metrics file of each evaluator_type, in the run's OUTPUT_DIR.
 METRICS_FILES = {"pascal_voc": METRICS_FILE, "coco": COCO_METRICS_FILE}
 VOC_THRESHOLDS = range(50, 100, 5)  # IoU in %, as detectron2's evaluator
+_NO_CLASS_TRUTH = (
+    "no ground-truth object of this class in the test set (difficult ones are not scored)"
+)
 # COCO metric -> the COCOeval area range it is computed over.
 COCO_AREA_OF_METRIC = dict(
     zip(COCO_METRIC_NAMES, ("all", "all", "all", "small", "medium", "large"))
@@ -135,28 +138,17 @@ class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
             results[f"AP-{name}"] = float(np.mean(list(aps.values()))) if aps else math.nan
             results[f"AP50-{name}"] = aps[50] if aps else math.nan
             results[f"AP75-{name}"] = aps[75] if aps else math.nan
-            if not aps:
-                self.undefined += [
-                    {
-                        "metric": metric,
-                        "class": name,
-                        "task": "bbox",
-                        "reason": "no ground-truth object of this class in the test set "
-                        "(difficult ones are not scored)",
-                    }
-                    for metric in METRIC_NAMES
-                ]
+            self.undefined += [
+                {"metric": metric, "class": name, "task": "bbox", "reason": _NO_CLASS_TRUTH}
+                for metric in METRIC_NAMES
+                if not aps
+            ]
         for metric in METRIC_NAMES:
             values = [results[f"{metric}-{name}"] for name in per_class]
             results[metric] = float(np.mean(values)) if values else math.nan
             if not values:
-                self.undefined.append(
-                    {
-                        "metric": metric,
-                        "task": "bbox",
-                        "reason": "no class has a ground-truth object in the test set",
-                    }
-                )
+                reason = "no class has a ground-truth object in the test set"
+                self.undefined.append({"metric": metric, "task": "bbox", "reason": reason})
         return results
 
 

@@ -26,16 +26,12 @@ from moco_d2.errors import UserError
 
 def check_before_launch(cfg: CfgNode, args: argparse.Namespace) -> None:
     """Everything about ``cfg`` and ``args`` that can be checked without training."""
-    check_device(cfg)
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("MODEL.DEVICE is cuda but CUDA is not available; add MODEL.DEVICE cpu")
     check_solver(cfg, args)
     check_output_dir(cfg.OUTPUT_DIR)
     check_weights(cfg, args)
     check_datasets(cfg, args)
-
-
-def check_device(cfg: CfgNode) -> None:
-    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
-        raise UserError("MODEL.DEVICE is cuda but CUDA is not available; add MODEL.DEVICE cpu")
 
 
 def check_solver(cfg: CfgNode, args: argparse.Namespace) -> None:

@@ -6,14 +6,9 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
 
 @ROI_HEADS_REGISTRY.register()
 class Res5ROIHeadsExtraNorm(Res5ROIHeads):
-    """Res5ROIHeads with a normalization layer (``MODEL.RESNETS.NORM``) after res5.
-
-    Detectron2's R50-C4 box head ends with the last res5 block, whose output is not
-    normalized; the MoCo protocol adds one BN there so that the fine-tuned features are
-    normalized like every other stage. The BN is part of ``self.res5``, which
-    ``Res5ROIHeads._shared_roi_transform`` applies for the box predictor and, with
-    ``MODEL.MASK_ON``, for the mask head too (training and inference).
-    """
+    """Res5ROIHeads with a ``MODEL.RESNETS.NORM`` layer after res5, whose output Detectron2 leaves
+    unnormalized, so that the fine-tuned features are normalized like every other stage; being
+    part of ``self.res5``, it serves the box predictor and (``MODEL.MASK_ON``) the mask head."""
 
     @classmethod
     def _build_res5_block(cls, cfg):

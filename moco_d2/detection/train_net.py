@@ -36,11 +36,7 @@ from moco_d2.io import remove_stale_temporaries
 logger = logging.getLogger(__name__)
 
 # This tool in a process of its own (trials, the demo), so each run starts detectron2 afresh.
-COMMAND = (
-    sys.executable,
-    "-c",
-    "from moco_d2.cli import run_tool; run_tool('moco_d2.detection.train_net')",
-)
+COMMAND = (sys.executable, "-c", f"from moco_d2.cli import run_tool; run_tool('{__name__}')")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 

@@ -1,16 +1,10 @@
-"""Repeat the detection transfer with different seeds and report mean ± std, as the paper does.
+"""Repeat the detection transfer with different seeds and report mean ± std, as the MoCo papers
+do (5 trials). Each trial is a ``train_net`` process writing ``OUTPUT/trial_<k>``: one with its
+metrics is done, one with a checkpoint is resumed, so the same command finishes a half-done set.
 
-The MoCo papers report VOC detection as the mean of 5 trials (std about 0.2 AP). Each trial
-is a separate ``train_net`` process writing to ``OUTPUT/trial_<k>``; a trial whose metrics
-file exists is done, one with a checkpoint but no metrics is resumed, so rerunning the same
-command finishes a half-done set instead of starting over.
-
-Trials of different runs never mix: before the first trial the set's fingerprint (the
-weights file's sha256, the whole merged config except OUTPUT_DIR and SEED, and the sha256 of
-each dataset's split file: VOC's ImageSets/Main/<split>.txt, COCO's annotation json) is
-written to ``OUTPUT/trials_fingerprint.json`` and later stored in the summary; a rerun whose
-fingerprint differs, or whose earlier fingerprint has no datasets (an older version), is
-refused, unless ``--restart`` discards the earlier trials.
+Trials of different runs never mix: the set's fingerprint (the weights' sha256, the merged
+config but OUTPUT_DIR and SEED, each dataset's split file's sha256) is written first to
+``OUTPUT/trials_fingerprint.json``; a rerun that differs from it is refused unless ``--restart``.
 """
 
 import argparse
@@ -24,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import setup_logger
 
 from moco_d2.cli import ArgumentParser, positive_int
 from moco_d2.detection.data.coco import (
@@ -352,21 +347,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from detectron2.utils.logger import setup_logger
-
     args = parse_args(argv)
     setup_logger(name="moco_d2")
-    _, markdown = run_trials(
-        args.config_file,
-        args.output_dir,
-        args.num_trials,
-        args.first_seed,
-        args.num_gpus,
-        args.opts,
-        args.reference,
-        args.restart,
-        args.coco_dataset,
-    )
+    run = (args.config_file, args.output_dir, args.num_trials, args.first_seed, args.num_gpus)
+    _, markdown = run_trials(*run, args.opts, args.reference, args.restart, args.coco_dataset)
     print(markdown, end="")
     print(f"summary written to {os.path.join(args.output_dir, SUMMARY_MD)} and {SUMMARY_JSON}")
     return 0

@@ -17,7 +17,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from moco_d2.detection.data import json_stream
+from moco_d2.detection.data import coco
 from moco_d2.detection.data.coco import (
     SPLITS,
     check_coco_datasets,
@@ -327,8 +327,8 @@ def test_mask_r_cnn_without_a_segmentation_stops_before_launch(tmp_path):
 
 
 def _stream(text, monkeypatch, chunk):
-    monkeypatch.setattr(json_stream, "CHUNK", chunk)
-    return list(json_stream.iter_top_level(io.StringIO(text), ("a", "b")))
+    monkeypatch.setattr(coco, "CHUNK", chunk)
+    return list(coco.iter_top_level(io.StringIO(text), ("a", "b")))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 22])
@@ -342,7 +342,7 @@ def test_streamed_elements_equal_json_load_at_any_buffer_size(monkeypatch, chunk
     }
     text = json.dumps(value, indent=1)
     items = _stream(text, monkeypatch, chunk)
-    end = json_stream.END
+    end = coco.END
     assert items == [
         ("info", value["info"]),
         *[("a", element) for element in value["a"]],
@@ -363,7 +363,7 @@ def test_streamed_elements_equal_json_load_at_any_buffer_size(monkeypatch, chunk
     ],
 )
 def test_stream_errors_give_the_offset(monkeypatch, text, says):
-    with pytest.raises(json_stream.JSONStreamError, match=f"^{says}$"):
+    with pytest.raises(coco.JSONStreamError, match=f"^{says}$"):
         _stream(text, monkeypatch, 4)
 
 

@@ -5,7 +5,7 @@ file and annotation.
 now), with detectron2's metadata and ``load_coco_json`` behind a validation layer; a dataset of
 one's own (``train_net --coco-dataset NAME JSON IMAGE_DIR``: a CVAT, Roboflow or labelme export)
 gets the categories of its file and the same checks. Before launch the annotation file is
-streamed (:mod:`.json_stream`): the launcher keeps image sizes and annotation ids, not the
+streamed: the launcher keeps image sizes and annotation ids, not the
 several GB that ``json.load`` makes of ``instances_train2017.json``.
 
 Boxes follow the VOC loader's rule, in COCO's ``[x, y, width, height]``: an inverted box or one
@@ -16,10 +16,12 @@ the file itself, would count it as ground truth that no detection can match.
 """
 
 import argparse
+import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.coco import load_coco_json
 
-from moco_d2.detection.data.json_stream import END, JSONStreamError, iter_top_level
 from moco_d2.detection.data.voc import BORDER_TOLERANCE, datasets_root, register_replacing
 from moco_d2.detection.images import image_size, size_mismatch
 from moco_d2.errors import UserError
@@ -56,6 +57,105 @@ def check_coco_tree(image_root: str, json_file: str) -> None:
         raise UserError(f"COCO annotation file not found: {json_file}; {_ROOT_HINT}")
     if not os.path.isdir(image_root):
         raise UserError(f"COCO image folder not found: {image_root}; {_ROOT_HINT}")
+
+
+# The streaming reader: each element of a top-level list decoded by the C decoder
+# (json.JSONDecoder.raw_decode) from a sliding text buffer, so memory stays at the buffer.
+CHUNK = 1 << 20  # characters read at a time; the buffer keeps at least this much ahead
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+END = object()  # yielded as ``(key, END)`` once the list under ``key`` is complete
+
+
+class JSONStreamError(ValueError):
+    """Invalid JSON, or not an object at the top level; the message gives the offset."""
+
+
+class _Reader:
+    def __init__(self, f: Any) -> None:
+        self.f, self.buf, self.pos, self.offset, self.eof = f, "", 0, 0, False
+
+    def _more(self, at_least: int = CHUNK) -> bool:
+        """Append at least ``at_least`` characters, dropping what was consumed."""
+        if self.eof:
+            return False
+        text = self.f.read(at_least)
+        self.eof = len(text) < at_least
+        self.offset += self.pos
+        self.buf, self.pos = self.buf[self.pos :] + text, 0
+        return bool(text)
+
+    def peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file)."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self._more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def expect(self, chars: str, what: str) -> str:
+        char = self.peek()
+        if not char or char not in chars:
+            raise JSONStreamError(f"Expecting {what} at char {self.offset + self.pos}")
+        self.pos += 1
+        return char
+
+    def value(self) -> Any:
+        """Decode one value; read further while it may be cut off by the buffer's end."""
+        self.peek()
+        if len(self.buf) - self.pos < CHUNK:
+            self._more()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                # Double what is buffered: a value cut by the buffer's end decodes next time,
+                # a real error is reported once the rest of the file is in.
+                if self._more(max(CHUNK, len(self.buf) - self.pos)):
+                    continue
+                raise JSONStreamError(f"{e.msg} at char {self.offset + e.pos}") from None
+            if end == len(self.buf) and self._more():
+                continue  # a number at the buffer's end may go on
+            self.pos = end
+            return value
+
+
+def iter_top_level(f: Any, list_keys: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """``(key, element)`` for each element of the top-level lists named in ``list_keys``, then
+    ``(key, END)``; ``(key, value)`` for any other top-level entry. ``f`` is a text file."""
+    reader = _Reader(f)
+    first = reader.peek()
+    if first != "{":
+        raise JSONStreamError("the top level is not an object" if first else "the file is empty")
+    reader.pos += 1
+    if reader.peek() == "}":
+        reader.pos += 1
+        return
+    while True:
+        if reader.peek() != '"':
+            raise JSONStreamError(
+                f"Expecting property name enclosed in double quotes at char "
+                f"{reader.offset + reader.pos}"
+            )
+        key = reader.value()
+        reader.expect(":", "':' delimiter")
+        if key in list_keys:
+            if reader.peek() != "[":
+                raise JSONStreamError(f'"{key}" is not a list')
+            reader.pos += 1
+            if reader.peek() == "]":
+                reader.pos += 1
+            else:
+                while True:
+                    yield key, reader.value()
+                    if reader.expect(",]", "',' delimiter") == "]":
+                        break
+            yield key, END
+        else:
+            yield key, reader.value()
+        if reader.expect(",}", "',' delimiter") == "}":
+            break
+    if reader.peek():
+        raise JSONStreamError(f"Extra data at char {reader.offset + reader.pos}")
 
 
 LIST_KEYS = ("images", "annotations", "categories")
@@ -233,14 +333,9 @@ def check_coco_file(
     expected_categories: Iterable[tuple[Any, Any]] | None = None,
     masks: bool = False,
 ) -> CocoSummary:
-    """Stream ``json_file`` and check what the loader, Mask R-CNN and COCOEvaluator rely on.
-
-    Checks: a JSON object with ``images``, ``annotations`` and ``categories`` lists; unique
-    image and annotation ids; each image has a positive size, exists under ``image_root``,
-    opens and has that size (its header is read); each annotation names a listed image and
-    category and has a valid box (module docstring), and with ``masks`` a segmentation; the
-    categories, when ``expected_categories`` is given, are exactly those ``(id, name)`` pairs.
-    """
+    """Stream ``json_file`` and check what the loader, Mask R-CNN and COCOEvaluator rely on:
+    the three lists, unique ids, every image there and of its size, every annotation's image,
+    category, box and (``masks``) segmentation, and the ``expected_categories`` if given."""
     checker = _Checker(json_file, image_root, masks)
     handlers = {
         "images": checker.image,
@@ -281,13 +376,8 @@ def _expected_categories(metadata: Any) -> list[tuple[int, str]] | None:
 def check_coco_datasets(
     dataset_names: Iterable[str], masks: bool = False, test_names: Iterable[str] = ()
 ) -> dict[str, CocoSummary]:
-    """Fail before launch if a registered COCO dataset's folder or annotation file is bad;
-    return what each holds. Datasets whose metadata is not ``evaluator_type == "coco"``
-    are left to their own checks.
-
-    ``masks``: every annotation needs a segmentation. ``test_names``: evaluated datasets,
-    where an empty box is refused, since COCOeval reads the file and would count it.
-    """
+    """Check each COCO dataset's files before launch (an empty box is refused in
+    ``test_names``); return what each holds. Other datasets are left to their own checks."""
     summaries = {}
     for name in dataset_names:
         metadata = MetadataCatalog.get(name)
@@ -339,8 +429,7 @@ def _apply_box_rule(dicts: list[dict], json_file: str) -> None:
 
 
 def load_coco_instances(json_file: str, image_root: str, name: str) -> list[dict]:
-    """detectron2's ``load_coco_json`` behind the checks of :func:`check_coco_tree`, with the
-    box rule of :func:`check_coco_file` applied, so training never sees an invalid box."""
+    """detectron2's ``load_coco_json`` with the checks' file and box rules applied."""
     check_coco_tree(image_root, json_file)
     try:
         dicts = load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
@@ -356,9 +445,8 @@ def load_coco_instances(json_file: str, image_root: str, name: str) -> list[dict
 
 
 def register_coco(name: str, image_root: str, json_file: str, builtin: bool = True) -> None:
-    """(Re-)register one split with the checking loader: with detectron2's COCO metadata
-    (``builtin``), or, as ``register_coco_instances`` does, with none, the loader then
-    taking the categories from the file."""
+    """(Re-)register one split with the checking loader and detectron2's COCO metadata
+    (``builtin``), or none, the categories then coming from the file."""
     register_replacing(
         name,
         lambda: load_coco_instances(json_file, image_root, name),
