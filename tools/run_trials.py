@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Run the VOC transfer N times with different seeds; report mean ± std of AP, AP50, AP75."""
+"""Compare backbones: N detection trials each, mean ± std, and Welch verdicts (docs/transfer.md)."""
 
 from moco_d2.cli import run_tool
 
 if __name__ == "__main__":
-    run_tool("moco_d2.detection.trials")
+    run_tool("moco_d2.trials.main")

@@ -116,12 +116,15 @@ def references(names: Sequence[str]) -> list[dict]:
     ]
 
 
-def _cell(metric: dict | None) -> str:
+def _cell(metric: dict | None, n: int) -> str:
+    """``57.1 ± 0.2``; with how many trials when some left the metric undefined."""
     if metric is None or metric["mean"] is None:
         return "n/a"
-    if metric["std"] is None:
-        return f"{metric['mean']:.1f} (1 trial)"
-    return f"{metric['mean']:.1f} ± {metric['std']:.1f}"
+    k = len(metric["trials"])
+    text = f"{metric['mean']:.1f}" + ("" if metric["std"] is None else f" ± {metric['std']:.1f}")
+    if k < n:
+        return f"{text} ({k} of {n} trials)"
+    return f"{text} (1 trial)" if k == 1 else text
 
 
 def markdown(report: dict) -> str:
@@ -131,7 +134,7 @@ def markdown(report: dict) -> str:
     lines = ["| backbone | trials | " + " | ".join(metrics) + " |"]
     lines.append("|---|---|" + "---|" * len(metrics))
     for row in rows:
-        cells = " | ".join(_cell(row["metrics"].get(m)) for m in metrics)
+        cells = " | ".join(_cell(row["metrics"].get(m), row["n"]) for m in metrics)
         lines.append(f"| {row['name']} | {row['n']} | {cells} |")
     for ref in report["references"]:
         cells = " | ".join(
@@ -188,11 +191,13 @@ def figure(report: dict, path: str) -> None:
 def write_report(
     output_dir: str, rows: list[dict], reference_names: Sequence[str] = (), all_pairs: bool = False
 ) -> dict:
-    """``comparison.json``, ``.md`` and ``.png`` in ``output_dir``; returns the report."""
+    """``comparison.json``, ``.md`` and ``.png`` in ``output_dir``; returns the report. The
+    published rows are VOC's: they are left out beside COCO trials."""
+    coco = any("APs" in row["metrics"] for row in rows)
     report = {
         "rows": rows,
         "pairs": make_pairs(rows, all_pairs),
-        "references": references(reference_names),
+        "references": [] if coco else references(reference_names),
     }
     base = os.path.join(output_dir, COMPARISON)
     atomic_write_json(report, base + ".json")
