@@ -16,7 +16,7 @@ channels_last, back to back with plain BatchNorm2d on the same tensor:
   output, native backward per chunk joined by one ``cat``.
 
 Next to the times, each row has the candidate's counted cost relative to BatchNorm2d: bytes
-moved and aten ops of the same forward + backward on the meta device (``moco_d2.pretrain.cost``,
+moved and aten ops of the same forward + backward on the meta device (``benchmarks/cost.py``,
 the GPU proxy for memory-bound work), which does not depend on the machine or its load.
 
 ``--dtype bf16`` feeds a bf16 tensor under bf16 autocast, as a convolution's output would be.
@@ -36,9 +36,9 @@ import common
 import torch
 import torch.nn.functional as F
 import torchvision
+from cost import FORMATS, bn_layer_cost
 from torch import nn
 
-from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
 from moco_d2.pretrain.split_bn import SplitBatchNorm, chunked_batch_norm
 
 

@@ -2,7 +2,7 @@
 """Counted cost of the one-GPU MoCo v2 step, and the milliseconds it predicts on an H100/H200.
 
 Nothing here is timed. Every aten op that does work is counted with the bytes it reads and
-writes (:mod:`moco_d2.pretrain.cost`), on the ``meta`` device at full size, so it runs on any
+writes (`benchmarks/cost.py`), on the ``meta`` device at full size, so it runs on any
 CPU in seconds. Rows:
 
 - ``bn/...``: forward + backward of one BN layer on (64, 256, 28, 28) bf16 activations with fp32
@@ -32,9 +32,7 @@ import tempfile
 
 import common
 import torch
-from torch import nn
-
-from moco_d2.pretrain.cost import (
+from cost import (
     AUGMENT_SHAPE,
     BN_SHAPE,
     FORMATS,
@@ -44,6 +42,8 @@ from moco_d2.pretrain.cost import (
     decode_crop_cost,
     fast_step_cost,
 )
+from torch import nn
+
 from moco_d2.pretrain.split_bn import SplitBatchNorm
 
 # HBM bandwidth (bytes/s) and dense bf16 peak (FLOP/s), from the vendors' data sheets.

@@ -1,4 +1,4 @@
-"""The counted cost of the step (moco_d2/pretrain/cost.py, benchmarks/step_cost.py): the GPU
+"""The counted cost of the step (benchmarks/cost.py, benchmarks/step_cost.py): the GPU
 emulation on the meta device counts what real autocast runs, the whole fast step counts no host
 sync and no copy for the BN emulation in NCHW, and the stated model gives back its fit point."""
 
@@ -10,9 +10,8 @@ import step_cost
 import torch
 import torch.nn.functional as F
 import torchvision
-
-from moco_d2.pretrain.cost import GpuStepCounter, StepCount, fast_step_cost
-from moco_d2.utils.op_count import OpCount, OpCounter
+from cost import GpuStepCounter, StepCount, fast_step_cost
+from op_count import OpCount, OpCounter
 
 SMALL = {"arch": "resnet18", "batch": 8, "crop_size": 64, "moco_k": 64}
 

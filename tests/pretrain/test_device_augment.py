@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from cost import augment_cost
+from op_count import OpCounter
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from moco_d2.pretrain.cost import augment_cost
 from moco_d2.pretrain.device_augment import (
     BLUR_KERNEL,
     HUE,
@@ -19,7 +20,6 @@ from moco_d2.pretrain.device_augment import (
     DeviceAugment,
     TwoCropsLoader,
 )
-from moco_d2.utils.op_count import OpCounter
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from op_count import OpCounter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -19,7 +20,6 @@ from moco_d2.launch import one_process
 from moco_d2.pretrain import main as pretrain
 from moco_d2.pretrain.config import PretrainConfig
 from moco_d2.synthetic import make_synthetic_image_folder
-from moco_d2.utils.op_count import OpCounter
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "voc_R50_C4.yaml"
 

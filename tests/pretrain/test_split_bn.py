@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from cost import FORMATS, bn_layer_cost
 from torch import nn
 
 from moco_d2.errors import UserError
 from moco_d2.pretrain import main as pretrain
 from moco_d2.pretrain.config import PretrainConfig
-from moco_d2.pretrain.cost import FORMATS, bn_layer_cost
 from moco_d2.pretrain.moco import MoCo
 from moco_d2.pretrain.split_bn import (
     MIN_BN_VALUES,

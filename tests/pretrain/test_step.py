@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 import torchvision
+from op_count import OpCounter
 
 from moco_d2 import io
 from moco_d2.launch import one_process
@@ -31,7 +32,6 @@ from moco_d2.pretrain.main import (
     views_to_device,
 )
 from moco_d2.synthetic import make_synthetic_image_folder
-from moco_d2.utils.op_count import OpCounter
 
 BATCH = 8
 CPU = torch.device("cpu")

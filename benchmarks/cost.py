@@ -1,7 +1,7 @@
 """Counted cost of the pretraining step's parts: aten ops, bytes moved, host syncs.
 
 Memory-bound GPU work costs what its kernels move through HBM plus a launch each, so these
-counts (:class:`moco_d2.utils.op_count.OpCounter`) predict it on a CPU. They run on the
+counts (:class:`op_count.OpCounter`) predict it on a CPU. They run on the
 ``meta`` device at full size without computing anything. ``benchmarks/step_cost.py`` prints them
 with predicted milliseconds; the tests hold the lean parts to their budgets.
 
@@ -15,12 +15,12 @@ import logging
 from collections.abc import Callable
 
 import torch
+from op_count import OpCount, OpCounter
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from moco_d2.pretrain.device_augment import DeviceAugment, TwoCropsLoader
 from moco_d2.pretrain.device_decode import DeviceDecoder
-from moco_d2.utils.op_count import OpCount, OpCounter
 
 aten = torch.ops.aten
 

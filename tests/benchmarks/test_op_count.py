@@ -1,8 +1,7 @@
 """The op counter behind benchmarks/step_cost.py: known ops, known bytes."""
 
 import torch
-
-from moco_d2.utils.op_count import OpCounter
+from op_count import OpCounter
 
 
 def test_counts_work_ops_with_their_bytes_and_skips_views():
