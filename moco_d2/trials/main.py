@@ -4,9 +4,10 @@ Each backbone (``--weights NAME=PATH``, or the config's own ``MODEL.WEIGHTS`` as
 row) gets ``--num-trials`` fine-tunings with seeds ``--first-seed + k`` under ``OUT/NAME/trial_k``:
 a trial with its metrics file is done, one with a checkpoint is resumed, so the same command
 finishes a half-done set. A row's trials never mix with other settings: its fingerprint (the
-weights' sha256, the merged config but OUTPUT_DIR and SEED, each dataset's split file's sha256)
-is written first to ``OUT/NAME/trials_fingerprint.json``, and a rerun that differs from it is
-refused unless ``--restart``. ``OUT/comparison.{json,md,png}`` is rewritten as trials finish.
+weights' sha256, the merged config but OUTPUT_DIR and SEED, and each dataset's annotations and
+images' names and sizes, :func:`dataset_fingerprint`) is written first to
+``OUT/NAME/trials_fingerprint.json``, and a rerun that differs from it is refused unless
+``--restart``. ``OUT/comparison.{json,md,png}`` is rewritten as trials finish.
 
 Trials run one after another here, or as submitit jobs (``--launch slurm``: all submitted at
 once; ``--launch local``: at most ``--max-parallel`` at a time on this machine). A job that is
@@ -15,6 +16,7 @@ checkpoint (:class:`TrialJob`).
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -259,31 +261,53 @@ def fingerprint(config_file: str, opts: Sequence[str]) -> dict[str, Any]:
     return {"weights_sha256": weights_id, "config": config, "datasets": dataset_identity(cfg)}
 
 
-def _split_file(name: str) -> str | None:
-    """The file that lists a registered dataset's images: VOC's ImageSets/Main/<split>.txt,
-    COCO's annotation json; None for a name that is not registered (train_net refuses it)."""
+def dataset_fingerprint(name: str) -> dict[str, str] | None:
+    """What identifies a registered dataset's data, at a cost a full COCO or VOC tree allows:
+    the sha256 of its annotations (VOC: the split file and every listed image's XML; COCO: the
+    JSON file) and of its images' names and byte sizes (not their pixels). None for a name
+    that is not registered (train_net refuses it)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from moco_d2.detection.data.coco import check_coco_tree
-    from moco_d2.detection.data.voc import read_split, split_file
+    from moco_d2.detection.data.voc import annotation_file, image_file, read_split, split_file
 
     if name not in DatasetCatalog.list():
         return None
-    metadata = MetadataCatalog.get(name)
-    if metadata.get("evaluator_type") == "pascal_voc":
-        read_split(metadata.dirname, metadata.split)
-        return split_file(metadata.dirname, metadata.split)
-    if metadata.get("json_file"):
-        check_coco_tree(metadata.image_root, metadata.json_file)
-        return metadata.json_file
-    return None
+    meta = MetadataCatalog.get(name)
+    annotations, images = hashlib.sha256(), hashlib.sha256()
+    if meta.get("evaluator_type") == "pascal_voc":
+        ids = read_split(meta.dirname, meta.split)
+        files = [split_file(meta.dirname, meta.split)]
+        files += [annotation_file(meta.dirname, i) for i in ids]
+        pictures = [image_file(meta.dirname, i) for i in ids]
+    elif meta.get("json_file"):
+        check_coco_tree(meta.image_root, meta.json_file)
+        files = [meta.json_file]
+        pictures = sorted(e.path for e in os.scandir(meta.image_root) if e.is_file())
+    else:
+        return None
+    for path in files:
+        annotations.update(_read_bytes(path))
+    for path in pictures:
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        images.update(f"{os.path.basename(path)}\0{size}\n".encode())
+    return {"annotations": annotations.hexdigest(), "images": images.hexdigest()}
 
 
-def dataset_identity(cfg: Any) -> dict[str, dict[str, str | None]]:
-    """The sha256 of each DATASETS.TRAIN/TEST split file, by dataset name: the same names on
-    another DETECTRON2_DATASETS tree, with other images or boxes, are other trials."""
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def dataset_identity(cfg: Any) -> dict[str, dict[str, dict[str, str] | None]]:
+    """Each DATASETS.TRAIN/TEST name's :func:`dataset_fingerprint`: the same names on another
+    DETECTRON2_DATASETS tree, or another image folder, with other images or boxes, are other
+    trials."""
     return {
-        key.lower(): {name: (path := _split_file(name)) and sha256_of(path) for name in names}
+        key.lower(): {name: dataset_fingerprint(name) for name in names}
         for key, names in (("TRAIN", cfg.DATASETS.TRAIN), ("TEST", cfg.DATASETS.TEST))
     }
 
@@ -391,8 +415,6 @@ def run_trials(args: Settings, cluster: ClusterFlags) -> dict:
 
 
 def hash_of(fingerprint: dict[str, Any]) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 

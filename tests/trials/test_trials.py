@@ -236,15 +236,21 @@ def test_unreadable_trial_metrics_is_a_user_error(tmp_path):
         trials.read_trial(str(path))
 
 
-def test_trials_on_a_tree_with_another_split_are_refused(
+def test_trials_on_other_data_under_the_same_names_are_refused(
     tmp_path, synthetic_voc_root, converted_weights
 ):
+    """VOC: the same image ids with one object annotated otherwise; COCO: the same annotation file with an image
+    folder of the same names but other pixels. Either is another fingerprint: refused."""
+    import coco_tiny
+
+    from moco_d2.detection.data.coco import register_coco_datasets
     from moco_d2.detection.data.voc import register_all_voc
 
     other = tmp_path / "other_voc"
     shutil.copytree(synthetic_voc_root, other)
-    split = other / "VOC2007" / "ImageSets" / "Main" / "test.txt"
-    split.write_text("\n".join(split.read_text().split()[:-1]) + "\n")
+    xml = sorted((other / "VOC2007" / "Annotations").glob("*.xml"))[-1]
+    text = xml.read_text()
+    xml.write_text(text.replace("<truncated>0</truncated>", "<truncated>1</truncated>", 1))
     out = tmp_path / "trials"
     opts = ["MODEL.WEIGHTS", str(converted_weights), "SOLVER.MAX_ITER", "2", *TINY_OPTS]
     register_all_voc(str(synthetic_voc_root))  # the set as a first run on the original tree
@@ -252,10 +258,21 @@ def test_trials_on_a_tree_with_another_split_are_refused(
         first = trials.fingerprint(CONFIG, opts)
     finally:
         register_all_voc()
-    test_split = synthetic_voc_root / "VOC2007" / "ImageSets" / "Main" / "test.txt"
-    assert first["datasets"]["test"] == {"voc_2007_test": sha256_of(str(test_split))}
+    assert set(first["datasets"]["test"]["voc_2007_test"]) == {"annotations", "images"}
     trials.claim_output_dir(str(out), first, restart=False)
     before = snapshot(out)
     line = assert_error(run_trials(out, other, "MODEL.WEIGHTS", converted_weights))
-    assert "holds trials of other settings (datasets.test.voc_2007_test differ" in line
+    assert "(datasets.test.voc_2007_test.annotations differ" in line
     assert snapshot(out) == before
+
+    coco = coco_tiny.make_synthetic_coco(str(tmp_path / "data"), num_train=1, num_val=2)
+    val = os.path.join(coco, "coco", "val2017")
+    moved = tmp_path / "other_images"
+    shutil.copytree(val, moved)
+    for image in moved.iterdir():
+        image.write_bytes(image.read_bytes() + b"\0")  # other pixels, the same names
+    json_file = os.path.join(coco, "coco", "annotations", "instances_val2017.json")
+    register_coco_datasets([("mine_val", json_file, val), ("mine_moved", json_file, str(moved))])
+    a, b = trials.dataset_fingerprint("mine_val"), trials.dataset_fingerprint("mine_moved")
+    assert a["annotations"] == b["annotations"] == sha256_of(json_file)
+    assert a["images"] != b["images"]
