@@ -92,14 +92,9 @@ def _pretrain_losses(pretrain_dir):
 
 
 def _detection_losses(run_dir):
-    iterations, losses = [], []
     with open(os.path.join(run_dir, "metrics.json")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "total_loss" in record:
-                iterations.append(record["iteration"])
-                losses.append(record["total_loss"])
-    return iterations, losses
+        records = [record for record in map(json.loads, f) if "total_loss" in record]
+    return [r["iteration"] for r in records], [r["total_loss"] for r in records]
 
 
 def plot(path: str, pretrain_dir: str, run_dirs: Sequence[str], results: dict, moco_k: int) -> None:
@@ -198,10 +193,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--det-train-images", type=int, default=200)
     parser.add_argument("--det-test-images", type=int, default=60)
     parser.add_argument(
-        "--max-iter",
-        type=int,
-        default=None,
-        help="fine-tuning iterations per run (default: the demo config's)",
+        "--max-iter", type=int, help="fine-tuning iterations per run (default: the demo config's)"
     )
     return parser.parse_args(argv)
 

@@ -69,8 +69,7 @@ def describe() -> str | None:
     # moco_d2.detection.compat's stand-in for the missing extension has a spec without an origin.
     compiled = compiled_spec is not None and compiled_spec.origin is not None
     try:
-        importlib.metadata.version(SDIST_NAME)
-        from_sdist = True
+        from_sdist = bool(importlib.metadata.version(SDIST_NAME))
     except importlib.metadata.PackageNotFoundError:
         from_sdist = False
     if compiled:
@@ -127,17 +126,8 @@ def install_from_sdist(sdist: str, workdir: str) -> None:
         raise InstallError(f"{sdist} has no detectron2/ package")
     with open(os.path.join(source, "setup.py"), "w") as f:
         f.write(_SETUP_PY.format(name=SDIST_NAME, version=SDIST_VERSION))
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-index",
-        source,
-    ]
+    flags = "--quiet --no-deps --no-build-isolation --no-index".split()
+    command = [sys.executable, "-m", "pip", "install", *flags, source]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise InstallError("pip could not install detectron2:\n" + result.stderr.strip())

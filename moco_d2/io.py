@@ -177,7 +177,7 @@ _PKL_GLOBALS = frozenset(
 # The only object a PyTorch checkpoint may hold besides tensors and plain containers: the
 # arguments DINO, PixPro and timm save beside the weights. Its attributes are unpickled
 # under the same rules.
-_TORCH_OBJECTS = [argparse.Namespace]
+_TORCH_OBJECTS: list[Any] = [argparse.Namespace]
 _NOT_ALLOWED = (
     "refused to load {path}: it holds a Python object ({name}), and unpickling arbitrary "
     "objects can run arbitrary code; weights files may hold only tensors, arrays and plain "

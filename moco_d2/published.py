@@ -6,7 +6,7 @@ DENSECL = "DenseCL README (github.com/WXinlong/DenseCL), VOC07+12 R50-C4"
 
 # Faster R-CNN R50-C4 on VOC07 test after VOC07+12 fine-tuning. A metric a source does not
 # give is None (shown as not published).
-VOC_DETECTION = {
+VOC_DETECTION: dict[str, dict[str, float | None]] = {
     "ImageNet supervised": {"AP50": 81.3, "AP": 53.5, "AP75": 58.8},
     "MoCo v1 200ep": {"AP50": 81.5, "AP": 55.9, "AP75": 62.6},
     "MoCo v2 200ep": {"AP50": 82.4, "AP": 57.0, "AP75": 63.6},

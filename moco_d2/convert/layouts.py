@@ -6,6 +6,7 @@ rule names is kept, for the completeness checks of the converter and lincls to r
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from moco_d2 import IMAGENET_MEAN, IMAGENET_STD
 
@@ -47,7 +48,7 @@ _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "lay
 IMAGENET = "imagenet"
 RGB01 = "rgb01"
 # Input normalisation, with mean and std on the [0, 1] scale of ToTensor.
-INPUT_NORMS = {
+INPUT_NORMS: dict[str, dict[str, Any]] = {
     IMAGENET: {
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,

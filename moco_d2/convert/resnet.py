@@ -15,7 +15,7 @@ BLOCKS = (3, 4, 6, 3)  # bottleneck blocks in layer1..layer4
 WIDTHS = (64, 128, 256, 512)  # 3x3 conv channels; block output is 4x that
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 # Known depths by (blocks per stage, bottleneck?), to say what a wrong trunk is.
-_DEPTHS = {
+_DEPTHS: dict[tuple[tuple[int, ...], bool], str] = {
     ((2, 2, 2, 2), False): "ResNet-18",
     ((3, 4, 6, 3), False): "ResNet-34",
     ((3, 4, 6, 3), True): "ResNet-50",

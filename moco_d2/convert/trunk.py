@@ -1,12 +1,7 @@
-"""The trunk its authors evaluate, found in the checkpoint of any major self-supervised release.
-
-:func:`find_trunk` applies the rules of :mod:`.layouts`: where the state_dict is, which
-whole-name prefixes to strip, and which trunk the authors' own evaluation takes (the query
-encoder, the online network, DINO's teacher ...). Heads, queues and BN batch counters are
-dropped on purpose; second trunks (key, momentum, target, teacher or student copies) are
-dropped and named; a file with two trunks and no rule for them is refused, and ``--trunk``
-picks one.
-"""
+"""The trunk its authors evaluate, found in the checkpoint of any major self-supervised release
+by the rules of :mod:`.layouts` (where the state_dict is, which prefixes to strip, which trunk
+the authors' evaluation takes). Heads, queues and BN counters are dropped on purpose, second
+trunks dropped and named; two trunks and no rule for them are refused: ``--trunk`` picks one."""
 
 import argparse
 import dataclasses
@@ -83,7 +78,7 @@ def _detectron2(path: str) -> UserError:
 def _container(obj: Any, path: str, choice: str | None) -> tuple[str, ...]:
     """The keys that lead to the state_dict in ``obj`` (the entry ``choice`` names, if it
     names one); () when ``obj`` is one itself."""
-    if isinstance(obj, dict) and choice in obj and isinstance(obj[choice], dict):
+    if isinstance(obj, dict) and choice is not None and isinstance(obj.get(choice), dict):
         return (choice,)
     for keys in layouts.CONTAINERS:
         value = _entry(obj, keys)
@@ -147,6 +142,7 @@ def _choose(found: dict[str, str], path: str, wrapper: str) -> str | None:
     :mod:`layouts`; None when no group holds a trunk."""
     primary = [group for group in layouts.PRIMARY if group in found]
     aliases: tuple[str, ...] = ()
+    chosen: str | None
     if "backbone" in primary:
         chosen, aliases = "backbone", layouts.BACKBONE_ALIASES
     elif len(primary) == 1:
@@ -277,7 +273,7 @@ def find_trunk(obj: Any, path: str, choice: str | None = None) -> Trunk:
         entry for entry, tensors in siblings.items() if layouts.trunk_prefix(tensors) is not None
     ]
     flagged = choice is not None and where != (choice,)
-    if flagged:
+    if choice is not None and flagged:
         candidates = [_shown(wrapper, p) for p in found.values()] + second
         taken: str | None = _flagged(choice, names, wrapper, path, candidates)
     else:

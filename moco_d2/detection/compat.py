@@ -13,7 +13,7 @@ import re
 import sys
 import types
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def add_pillow_linear_alias() -> bool:
 
     if hasattr(Image, "LINEAR"):
         return False
-    Image.LINEAR = Image.BILINEAR
+    Image.LINEAR = Image.Resampling.BILINEAR  # type: ignore[attr-defined]
     return True
 
 
@@ -111,7 +111,7 @@ def wrap_with_numpy_aliases(module: types.ModuleType, name: str) -> bool:
         with numpy_aliases():
             return fn(*args, **kwargs)
 
-    wrapped._moco_d2_numpy_aliases = True
+    wrapped._moco_d2_numpy_aliases = True  # type: ignore[attr-defined]
     setattr(module, name, wrapped)
     return True
 
@@ -152,7 +152,7 @@ def provide_pkg_resources_to_model_zoo() -> bool:
     ):
         return False
     stand_in = types.ModuleType("pkg_resources")
-    stand_in.resource_filename = _resource_filename
+    stand_in.resource_filename = _resource_filename  # type: ignore[attr-defined]
     sys.modules["pkg_resources"] = stand_in
     try:
         import detectron2.model_zoo.model_zoo  # noqa: F401
@@ -165,8 +165,10 @@ class InnerTrainerState:
     """Mixin for a DefaultTrainer: checkpoints keep the inner trainer (SGD momentum, AMP
     scaler), which detectron2 0.6 drops, so a resumed run restarted momentum from zero."""
 
+    _trainer: Any  # the mixin's methods reach DefaultTrainer's, which come after it
+
     def state_dict(self) -> dict:
-        ret = super().state_dict()
+        ret = super().state_dict()  # type: ignore[misc]
         if "_trainer" not in ret:
             ret["_trainer"] = self._trainer.state_dict()
         return ret
@@ -174,7 +176,7 @@ class InnerTrainerState:
     def load_state_dict(self, state_dict: dict) -> None:
         from detectron2.engine import DefaultTrainer
 
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
         if "load_state_dict" not in vars(DefaultTrainer):  # detectron2 0.6
             self._trainer.load_state_dict(state_dict["_trainer"])
 

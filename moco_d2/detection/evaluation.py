@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -84,7 +85,7 @@ class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
 
     def reset(self) -> None:
         super().reset()
-        self.undefined = []
+        self.undefined: list[dict] = []
 
     def _gathered_predictions(self) -> dict[int, list[str]] | None:
         per_rank = comm.gather(self._predictions, dst=0)
@@ -101,7 +102,7 @@ class VOCDetectionEvaluator(PascalVOCDetectionEvaluator):
         if predictions is None:
             return None
         records = voc_records(DatasetCatalog.get(self._dataset_name), self._class_names)
-        positives = defaultdict(int)
+        positives: defaultdict[str, int] = defaultdict(int)
         for objects in records.values():
             for obj in objects:
                 positives[obj["name"]] += not obj["difficult"]
@@ -173,7 +174,7 @@ class COCODetectionEvaluator(COCOEvaluator):
 
     def reset(self) -> None:
         super().reset()
-        self.undefined = []
+        self.undefined: list[dict] = []
 
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
@@ -193,19 +194,17 @@ class COCODetectionEvaluator(COCOEvaluator):
         return results
 
 
-def _metric_key(entry: dict) -> tuple[str, str]:
-    """``(task, key in the evaluator's results)`` of an ``undefined`` entry."""
-    cls = entry.get("class")
-    return entry["task"], entry["metric"] + (f"-{cls}" if cls else "")
-
-
 def checked_values(
     name: str, task: str, values: dict, keys: list[str], undefined: list[dict]
 ) -> dict[str, float | None]:
     """``{key: value}``, None for a metric listed as undefined; any other non-finite value
     stops with the dataset named ("finite is not healthy")."""
-    missing = {_metric_key(entry) for entry in undefined}
-    checked, bad = {}, []
+    # (task, key in the evaluator's results) of each undefined metric
+    missing = {
+        (u["task"], u["metric"] + (f"-{u['class']}" if "class" in u else "")) for u in undefined
+    }
+    checked: dict[str, float | None] = {}
+    bad = []
     for key in keys:
         value = float(values[key])
         if (task, key) in missing:
@@ -235,7 +234,7 @@ def metrics(
     found = {}
     for name, res in results.items():
         missing = (undefined or {}).get(name, [])
-        blocks = {}
+        blocks: dict[str, dict[str, Any]] = {}
         for task in tasks:
             if not res.get(task):
                 raise RuntimeError(f"{name}: the evaluator returned no {task} AP (no test images?)")
@@ -257,23 +256,17 @@ def _format(values: dict, keys: tuple[str, ...]) -> str:
 
 def log_undefined(name: str, undefined: list[dict], path: str) -> None:
     """One line per reason, in words: which metrics are undefined, written as null."""
-    by_reason = {}
+    by_reason: dict[str, tuple[dict, dict, dict]] = {}
     for entry in undefined:
         group = by_reason.setdefault(entry["reason"], ({}, {}, {}))
         for names, key in zip(group, ("task", "metric", "class"), strict=True):
             if key in entry:
                 names[entry[key]] = None  # an ordered set
+    where = path or "the results"
     for reason, (tasks, names, classes) in by_reason.items():
         of = f" of {len(classes)} classes ({', '.join(classes)})" if classes else ""
-        logger.warning(
-            "%s: %s %s%s undefined, null in %s: %s",
-            name,
-            ", ".join(tasks),
-            ", ".join(names),
-            of,
-            path or "the results",
-            reason,
-        )
+        what = f"{', '.join(tasks)} {', '.join(names)}{of}"
+        logger.warning("%s: %s undefined, null in %s: %s", name, what, where, reason)
 
 
 def write_metrics(

@@ -6,6 +6,7 @@ import argparse
 import difflib
 import math
 import os
+from typing import Any
 
 import torch
 from detectron2.config import CfgNode
@@ -110,7 +111,7 @@ def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
         check_input_normalisation(cfg, path, data.get(tool.NORMALISATION))
 
 
-def check_input_normalisation(cfg: CfgNode, path: str, record: object) -> None:
+def check_input_normalisation(cfg: CfgNode, path: str, record: Any) -> None:
     """Weights whose conversion recorded the input they expect must get it: TF-trained SimCLR
     weights given ImageNet mean/std see other inputs than they were trained on, and nothing
     would say so. Weights without a (well-formed) record are not checked."""

@@ -337,8 +337,8 @@ def test_real_tool_fails_cleanly(bad, case, tmp_path):
 
 
 def test_converts_this_projects_pretraining_checkpoint(tmp_path, capsys):
-    from moco_d2.pretrain.builder import MoCo
-    from moco_d2.training import checkpoint as ckpt
+    from moco_d2 import io as ckpt
+    from moco_d2.pretrain import MoCo
 
     torch.manual_seed(0)
     moco = MoCo(torchvision.models.resnet50, K=256)

@@ -334,13 +334,10 @@ def image_folder(tmp_path_factory):
 
 
 def lincls_prepare(image_folder, pretrained, *flags):
-    from moco_d2.lincls.main import parse_args
-    from moco_d2.lincls.train import prepare
+    from moco_d2.lincls.main import LinclsConfig, prepare
 
-    args = parse_args(
-        [str(image_folder), "-a", "resnet50", "--pretrained", str(pretrained), *flags]
-    )
-    return prepare(args)
+    argv = [str(image_folder), "-a", "resnet50", "--pretrained", str(pretrained), *flags]
+    return prepare(LinclsConfig.parse(argv))
 
 
 def test_lincls_takes_the_same_trunk_and_the_trunk_flag(image_folder, tmp_path):

@@ -12,12 +12,13 @@ import torch
 from releases import RELEASES, SHAPES, TAKEN
 
 from moco_d2.convert import tool, trunk
-from moco_d2.detection import preflight, train_net, trials
+from moco_d2.detection import preflight, train_net
 from moco_d2.detection.checkpoint import read_detectron2_file
 from moco_d2.errors import UserError
 from moco_d2.io import sha256_of
 from moco_d2.lincls.loading import load_pretrained
 from moco_d2.lincls.model import build_model
+from moco_d2.trials import main as trials
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOC = os.path.join(REPO, "configs", "voc_R50_C4.yaml")

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,7 @@ class _Reader:
     def peek(self) -> str:
         """The next non-whitespace character ('' at the end of the file)."""
         while True:
-            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()  # type: ignore[union-attr]
             if self.pos < len(self.buf) or not self._more():
                 return self.buf[self.pos : self.pos + 1]
 
@@ -469,7 +469,7 @@ def add_coco_dataset_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register_coco_datasets(datasets: Iterable[tuple[str, str, str]]) -> None:
+def register_coco_datasets(datasets: Iterable[Sequence[str]]) -> None:
     """Register each ``--coco-dataset NAME JSON IMAGE_DIR``; a name that another dataset
     already has (a protocol split, say) is refused rather than replaced."""
     for name, json_file, image_root in datasets:

@@ -2,6 +2,7 @@
 one."""
 
 import os
+from typing import Any
 
 from moco_d2.cli import ArgumentParser
 from moco_d2.detection.data.synthetic import make_synthetic_voc
@@ -27,8 +28,8 @@ def check_voc_tree(root: str) -> list[dict]:
     rows = []
     for name, (folder, split, _year) in SPLITS.items():
         dirname = os.path.join(root, folder)
-        row = dict(name=name, images=0, expected_images=EXPECTED_IMAGES[name], objects=0)
-        row.update(clipped=0, problems=[])
+        row: dict[str, Any] = dict(name=name, images=0, expected_images=EXPECTED_IMAGES[name])
+        row.update(objects=0, clipped=0, problems=[])
         rows.append(row)
         try:
             fileids = read_split(dirname, split)

@@ -138,7 +138,7 @@ def _checked_box(box, width, height, where):
     return clipped, clipped != [x0, y0, x1, y1]
 
 
-def parse_annotation(path: str, class_names: list[str]) -> tuple[dict, int]:
+def parse_annotation(path: str, class_names: Sequence[str]) -> tuple[dict, int]:
     """Image size and objects of one VOC XML file, boxes in Detectron2's XYXY_ABS convention,
     and how many boxes were clipped to the image."""
     try:
