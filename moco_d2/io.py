@@ -328,7 +328,8 @@ def get_rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: tuple[str, np.ndarray, int, int, float] = np.random.get_state()  # type: ignore[assignment]
+    kind, keys, pos, has_gauss, cached = state
     return {
         "python": random.getstate(),
         "numpy": {

@@ -61,7 +61,7 @@ def one_process(device: torch.device | str = "cpu") -> Launch:
     return Launch(1, 0, 1, torch.device(device))
 
 
-Worker = Callable[[TrainConfig, Launch], Any]
+Worker = Callable[[Any, Launch], Any]  # a tool's run(config, launch)
 
 
 def launch(worker: Worker, config: TrainConfig) -> None:

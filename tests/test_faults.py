@@ -115,7 +115,7 @@ def test_checkpoint_write_on_a_full_disk(tmp_path):
     writer = tmp_path / "full_disk_writer.py"
     writer.write_text(
         "import torch\n"
-        "from moco_d2.training.checkpoint import save_checkpoint\n"
+        "from moco_d2.io import save_checkpoint\n"
         "def main(argv):\n"
         "    save_checkpoint({'epoch': 1, 'w': torch.ones(4)}, argv[0], 0)\n"
         "    save_checkpoint({'epoch': 2, 'w': torch.ones(2**20)}, argv[0], 0)\n"

@@ -179,6 +179,12 @@ class PretrainConfig(TrainConfig, ClusterFlags):
             bn_group=batch // splits,
         )
 
+    @property
+    def run_seed(self) -> int:
+        """The seed of a resolved config (resolved() draws one where --seed was not given)."""
+        assert self.seed is not None, "resolved() sets the seed"
+        return self.seed
+
     def lr_at(self, epoch: int) -> float:
         """MoCo v2's cosine schedule with ``--cos``, else the released steps."""
         if self.cos:

@@ -17,8 +17,8 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sized
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class Pretrainer:
         self.resume_changes = [] if state is None else check_resume(config, state, self.resume_path)
         self.data = build_train_data(config, resolve_train_dir(config.data))
         self.loader = build_train_loader(self.data, config, here)
-        io.seed_all(config.seed)
+        io.seed_all(config.run_seed)
         self.model = build_model(config, self.device)
         self.health = HealthMonitor(self.model, self.model.encoder_q.parameters())
         self.optimizer = build_optimizer(self.model, config, self.device)
@@ -105,7 +105,9 @@ class Pretrainer:
             from moco_d2.pretrain.knn import KNNMonitor
 
             c = config
-            self.knn = KNNMonitor(c.knn_data, c.crop_size, c.batch, c.workers, c.knn_k, c.knn_t)
+            self.knn = KNNMonitor(
+                config.knn_data, c.crop_size, c.batch, c.workers, c.knn_k, c.knn_t
+            )
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:
@@ -133,8 +135,8 @@ class Pretrainer:
         c = self.config
         logger.info(
             "MoCo %s: %s, %d images, batch %d per process, device %s",
-            "v2" if c.mlp and c.aug_plus else "v1-style", c.arch, len(self.data.dataset),
-            c.batch, self.device,
+            "v2" if c.mlp and c.aug_plus else "v1-style", c.arch,
+            len(cast(Sized, self.data.dataset)), c.batch, self.device,
         )  # fmt: skip
         logger.info(describe_bn(c, self.here))
         logger.info("config: %s", c.to_dict())
@@ -151,7 +153,7 @@ class Pretrainer:
         """One pass over the loader, then the kNN monitor, the health check and the checkpoint;
         returns the epoch's mean loss and acc1, img/s, unreadable count and per-step losses."""
         c, writer = self.config, self.writer
-        io.seed_all(epoch_seed(c.seed, epoch, self.here.rank))
+        io.seed_all(epoch_seed(c.run_seed, epoch, self.here.rank))
         lr = c.lr_at(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -338,7 +340,7 @@ def build_train_data(config: PretrainConfig, train_dir: str) -> TrainData:
         from moco_d2.pretrain.device_augment import DeviceAugment
         from moco_d2.pretrain.device_decode import decode_setup
 
-        d = decode_setup(config.decode_on, config.crop_size, train_dir)
+        d = decode_setup(config.decode_on or "loader", config.crop_size, train_dir)
         return TrainData(d.dataset, d.collate_fn, DeviceAugment(config.aug_plus), d.decode)
     transform = TwoCropsTransform(moco_augmentation(config.aug_plus, config.crop_size))
     return TrainData(TolerantImageFolder(train_dir, transform))
@@ -350,17 +352,17 @@ def build_train_loader(
     """This process's shard of ``data``, ``config.batch`` images a step, reshuffled every epoch
     from the run's seed (the same on every rank); see :class:`EpochLoader` for
     ``across_epochs``."""
-    if len(data.dataset) < config.global_batch:
+    size = len(cast(Sized, data.dataset))
+    if size < config.global_batch:
         root = getattr(data.dataset, "root", config.data)
         raise UserError(
-            f"{root} has {len(data.dataset)} images, fewer than one global batch of "
-            f"{config.global_batch}"
+            f"{root} has {size} images, fewer than one global batch of {config.global_batch}"
         )
-    sampler = DistributedSampler(
-        data.dataset, num_replicas=here.world_size, rank=here.rank, shuffle=True, seed=config.seed
+    sampler: DistributedSampler = DistributedSampler(
+        data.dataset, here.world_size, here.rank, shuffle=True, seed=config.run_seed
     )
     return EpochLoader(
-        data.dataset, sampler, config.batch, config.seed, config.epochs, config.workers,
+        data.dataset, sampler, config.batch, config.run_seed, config.epochs, config.workers,
         pin_memory=here.device.type == "cuda", collate_fn=data.collate_fn,
         across_epochs=across_epochs,
     )  # fmt: skip

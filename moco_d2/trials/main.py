@@ -16,12 +16,14 @@ checkpoint (:class:`TrialJob`).
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -165,9 +167,13 @@ class TrialJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, trial: Trial) -> Any:
         child = getattr(self, "child", None)
-        if child is not None and child.poll() is None:
-            child.terminate()  # its checkpoints are written atomically
-            child.wait()
+        if child is not None and child.returncode is None:
+            # Called from the signal handler while __call__ waits on the child, holding its
+            # Popen's lock: stop and reap it with the plain calls. Its checkpoints are written
+            # atomically, so the last complete one is what the requeued trial resumes from.
+            os.kill(child.pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
         return submitit.helpers.DelayedSubmission(TrialJob(), trial)
 
 
@@ -203,9 +209,9 @@ def _job_of(trial: Trial, executor: Any, folder: str, cluster: ClusterFlags) -> 
     record = os.path.join(trial.directory, JOB_JSON)
     if cluster.launch == "slurm" and os.path.isfile(record):
         with open(record) as f:
-            job = submitit.SlurmJob(folder=folder, job_id=json.load(f)["job_id"])
-        if not job.done():
-            return job
+            earlier: Any = submitit.SlurmJob(folder=folder, job_id=json.load(f)["job_id"])
+        if not earlier.done():
+            return earlier
     job = executor.submit(TrialJob(), trial)
     os.makedirs(trial.directory, exist_ok=True)
     atomic_write_json({"job_id": job.job_id, "launch": cluster.launch}, record)
@@ -252,12 +258,11 @@ def fingerprint(config_file: str, opts: Sequence[str]) -> dict[str, Any]:
     config.pop("OUTPUT_DIR", None)
     config.pop("SEED", None)
     weights = cfg.MODEL.WEIGHTS
+    weights_id: str | None = weights or None
     if weights and "://" not in weights:
         if not os.path.isfile(weights):
             raise UserError(f"MODEL.WEIGHTS file not found: {weights!r}")
         weights_id = sha256_of(weights)
-    else:
-        weights_id = weights or None
     return {"weights_sha256": weights_id, "config": config, "datasets": dataset_identity(cfg)}
 
 
@@ -402,15 +407,13 @@ def run_trials(args: Settings, cluster: ClusterFlags) -> dict:
         ])  # fmt: skip
     todo = [t for row_trials in trials for t in row_trials if not t.done()]
     for trial in (t for row_trials in trials for t in row_trials if t.done()):
-        logger.info("trial in %s already done", trial.directory)
+        logger.info("trial in %s already done", trial.directory)  # on stdout, as detectron2 logs
     if todo and cluster.launch == "here":
         for trial in todo:
             run_here(trial)
             report(args, rows, fingerprints, trials)
-    elif todo and not run_jobs(
-        todo, cluster, args, lambda: report(args, rows, fingerprints, trials)
-    ):
-        return report(args, rows, fingerprints, trials)
+    elif todo:
+        run_jobs(todo, cluster, args, lambda: report(args, rows, fingerprints, trials))
     return report(args, rows, fingerprints, trials)
 
 

@@ -82,7 +82,7 @@ def test_two_backbones_compared_over_two_trials(tmp_path, synthetic_voc_root, co
     # A rerun finds every trial done; other weights under a row's name are refused.
     before = snapshot(out / "moco")
     again = run_trials(out, synthetic_voc_root, "--num-trials", "2", *weights)
-    assert again.returncode == 0 and "already done" in again.stderr, again.stderr[-3000:]
+    assert again.returncode == 0 and "already done" in again.stdout, again.stderr[-3000:]
     other = tmp_path / "other.pkl"
     other.write_bytes(converted_weights.read_bytes() + b" ")
     mixed = run_trials(out, synthetic_voc_root, "--weights", f"moco={other}")
@@ -239,8 +239,9 @@ def test_unreadable_trial_metrics_is_a_user_error(tmp_path):
 def test_trials_on_other_data_under_the_same_names_are_refused(
     tmp_path, synthetic_voc_root, converted_weights
 ):
-    """VOC: the same image ids with one object annotated otherwise; COCO: the same annotation file with an image
-    folder of the same names but other pixels. Either is another fingerprint: refused."""
+    """VOC: the same image ids with one object annotated otherwise; COCO: the same annotation
+    file with an image folder of the same names but other pixels. Either is another fingerprint:
+    refused."""
     import coco_tiny
 
     from moco_d2.detection.data.coco import register_coco_datasets
