@@ -189,6 +189,7 @@ def run_jobs(
     waiting: list[tuple[Trial, Any]] = []
     queue = list(trials)
     limit = args.max_parallel if cluster.launch == "local" else len(trials)
+    finished = 0
     while queue or waiting:
         while queue and len(waiting) < limit:
             trial = queue.pop(0)
@@ -201,6 +202,8 @@ def run_jobs(
         for trial, job in [(t, j) for t, j in waiting if j.done()]:
             waiting.remove((trial, job))
             submit.wait(job, f"trial in {trial.directory}")
+            finished += 1
+            logger.info("%d of %d trials finished (%s)", finished, len(trials), trial.directory)
             on_done()
 
 
