@@ -12,9 +12,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_FILES = 15
-# Statements of moco_d2 executed by the run (imports included), as measured, rounded up to the
-# next 50; lowered as the package is trimmed, towards 750.
-BUDGET = 950
+# Statements of moco_d2 executed by the run (imports included): 955 measured, with the cluster
+# flags; a regression guard, to be lowered as the package is trimmed towards 750.
+BUDGET = 1000
 
 # In a fresh interpreter: what the run imports and executes is its own, not what the tests run
 # before it in the same session imported.
