@@ -23,40 +23,9 @@ from PIL import Image
 from transfer_tiny import TINY_OPTS
 
 from moco_d2.errors import UserError
+from tools import ENV, REPO, assert_error, snapshot, tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "voc_R50_C4.yaml")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def tool(name, *args, env=None, timeout=300):
-    command = [sys.executable, os.path.join(REPO, "tools", name), *map(str, args)]
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, env=env or ENV, cwd=REPO
-    )
-
-
-def assert_error(result, *names):
-    """Exit 2, no traceback, and a last line ``error: ...`` that names each of ``names``."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), result.stderr[-3000:]
-    for name in names:
-        assert str(name) in line, (name, line)
-    assert "weights_only=False" not in line
-    return line
-
-
-def snapshot(directory):
-    """name → bytes of every file under ``directory``: to show nothing earlier changed."""
-    found = {}
-    for dirpath, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, directory)] = f.read()
-    return found
 
 
 @pytest.fixture(scope="module")
