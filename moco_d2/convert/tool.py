@@ -66,8 +66,13 @@ def config_overrides(record: dict[str, Any]) -> str:
 def detectron2_weights(
     trunk: Trunk, mapping: dict[str, str], input_norm: str | None = None
 ) -> dict[str, Any]:
-    """The pickle content Detectron2's DetectionCheckpointer reads, with the input record."""
-    model = {d2: trunk.tensors[tv].detach().cpu().numpy() for tv, d2 in mapping.items()}
+    """The pickle content Detectron2's DetectionCheckpointer reads, with the input record.
+    Floating tensors are written as float32 whatever their stored dtype (numpy has no bfloat16,
+    and Detectron2's models are float32)."""
+    model = {}
+    for tv, d2 in mapping.items():
+        tensor = trunk.tensors[tv].detach().cpu()
+        model[d2] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
     data = {"model": model, "__author__": f"{AUTHOR} ({trunk.format})", "matching_heuristics": True}
     record = normalisation_record(input_norm)
     if record is not None:
@@ -78,6 +83,9 @@ def detectron2_weights(
 def summary(trunk: Trunk, input_norm: str | None) -> list[str]:
     """What was read: the layout, the second trunks left out, the input the weights expect."""
     lines = [f"input format: {trunk.format}"]
+    stored = sorted({str(t.dtype).removeprefix("torch.") for t in trunk.tensors.values()})
+    if any(d in ("bfloat16", "float16", "float64") for d in stored):
+        lines.append(f"stored as {', '.join(stored)}: converted to float32")
     if trunk.second:
         lines.append(
             f"second trunks dropped (--trunk takes one instead): {', '.join(trunk.second)}"

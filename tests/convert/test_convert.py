@@ -336,6 +336,25 @@ def test_real_tool_fails_cleanly(bad, case, tmp_path):
     assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "dtype, suffix", [(torch.bfloat16, ".pth"), (torch.float16, ".safetensors")]
+)
+def test_half_precision_trunks_convert_to_float32_and_say_so(r50, tmp_path, capsys, dtype, suffix):
+    from safetensors.torch import save_file
+
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in r50.items()}
+    src, dst = tmp_path / f"r50{suffix}", tmp_path / "r50.pkl"
+    (save_file if suffix == ".safetensors" else torch.save)(half, str(src))
+    code, out, err = run([str(src), str(dst)], capsys)
+    assert (code, err) == (0, "")
+    assert f"stored as {str(dtype).removeprefix('torch.')}" in out and "converted to float32" in out
+    with open(dst, "rb") as f:
+        model = pickle.load(f)["model"]
+    for tv, d2 in hand_table().items():
+        assert model[d2].dtype == np.float32, d2
+        assert np.array_equal(model[d2], half[tv].float().numpy()), d2
+
+
 def test_converts_this_projects_pretraining_checkpoint(tmp_path, capsys):
     from moco_d2 import io as ckpt
     from moco_d2.pretrain import MoCo
