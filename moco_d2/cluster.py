@@ -33,14 +33,13 @@ def executor(args: ClusterFlags, folder: str, tasks_per_node: int, name: str) ->
     per process, ``tasks_per_node`` on each of ``--nodes``."""
     import submitit
 
-    gpus = args.gpus_per_node
     if args.launch == "local":
         if args.nodes > 1:
             raise UserError("--launch local runs on this machine: --nodes must be 1")
         local = submitit.LocalExecutor(folder=folder)
         local.update_parameters(
             timeout_min=args.timeout_min, tasks_per_node=tasks_per_node,
-            gpus_per_node=gpus or 0, nodes=1,
+            gpus_per_node=args.gpus, nodes=1,
         )  # fmt: skip
         return local
     slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=30)
@@ -50,7 +49,7 @@ def executor(args: ClusterFlags, folder: str, tasks_per_node: int, name: str) ->
 
 def slurm_parameters(args: ClusterFlags, tasks_per_node: int, name: str) -> dict[str, Any]:
     """The sbatch parameters of one job, as submitit's SlurmExecutor names them."""
-    gpus = 8 if args.gpus_per_node is None else args.gpus_per_node
+    gpus = args.gpus
     params: dict[str, Any] = {
         "job_name": name,
         "time": args.timeout_min,

@@ -107,6 +107,18 @@ class ClusterFlags(Flags):
         help="submitit's folder of job scripts and logs (default: OUTPUT/jobs)",
     )  # fmt: skip
 
+    @property
+    def gpus(self) -> int:
+        """GPUs per node of a job: --gpus-per-node, else 8 on SLURM and none locally."""
+        if self.gpus_per_node is not None:
+            return self.gpus_per_node
+        return 8 if self.launch == "slurm" else 0
+
+    @property
+    def tasks_per_node(self) -> int:
+        """One task (one rank) per GPU, or per --nproc-per-node CPU process without GPUs."""
+        return self.gpus or getattr(self, "nproc_per_node", None) or 1
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Flags):

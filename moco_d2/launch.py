@@ -125,7 +125,7 @@ def procs_per_node(config: TrainConfig) -> int:
     """Processes on this node: those --multiprocessing-distributed spawns, torchrun's
     LOCAL_WORLD_SIZE, or 1. ``-b`` is split over them."""
     if getattr(config, "launch", "here") != "here":  # one task per GPU (or CPU process) of a job
-        return config.gpus_per_node or config.nproc_per_node or 1  # type: ignore[attr-defined]
+        return config.tasks_per_node  # type: ignore[attr-defined]
     if config.multiprocessing_distributed:
         if config.nproc_per_node:
             return config.nproc_per_node

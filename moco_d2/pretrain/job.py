@@ -33,9 +33,8 @@ def submit(config: PretrainConfig) -> Any:
     """Submit the run as one job of ``--nodes`` × (``--gpus-per-node``, or ``--nproc-per-node``
     CPU processes) tasks; return submitit's job."""
     cluster.check_launch(config)
-    tasks = config.gpus_per_node or config.nproc_per_node or 1
     folder = cluster.job_folder(config, config.output_dir)
-    executor = cluster.executor(config, folder, tasks, name="moco_pretrain")
+    executor = cluster.executor(config, folder, config.tasks_per_node, name="moco_pretrain")
     return executor.submit(PretrainJob(), config)
 
 

@@ -82,7 +82,12 @@ def test_the_slurm_job_script_holds_the_job_shape_and_parameters(tmp_path):
         launch="slurm", partition="learnfair", nodes=2, gpus_per_node=8, timeout_min=4320,
         account="ssl", constraint="volta32gb", slurm_param=("qos=high", "mem=0"),
     )  # fmt: skip
-    params = cluster.slurm_parameters(flags, tasks_per_node=8, name="moco_pretrain")
+    # one task (rank) per GPU: 8 GPUs per node on SLURM unless told otherwise
+    assert flags.tasks_per_node == ClusterFlags(launch="slurm").tasks_per_node == 8
+    assert ClusterFlags(launch="local").tasks_per_node == 1
+    params = cluster.slurm_parameters(
+        flags, tasks_per_node=flags.tasks_per_node, name="moco_pretrain"
+    )
     script = _make_sbatch_string(
         command="python -m submitit.core._submit", folder=tmp_path, **params
     )
