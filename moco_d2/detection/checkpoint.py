@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 from detectron2.utils.file_io import PathManager
 
 from moco_d2 import io
@@ -109,9 +110,22 @@ def non_finite_tensor(state: dict[str, Any]) -> str | None:
     return None
 
 
+def input_record(cfg: CfgNode) -> dict[str, Any]:
+    """The input normalisation ``cfg`` gives, as the converter records it: every checkpoint
+    of a run carries its own, so that resuming or evaluating it is checked like its start."""
+    return {
+        "about": "its training run's",
+        "MODEL.PIXEL_MEAN": list(cfg.MODEL.PIXEL_MEAN),
+        "MODEL.PIXEL_STD": list(cfg.MODEL.PIXEL_STD),
+        "INPUT.FORMAT": cfg.INPUT.FORMAT,
+    }
+
+
 class BackboneCheckingCheckpointer(DetectionCheckpointer):
     """A drop-in :class:`DetectionCheckpointer` (``resume_or_load`` included) that reads files
     safely, writes them atomically and refuses a file that leaves a backbone tensor unloaded."""
+
+    input_record: dict[str, Any] | None = None  # saved into every checkpoint when set
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if path and "://" not in path and not os.path.isfile(path):
@@ -129,6 +143,8 @@ class BackboneCheckingCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
+        if self.input_record is not None:
+            data[tool.NORMALISATION] = self.input_record
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)

@@ -25,6 +25,7 @@ from detectron2.evaluation import pascal_voc_evaluation as d2_voc
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from moco_d2.detection.data.coco import has_segmentation
 from moco_d2.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -167,10 +168,36 @@ def coco_ground_truth_areas(coco_api, iou_type: str) -> dict[str, bool]:
     }
 
 
+def settle_annotations(coco_api: Any) -> None:
+    """Give each ground-truth annotation the ``iscrowd`` and ``area`` COCOeval reads, where the
+    file (a labelme or hand-written one) leaves them out: iscrowd 0, and the area of the
+    segmentation (the polygons the loader keeps), else of the box, as pycocotools' ``loadRes``
+    computes a detection's."""
+    from pycocotools import mask
+
+    for ann in coco_api.dataset.get("annotations", []):
+        ann.setdefault("iscrowd", 0)
+        if "area" in ann:
+            continue
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list):
+            segmentation = [p for p in segmentation if has_segmentation([p])]
+        if has_segmentation(segmentation):
+            rle = coco_api.annToRLE({**ann, "segmentation": segmentation})
+            ann["area"] = float(mask.area(rle))
+        else:
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+
+
 class COCODetectionEvaluator(COCOEvaluator):
-    """Detectron2's COCO evaluator; a metric over an area range without ground truth is
-    listed in ``undefined``, and a model with no detections scores 0 where there is ground
-    truth (detectron2 gives NaN for every metric then)."""
+    """Detectron2's COCO evaluator, with the missing ``iscrowd`` and ``area`` of the ground truth
+    filled; a metric over an area range without ground truth is listed in ``undefined``, and a
+    model with no detections scores 0 where there is ground truth (detectron2 gives NaN for
+    every metric then)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settle_annotations(self._coco_api)
 
     def reset(self) -> None:
         super().reset()

@@ -15,6 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from moco_d2.convert import tool
 from moco_d2.detection.checkpoint import (
     LAST_CHECKPOINT,
+    input_record,
     local_weights,
     non_finite_tensor,
     read_detectron2_file,
@@ -107,32 +108,29 @@ def check_weights(cfg: CfgNode, args: argparse.Namespace) -> None:
             f"{key} {path} holds non-finite values (NaN or inf), first in tensor {bad}: the "
             "run that wrote it diverged; use weights from before the divergence"
         )
-    if key == "MODEL.WEIGHTS":
-        check_input_normalisation(cfg, path, data.get(tool.NORMALISATION))
+    check_input_normalisation(cfg, path, data.get(tool.NORMALISATION), key)
 
 
-def check_input_normalisation(cfg: CfgNode, path: str, record: Any) -> None:
-    """Weights whose conversion recorded the input they expect must get it: TF-trained SimCLR
-    weights given ImageNet mean/std see other inputs than they were trained on, and nothing
-    would say so. Weights without a (well-formed) record are not checked."""
-    configured = {
-        "MODEL.PIXEL_MEAN": list(cfg.MODEL.PIXEL_MEAN),
-        "MODEL.PIXEL_STD": list(cfg.MODEL.PIXEL_STD),
-        "INPUT.FORMAT": cfg.INPUT.FORMAT,
-    }
+def check_input_normalisation(
+    cfg: CfgNode, path: str, record: Any, key: str = "MODEL.WEIGHTS"
+) -> None:
+    """Weights that recorded the input they expect must get it: TF-trained SimCLR weights, or
+    a detector trained on them, given ImageNet mean/std see other inputs than they were trained
+    on, and nothing would say so. Weights without a (well-formed) record are not checked."""
+    configured = input_record(cfg)
     means = ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD")
     try:
-        expected = {key: [float(v) for v in record[key]] for key in means}
+        expected = {name: [float(v) for v in record[name]] for name in means}
         same = record["INPUT.FORMAT"] == configured["INPUT.FORMAT"]
     except (TypeError, KeyError, ValueError):
         return  # no record, or not one the converter wrote
-    for key in means:
-        same &= len(expected[key]) == len(configured[key]) and all(
-            math.isclose(e, a, abs_tol=1e-3) for e, a in zip(expected[key], configured[key])
+    for name in means:
+        same &= len(expected[name]) == len(configured[name]) and all(
+            math.isclose(e, a, abs_tol=1e-3) for e, a in zip(expected[name], configured[name])
         )
     if not same:
         raise UserError(
-            f"MODEL.WEIGHTS {path} expects {record.get('about', 'other')} input, but the config "
+            f"{key} {path} expects {record.get('about', 'other')} input, but the config "
             f"has {tool.config_overrides(configured)}: add {tool.config_overrides(record)}"
         )
 

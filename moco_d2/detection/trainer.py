@@ -19,7 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from moco_d2.detection import compat
-from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer
+from moco_d2.detection.checkpoint import BackboneCheckingCheckpointer, input_record
 from moco_d2.detection.evaluation import (
     COCODetectionEvaluator,
     VOCDetectionEvaluator,
@@ -76,6 +76,7 @@ class Trainer(compat.InnerTrainerState, DefaultTrainer):
         self.checkpointer = BackboneCheckingCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        self.checkpointer.input_record = input_record(cfg)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -263,8 +263,12 @@ def test_empty_box_is_dropped_in_training_and_refused_in_a_test_set(coco_root, c
     )
 
 
-@pytest.mark.parametrize("segmentation", [None, [], [[]], {}])
+@pytest.mark.parametrize(
+    "segmentation", [None, [], [[]], {}, [[10.0, 20.0, 30.0, 40.0]], {"counts": "PPYo0"}]
+)
 def test_mask_task_refuses_a_missing_or_empty_segmentation(coco_root, segmentation):
+    """Also two points (a polygon the loader drops) and an RLE without its size."""
+
     def edit(data):
         if segmentation is None:
             del data["annotations"][2]["segmentation"]
@@ -276,9 +280,42 @@ def test_mask_task_refuses_a_missing_or_empty_segmentation(coco_root, segmentati
     with pytest.raises(UserError) as e:
         check_coco_datasets(NAMES, masks=True)
     assert str(e.value) == (
-        f"invalid COCO annotation {path}, annotation 3 (image 1): no segmentation (missing or "
-        "empty), which Mask R-CNN (MODEL.MASK_ON) needs"
+        f"invalid COCO annotation {path}, annotation 3 (image 1): no segmentation (missing, "
+        "empty or under three points), which Mask R-CNN (MODEL.MASK_ON) needs"
     )
+
+
+def test_missing_area_and_iscrowd_of_a_test_set_are_said_once_before_launch(coco_root, caplog):
+    """COCOeval reads both (labelme exports and hand-written files leave them out); the
+    evaluator fills them (test_coco_eval.py), the check says so; a training set is not told."""
+
+    def strip(data):
+        for ann in data["annotations"][:2]:
+            del ann["area"]
+        for ann in data["annotations"][1:]:
+            del ann["iscrowd"]
+
+    _edit(coco_root, "train", strip)
+    path = _edit(coco_root, "val", strip)
+    with caplog.at_level("INFO"):
+        summaries = check_coco_datasets(NAMES, test_names=["coco_2017_val"])
+    assert (summaries["coco_2017_val"].no_area, summaries["coco_2017_val"].no_iscrowd) == (2, 5)
+    assert [r.getMessage() for r in caplog.records if "iscrowd" in r.getMessage()] == [
+        f'{path}: 2 annotations without "area", 5 without "iscrowd": evaluation takes iscrowd 0 '
+        "and the area of the segmentation, else of the box, as pycocotools computes a detection's"
+    ]
+
+
+@pytest.mark.parametrize("field, value", [("iscrowd", 2), ("area", "12"), ("area", -1.0)])
+def test_unusable_area_or_iscrowd_is_refused(coco_root, field, value):
+    path = _edit(coco_root, "val", lambda d: d["annotations"][3].update({field: value}))
+    with pytest.raises(UserError) as e:
+        check_coco_datasets(["coco_2017_val"])
+    assert str(e.value).startswith(
+        f"invalid COCO annotation {path}, annotation 4 (image 2): iscrowd must be 0 or 1 and "
+        f"area a number >= 0, got iscrowd "
+    )
+    assert f"{field} {value!r}" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +358,7 @@ def test_mask_r_cnn_without_a_segmentation_stops_before_launch(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [
         f"error: invalid COCO annotation {path}, annotation 5 (image 2): no segmentation "
-        "(missing or empty), which Mask R-CNN (MODEL.MASK_ON) needs"
+        "(missing, empty or under three points), which Mask R-CNN (MODEL.MASK_ON) needs"
     ]
     assert not out.exists()
 

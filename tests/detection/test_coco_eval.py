@@ -20,6 +20,7 @@ from moco_d2.detection.evaluation import (
     COCO_METRICS_FILE,
     COCODetectionEvaluator,
     metrics,
+    settle_annotations,
 )
 from moco_d2.detection.trainer import Trainer
 
@@ -127,6 +128,59 @@ def test_evaluator_is_chosen_by_metadata_not_name(coco_root, tmp_path):
     finally:
         DatasetCatalog.remove("voc_lookalike")
         MetadataCatalog.remove("voc_lookalike")
+
+
+def test_ground_truth_without_area_or_iscrowd_scores_as_with_them(coco_root, tmp_path):
+    """A file without ``area`` and ``iscrowd`` (labelme, hand-written) is scored as the same
+    file with them: small objects given a wrong class still zero APs alone, so each object
+    kept its area range (filled from its polygon, within a few % of the exact shoelace area)."""
+    path = coco_root / "coco" / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    exact = [a.pop("area") for a in data["annotations"]]
+    for ann in data["annotations"]:
+        del ann["iscrowd"]
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(data))
+    register_coco("coco_bare", str(coco_root / "coco" / "val2017"), str(bare))
+    try:
+        written = {}
+        for name in ("coco_2017_val", "coco_bare"):
+            cfg = _cfg(tmp_path / name, test=name)
+            Trainer.test(cfg, GroundTruthDetector(name, wrong_class_for_small=True))
+            written[name] = json.loads((tmp_path / name / COCO_METRICS_FILE).read_text())[name]
+        assert written["coco_bare"] == written["coco_2017_val"]
+        assert written["coco_bare"]["APs"] == 0.0
+        assert written["coco_bare"]["APl"] == pytest.approx(100)
+        anns = COCODetectionEvaluator("coco_bare", output_dir=str(tmp_path))._coco_api.anns
+        assert [anns[i]["area"] for i in sorted(anns)] == pytest.approx(exact, rel=0.05)
+        assert {a["iscrowd"] for a in anns.values()} == {0}
+    finally:
+        DatasetCatalog.remove("coco_bare")
+        MetadataCatalog.remove("coco_bare")
+
+
+def test_filled_area_is_the_kept_polygons_else_the_boxs_and_given_values_stay():
+    from pycocotools.coco import COCO
+
+    square = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]  # 20 x 20
+    annotations = [
+        {"bbox": [0, 0, 4, 5]},
+        {"bbox": [0, 0, 4, 5], "segmentation": [[1.0, 2.0]]},  # two points: the loader drops it
+        {"bbox": [10, 10, 20, 20], "segmentation": [[1.0], square]},
+        {"bbox": [0, 0, 4, 5], "area": 7.5, "iscrowd": 1},
+    ]
+    api = COCO()
+    api.dataset = {
+        "images": [{"id": 1, "height": 64, "width": 64}],
+        "annotations": [
+            {**ann, "id": i, "image_id": 1, "category_id": 1} for i, ann in enumerate(annotations)
+        ],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    api.createIndex()
+    settle_annotations(api)
+    found = [(a["area"], a["iscrowd"]) for a in api.dataset["annotations"]]
+    assert found == [(20.0, 0), (20.0, 0), (400.0, 0), (7.5, 1)]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """End to end: tools/train_net.py fine-tunes converted weights on a tiny synthetic VOC tree,
-prints and writes AP/AP50/AP75, and resumes under torch.load's weights_only default."""
+prints and writes AP/AP50/AP75, and resumes under torch.load's weights_only default, only with
+the input normalisation its checkpoints were trained with."""
 
 import json
 import math
@@ -13,8 +14,14 @@ import torch
 from transfer_tiny import TINY_OPTS
 
 import moco_d2.detection  # noqa: F401  (compat shims and registrations before detectron2)
+from moco_d2.convert.tool import NORMALISATION
+from moco_d2.detection import train_net as train_net_tool
 from moco_d2.detection.data.voc import CLASS_NAMES, load_voc_instances
 from moco_d2.detection.evaluation import METRICS_FILE
+from moco_d2.errors import UserError
+
+# TF-trained SimCLR's input (RGB in [0, 255] / 255), not the config's ImageNet mean/std.
+RGB01 = ["MODEL.PIXEL_MEAN", "[0.0, 0.0, 0.0]", "MODEL.PIXEL_STD", "[255.0, 255.0, 255.0]"]
 
 
 def train_net(root, *args):
@@ -38,7 +45,8 @@ def two_iterations(root, weights, out, opts=TINY_OPTS):
 @pytest.mark.slow
 def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_path):
     out = tmp_path / "out"
-    first = two_iterations(synthetic_voc_root, converted_weights, out)
+    opts = [*TINY_OPTS, *RGB01, "SOLVER.CHECKPOINT_PERIOD", "1"]
+    first = two_iterations(synthetic_voc_root, converted_weights, out, opts)
     assert first.returncode == 0, first.stderr[-3000:]
     printed = re.search(r"voc_2007_test: AP (\S+)  AP50 (\S+)  AP75 (\S+)", first.stdout)
     assert printed, first.stdout[-3000:]
@@ -66,9 +74,29 @@ def test_train_evaluate_and_resume(synthetic_voc_root, converted_weights, tmp_pa
     optimizer = state["trainer"]["_trainer"]["optimizer"]
     momentum = [s["momentum_buffer"] for s in optimizer["state"].values()]
     assert momentum and all(m.abs().sum() > 0 for m in momentum[:5])
+    for name in ("model_0000000.pth", "model_0000001.pth", "model_final.pth"):
+        record = torch.load(out / name)[NORMALISATION]
+        assert [record[k] for k in RGB01[::2]] == [[0.0] * 3, [255.0] * 3], name
 
+    # Without the normalisation it was trained with, each way of loading it stops before launch.
+    final = out / "model_final.pth"
+    config = ["--config-file", "configs/voc_R50_C4.yaml", *TINY_OPTS, "OUTPUT_DIR", str(out)]
+    weights = ["MODEL.WEIGHTS", str(final)]
+    for flags, extra, names in [
+        (["--resume"], [], f"--resume ({out / 'last_checkpoint'}) {final}"),
+        (["--eval-only"], weights, f"MODEL.WEIGHTS {final}"),
+        ([], weights, f"MODEL.WEIGHTS {final}"),
+    ]:
+        with pytest.raises(UserError) as e:
+            train_net_tool.main([*flags, *config, *extra])
+        assert str(e.value) == (
+            f"{names} expects its training run's input, but the config has MODEL.PIXEL_MEAN "
+            '"[123.675, 116.28, 103.53]" MODEL.PIXEL_STD "[58.395, 57.12, 57.375]" INPUT.FORMAT '
+            'RGB: add MODEL.PIXEL_MEAN "[0.0, 0.0, 0.0]" MODEL.PIXEL_STD "[255.0, 255.0, 255.0]" '
+            "INPUT.FORMAT RGB"
+        )
     second = train_net(
-        synthetic_voc_root, "--resume", *TINY_OPTS, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)
+        synthetic_voc_root, "--resume", *opts, "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Starting training from iteration 2" in (out / "log.txt").read_text()

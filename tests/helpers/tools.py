@@ -1,8 +1,11 @@
-"""Running the tools as a user does (a subprocess) and checking what a user sees."""
+"""Running the tools as a user does (a subprocess), on a full disk too, and checking what a user
+sees."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -37,3 +40,22 @@ def snapshot(directory):
             with open(path, "rb") as f:
                 found[os.path.relpath(path, directory)] = f.read()
     return found
+
+
+def _unshare_works():
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+def on_full_disk(tmp_path, script, size="1m"):
+    """Run ``script`` (sh) with ``$0`` a fresh tmpfs of ``size``, in a private mount namespace."""
+    if not _unshare_works():
+        pytest.skip("needs unshare -rm (user and mount namespaces) to make a full disk")
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    command = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs $0 && {script}"]
+    return subprocess.run(
+        command + [str(mount)], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO
+    )

@@ -1,13 +1,15 @@
-"""tools/pretrain_moco.py on bad input, run as a user does: one line, exit 2."""
+"""tools/pretrain_moco.py on bad input and its checkpoints on a full disk, run as a user does:
+one line, exit 2."""
 
 import os
+import sys
 
 import torch
 import torchvision
 
 from moco_d2.pretrain import MoCo
 from moco_d2.synthetic import make_synthetic_image_folder
-from tools import assert_error, tool
+from tools import REPO, assert_error, on_full_disk, tool
 
 
 def pretrain(data, out, *extra):
@@ -46,3 +48,28 @@ def test_pretrain_resume_random_bytes_and_mismatch(tmp_path):
     )
     line = assert_error(result, checkpoint, "size mismatch")
     assert "encoder_q.fc" in line  # the detail after "Error(s) in loading state_dict for MoCo:"
+
+
+def test_checkpoint_write_on_a_full_disk(tmp_path):
+    """Pretraining checkpoints go through the same atomic writer."""
+    script = (
+        "from moco_d2.cli import run_tool; import sys; sys.argv[1:] = [sys.argv[1]]; "
+        "run_tool('full_disk_writer')"
+    )
+    writer = tmp_path / "full_disk_writer.py"
+    writer.write_text(
+        "import torch\n"
+        "from moco_d2.io import save_checkpoint\n"
+        "def main(argv):\n"
+        "    save_checkpoint({'epoch': 1, 'w': torch.ones(4)}, argv[0], 0)\n"
+        "    save_checkpoint({'epoch': 2, 'w': torch.ones(2**20)}, argv[0], 0)\n"
+    )
+    result = on_full_disk(
+        tmp_path,
+        f'cd {tmp_path} && PYTHONPATH={REPO}:{tmp_path} {sys.executable} -c "{script}" $0; '
+        f'rc=$?; {sys.executable} -c "import torch,sys; '
+        "print(torch.load(sys.argv[1], weights_only=True)['epoch'])\" "
+        "$0/checkpoint_0000.pth.tar; ls -A $0; exit $rc",
+    )
+    assert_error(result, "no space left", "checkpoint_0000.pth.tar")
+    assert result.stdout.split() == ["1", "checkpoint_0000.pth.tar"]

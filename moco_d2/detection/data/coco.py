@@ -177,6 +177,8 @@ class CocoSummary:
     empty: int = 0
     first_empty: str = ""  # "FILE, annotation ID (image I): bbox [...]" of the first empty box
     clipped: int = 0
+    no_area: int = 0  # annotations without "area", and without "iscrowd": evaluation fills them
+    no_iscrowd: int = 0
 
 
 def invalid(json_file: str, why: str) -> UserError:
@@ -226,10 +228,13 @@ def checked_box(bbox: Any, width: float, height: float, at: str) -> tuple[list[f
 
 
 def has_segmentation(segmentation: Any) -> bool:
-    """An RLE with counts, or polygons of which one at least is not empty."""
+    """An RLE with counts and size, or polygons of which one at least the loader keeps (an even
+    number of coordinates, at least three points)."""
     if isinstance(segmentation, dict):
-        return bool(segmentation.get("counts"))
-    return isinstance(segmentation, list) and any(isinstance(p, list) and p for p in segmentation)
+        return bool(segmentation.get("counts")) and "size" in segmentation
+    return isinstance(segmentation, list) and any(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation
+    )
 
 
 class _Checker:
@@ -276,11 +281,21 @@ class _Checker:
             raise invalid(self.json_file, f'annotation id {ann_id} appears twice in "annotations"')
         self.annotation_ids.add(ann_id)
         self.first_of_category.setdefault(ann["category_id"], ann_id)
+        at = where(self.json_file, ann_id, image_id)
         if self.masks and not has_segmentation(ann.get("segmentation")):
             raise UserError(
-                f"invalid COCO annotation {where(self.json_file, ann_id, image_id)}: no "
-                "segmentation (missing or empty), which Mask R-CNN (MODEL.MASK_ON) needs"
+                f"invalid COCO annotation {at}: no segmentation (missing, empty or under three "
+                "points), which Mask R-CNN (MODEL.MASK_ON) needs"
             )
+        # COCOeval reads both; missing ones are filled (evaluation.settle_annotations).
+        area, crowd = ann.get("area", 0), ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or not (isinstance(area, int | float) and 0 <= area < math.inf):
+            raise UserError(
+                f"invalid COCO annotation {at}: iscrowd must be 0 or 1 and area a number >= 0, "
+                f"got iscrowd {crowd!r}, area {area!r} (leave either out to have it filled)"
+            )
+        self.summary.no_area += "area" not in ann
+        self.summary.no_iscrowd += "iscrowd" not in ann
         if self.images_done:
             self.box(ann_id, image_id, ann["bbox"])
         else:
@@ -335,7 +350,8 @@ def check_coco_file(
 ) -> CocoSummary:
     """Stream ``json_file`` and check what the loader, Mask R-CNN and COCOEvaluator rely on:
     the three lists, unique ids, every image there and of its size, every annotation's image,
-    category, box and (``masks``) segmentation, and the ``expected_categories`` if given."""
+    category, box, iscrowd and area if given, and (``masks``) segmentation, and the
+    ``expected_categories`` if given."""
     checker = _Checker(json_file, image_root, masks)
     handlers = {
         "images": checker.image,
@@ -394,6 +410,15 @@ def check_coco_datasets(
                 f"can match ({summary.empty} such box(es); training sets drop them)"
             )
         _log_dropped(metadata.json_file, summary.empty, summary.clipped)
+        if name in test_names and (summary.no_area or summary.no_iscrowd):
+            logger.warning(
+                '%s: %d annotations without "area", %d without "iscrowd": evaluation takes '
+                "iscrowd 0 and the area of the segmentation, else of the box, as pycocotools "
+                "computes a detection's",
+                metadata.json_file,
+                summary.no_area,
+                summary.no_iscrowd,
+            )
         summaries[name] = summary
     return summaries
 

@@ -1,4 +1,5 @@
-"""Fault injection: bad input and failures met by the real tools, at tiny scale on CPU.
+"""tools/train_net.py on bad input and failures, at tiny scale on CPU: weights files, data
+checked before launch, clean stops, divergence, kills and full disks.
 
 Each case runs the tool as a user does (a subprocess) and asserts the exit code, that no
 traceback is printed, that the one error line names the file or setting at fault, and that
@@ -23,81 +24,9 @@ from PIL import Image
 from transfer_tiny import TINY_OPTS
 
 from moco_d2.errors import UserError
-from tools import ENV, REPO, assert_error, snapshot, tool
+from tools import ENV, REPO, assert_error, on_full_disk, snapshot, tool
 
 CONFIG = os.path.join(REPO, "configs", "voc_R50_C4.yaml")
-
-
-@pytest.fixture(scope="module")
-def resnet50_pth(tmp_path_factory):
-    path = tmp_path_factory.mktemp("r50") / "resnet50.pth"
-    torch.save(torchvision.models.resnet50().state_dict(), path)
-    return path
-
-
-# Converter.
-
-
-def test_converter_directory_as_output(resnet50_pth, tmp_path):
-    (tmp_path / "out.pkl").mkdir()
-    result = tool("convert-to-d2.py", resnet50_pth, tmp_path / "out.pkl")
-    assert_error(result, tmp_path / "out.pkl", "is a directory")
-    assert os.listdir(tmp_path / "out.pkl") == []
-
-
-def _unshare_works():
-    try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
-    except FileNotFoundError:
-        return False
-
-
-def on_full_disk(tmp_path, script, size="1m"):
-    """Run ``script`` (sh) with ``$0`` a fresh tmpfs of ``size``, in a private mount namespace."""
-    if not _unshare_works():
-        pytest.skip("needs unshare -rm (user and mount namespaces) to make a full disk")
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    command = ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs $0 && {script}"]
-    return subprocess.run(
-        command + [str(mount)], capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO
-    )
-
-
-def test_converter_on_a_full_disk(resnet50_pth, tmp_path):
-    result = on_full_disk(
-        tmp_path,
-        f"echo old > $0/moco.pkl && {sys.executable} tools/convert-to-d2.py {resnet50_pth} "
-        "$0/moco.pkl; rc=$?; cat $0/moco.pkl; ls -A $0; exit $rc",
-    )
-    line = assert_error(result, "no space left", "moco.pkl")
-    assert "nothing was written" in line
-    assert result.stdout.split()[-2:] == ["old", "moco.pkl"]  # old file intact, no temporary
-
-
-def test_checkpoint_write_on_a_full_disk(tmp_path):
-    """Pretraining checkpoints go through the same atomic writer."""
-    script = (
-        "from moco_d2.cli import run_tool; import sys; sys.argv[1:] = [sys.argv[1]]; "
-        "run_tool('full_disk_writer')"
-    )
-    writer = tmp_path / "full_disk_writer.py"
-    writer.write_text(
-        "import torch\n"
-        "from moco_d2.io import save_checkpoint\n"
-        "def main(argv):\n"
-        "    save_checkpoint({'epoch': 1, 'w': torch.ones(4)}, argv[0], 0)\n"
-        "    save_checkpoint({'epoch': 2, 'w': torch.ones(2**20)}, argv[0], 0)\n"
-    )
-    result = on_full_disk(
-        tmp_path,
-        f'cd {tmp_path} && PYTHONPATH={REPO}:{tmp_path} {sys.executable} -c "{script}" $0; '
-        f'rc=$?; {sys.executable} -c "import torch,sys; '
-        "print(torch.load(sys.argv[1], weights_only=True)['epoch'])\" "
-        "$0/checkpoint_0000.pth.tar; ls -A $0; exit $rc",
-    )
-    assert_error(result, "no space left", "checkpoint_0000.pth.tar")
-    assert result.stdout.split() == ["1", "checkpoint_0000.pth.tar"]
 
 
 # Detection: weights files, and everything checked before launch.
