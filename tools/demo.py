@@ -4,4 +4,4 @@
 from moco_d2.cli import run_tool
 
 if __name__ == "__main__":
-    run_tool("moco_d2.demo")
+    run_tool("moco_d2.demo.main")

@@ -131,16 +131,19 @@ def markdown(report: dict) -> str:
     """The tables a paper would print: rows as mean ± std, then the verdicts."""
     rows, pairs = report["rows"], report["pairs"]
     metrics = list(rows[0]["metrics"]) if rows else []
-    lines = ["| backbone | trials | " + " | ".join(metrics) + " |"]
-    lines.append("|---|---|" + "---|" * len(metrics))
+    knn = any("knn_top1" in row for row in rows)  # the demo's rows carry their kNN top-1
+    lines = ["| backbone | trials | " + " | ".join(metrics) + (" | kNN top-1" if knn else "")]
+    lines[0] += " |"
+    lines.append("|---|---|" + "---|" * (len(metrics) + knn))
     for row in rows:
         cells = " | ".join(_cell(row["metrics"].get(m), row["n"]) for m in metrics)
+        cells += f" | {row['knn_top1']:.1f}" if knn else ""
         lines.append(f"| {row['name']} | {row['n']} | {cells} |")
     for ref in report["references"]:
         cells = " | ".join(
             "not published" if ref.get(m) is None else f"{ref[m]:.1f}" for m in metrics
         )
-        lines.append(f"| published: {ref['name']} | | {cells} |")
+        lines.append(f"| published: {ref['name']} | | {cells}{' |' if knn else ''} |")
     if report["references"]:
         sources = sorted({ref["source"] for ref in report["references"]})
         lines += ["", "Published rows: " + "; ".join(sources) + "."]
@@ -189,15 +192,21 @@ def figure(report: dict, path: str) -> None:
 
 
 def write_report(
-    output_dir: str, rows: list[dict], reference_names: Sequence[str] = (), all_pairs: bool = False
+    output_dir: str,
+    rows: list[dict],
+    reference_names: Sequence[str] = (),
+    all_pairs: bool = False,
+    extra: dict | None = None,
 ) -> dict:
-    """``comparison.json``, ``.md`` and ``.png`` in ``output_dir``; returns the report. The
-    published rows are VOC's: they are left out beside COCO trials."""
+    """``comparison.json``, ``.md`` and ``.png`` in ``output_dir``; returns the report (with
+    ``extra``'s keys added to the JSON). The published rows are VOC's: they are left out beside
+    COCO trials."""
     coco = any("APs" in row["metrics"] for row in rows)
     report = {
         "rows": rows,
         "pairs": make_pairs(rows, all_pairs),
         "references": [] if coco else references(reference_names),
+        **(extra or {}),
     }
     base = os.path.join(output_dir, COMPARISON)
     atomic_write_json(report, base + ".json")

@@ -1,13 +1,17 @@
-"""A small synthetic tree in Pascal VOC format, for tests and the CPU demo: each class a flat
-colour and shape on grey, which even a tiny R50-C4 learns in a few hundred CPU iterations, in
-the layout, file names and XML fields of real VOC, so it runs through the real loader."""
+"""A small synthetic tree in Pascal VOC format, in the layout, file names and XML fields of
+real VOC, so it runs through the real loader. Two kinds of object: for the tests, each class a
+flat colour and shape on grey, which even a tiny R50-C4 learns in a few iterations; for the
+demo (``families=True``), class ``c`` is shape family ``c`` of :mod:`moco_d2.synthetic` in a
+random colour on clutter, as the demo's pretraining images are."""
 
 import os
 import random
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from moco_d2.detection.data.voc import CLASS_NAMES, annotation_file, image_file, split_file
+from moco_d2.synthetic import FAMILIES, add_noise, cluttered_background, draw_family
 
 # Saturated colours far apart from each other and from the background.
 _COLOURS = [
@@ -66,16 +70,24 @@ def _annotation_xml(folder, fileid, size, objects):
     return "\n".join(parts)
 
 
-def _write_split(rng, dirname, split, fileids, size, num_classes, max_objects):
+def _image(families, size, objects):
+    if families is None:
+        image = Image.new("RGB", (size, size), _BACKGROUND)
+        for box, cls in objects:
+            _draw(ImageDraw.Draw(image), box, cls)
+        return image
+    image = cluttered_background((size, size), families)
+    for box, cls in objects:
+        draw_family(image, cls, box, families)
+    return add_noise(image, families)
+
+
+def _write_split(rng, families, dirname, split, fileids, size, num_classes, max_objects):
     for sub in ("Annotations", os.path.join("ImageSets", "Main"), "JPEGImages"):
         os.makedirs(os.path.join(dirname, sub), exist_ok=True)
     for fileid in fileids:
-        image = Image.new("RGB", (size, size), _BACKGROUND)
         objects = _place_objects(rng, size, num_classes, max_objects)
-        draw = ImageDraw.Draw(image)
-        for box, cls in objects:
-            _draw(draw, box, cls)
-        image.save(image_file(dirname, fileid), quality=95)
+        _image(families, size, objects).save(image_file(dirname, fileid), quality=95)
         with open(annotation_file(dirname, fileid), "w") as f:
             f.write(_annotation_xml(os.path.basename(dirname), fileid, size, objects))
     with open(split_file(dirname, split), "a") as f:
@@ -90,18 +102,22 @@ def make_synthetic_voc(
     seed: int = 0,
     num_classes_used: int = 4,
     max_objects: int = 2,
+    families: bool = False,
 ) -> dict[str, int]:
     """Write ``VOC2007/`` (trainval, test) and ``VOC2012/`` (trainval) under ``root``, which
     must not hold a VOC tree yet; the training images are split between the two trainval sets,
-    objects use the first ``num_classes_used`` classes. Returns ``{dataset name: images}``."""
+    objects use the first ``num_classes_used`` classes (with ``families``, class ``c`` is shape
+    family ``c``). Returns ``{dataset name: images}``."""
     if num_train < 2 or num_test < 1:
         raise ValueError("need num_train >= 2 (VOC2007 and VOC2012) and num_test >= 1")
-    if not 1 <= num_classes_used <= len(CLASS_NAMES):
-        raise ValueError(f"num_classes_used must be in 1..{len(CLASS_NAMES)}")
+    limit = len(FAMILIES) if families else len(CLASS_NAMES)
+    if not 1 <= num_classes_used <= limit:
+        raise ValueError(f"num_classes_used must be in 1..{limit}")
     for folder in ("VOC2007", "VOC2012"):
         if os.path.exists(os.path.join(root, folder)):
             raise FileExistsError(os.path.join(root, folder))
     rng = random.Random(seed)
+    family_rng = np.random.default_rng(seed) if families else None
     n2007 = num_train - num_train // 2
     plan = {
         "voc_2007_trainval": ("VOC2007", "trainval", [f"{i:06d}" for i in range(n2007)]),
@@ -115,6 +131,7 @@ def make_synthetic_voc(
     for folder, split, fileids in plan.values():
         _write_split(
             rng,
+            family_rng,
             os.path.join(root, folder),
             split,
             fileids,
