@@ -56,7 +56,7 @@ class Budget:
 
 
 BUDGETS = {
-    "cpu": Budget(512, 6, 32, 0.03, 64, 256, 0.99, 0, 16, 200, 60, 200, 2),
+    "cpu": Budget(512, 6, 32, 0.03, 64, 256, 0.99, 0, 16, 200, 60, 160, 2),
     "cuda": Budget(4096, 64, 128, 0.06, 64, 4096, 0.99, 8, 32, 400, 100, 600, 2),
 }
 
@@ -126,7 +126,7 @@ def make_data(out: str, b: Budget) -> tuple[str, str, str]:
     make_synthetic_image_folder(os.path.join(knn, "val"), queries, 96, 2, classes)
     voc = os.path.join(data, "voc")
     make_synthetic_voc(
-        voc, b.det_train_images, b.det_test_images, 160, 3, classes, 3, families=True
+        voc, b.det_train_images, b.det_test_images, 128, 3, classes, 3, families=True
     )
     return pretrain, knn, voc
 
