@@ -262,6 +262,16 @@ def train_epoch(model, batches, optimizer, dev, config, sync_every_step: bool, d
     sync(dev)
 
 
+def views_on_device(data, images, config, dev):
+    """What the tool's step does with a batch before the model: decode (``--decode-on device``),
+    then the two normalised views on ``dev`` (augmented there with ``--augment-on device``)."""
+    from moco_d2.pretrain.main import views_to_device
+
+    if data.decode is not None:
+        images, _ = data.decode(images, dev)
+    return views_to_device(images, dev, data.augment, config.channels_last)
+
+
 def encoder(arch: str):
     """The MoCo encoder (trunk and MLP head) the tool trains, for counting its FLOPs."""
     import torchvision

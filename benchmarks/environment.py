@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The machine the benchmarks run on: GPU and driver, the torch, torchvision, CUDA, cuDNN and NCCL
 versions, and whether the project, detectron2, fvcore and pycocotools import. Exits 1 where an
-import fails, or where ``--device cuda`` finds no CUDA device (the JSON is written first).
+import fails, or where ``--device cuda`` finds no CUDA device (the JSON is written first). DALI,
+the peer feed of ``feed_throughput.py``, is reported, its absence not an error.
 
     python benchmarks/environment.py --device cuda --json environment.json
 """
@@ -24,6 +25,14 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def dali_version() -> str:
+    try:
+        import nvidia.dali
+    except ImportError as e:
+        return f"not installed ({e})"
+    return nvidia.dali.__version__
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if shutil.which("nvidia-smi"):
@@ -44,6 +53,7 @@ def main(argv=None) -> int:
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "cpus": os.cpu_count(),
         "compiler": shutil.which("g++") or shutil.which("cc"),
+        "dali": dali_version(),
     }
     errors = []
     for module in IMPORTS:
@@ -53,6 +63,7 @@ def main(argv=None) -> int:
             errors.append(f"{module}: {type(e).__name__}: {e}")
     common.print_table(["", "found"], [*info.items(), ("import errors", "; ".join(errors))])
     summary = f"{info['gpu'] or 'no GPU'}; torch {info['torch']}, cuDNN {info['cudnn']}"
+    summary += f", DALI {info['dali']}"
     summary += "".join(f"; {e}" for e in errors)
     common.write_json(args.json, {**info, "import_errors": errors, "summary": summary})
     return 1 if errors or (args.device == "cuda" and not cuda) else 0

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import common
 
-SITE = os.path.join(common.REPO, ".device", "site")
+SITE, DALI = (os.path.join(common.REPO, ".device", d) for d in ("site", "dali"))
 # A one-rank NCCL process group hung on the H200 machine without these (docs/speed.md).
 NCCL_ENV = {
     "NCCL_SOCKET_IFNAME": "lo", "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1",
@@ -107,9 +107,11 @@ def commands(s: SimpleNamespace, device: str, work: str) -> list[Step]:
         Step("e2e", 90, bench("pretrain_throughput", "e2e", *run)),
         Step("e2e_other_decode", 40, bench("pretrain_throughput", "e2e_other_decode", *run,
              "--modes", "fast", "--decode-on", "loader" if cuda else "device")),
+        Step("dali", 45, bench("feed_throughput", "dali", *run, "--modes", "dali")),
         Step("augment", 20, bench("pretrain_throughput", "augment", *run, "--modes", "augment")),
         Step("decode", 30, bench("decode_host_cost", "decode", *decode, "--receive-batches", "3",
              "--wait", "1")),
+        Step("feeds", 75, bench("feed_throughput", "feeds", *run, "--modes", "feeds")),
         Step("step", 220, bench("pretrain_throughput", "step", *run, "--modes", "steps")),
         Step("split_bn", 70, bench("split_bn_overhead", "split_bn", *split_bn, "channels_last",
              "--compile")),
@@ -117,8 +119,8 @@ def commands(s: SimpleNamespace, device: str, work: str) -> list[Step]:
         Step("train_net", 90, bench("train_net_speed", "train_net", "--work", w("train_net"),
              "--voc", *map(str, s.voc), "--", *train_net)),
         Step("cli", 60, bench("pretrain_epochs", "cli", "--", *cli)),
-        Step("demo", 120, [py, "tools/demo.py", "--device", device, "--output-dir", w("demo"),
-             *s.demo], "demo/results.json"),
+        Step("demo", 240, [py, "tools/demo.py", "--device", device, "--output-dir", w("demo"),
+             *s.demo], "demo/comparison.json"),
     ]  # fmt: skip
 
 
@@ -138,12 +140,12 @@ def junit_counts(path: str) -> dict:
 
 def key_figures(name: str, f: dict) -> str:
     """A step's key figures in one line: the benchmark's own ``summary``; for the tests and
-    the demo, the counts and the AP50s."""
+    the demo, each row's AP50 and kNN top-1."""
     if name == "tests" and f:
         return f"{f['passed']} passed, {f['failures'] + f['errors']} failed, {f['skipped']} skipped"
     if name == "demo":
-        results = (f.get("results") or {}).items()
-        return "; ".join(f"{k} AP50 {common.fmt(r.get('AP50'))}" for k, r in results)
+        rows = [(r["name"], r["metrics"]["AP50"]["mean"], r["knn_top1"]) for r in f.get("rows", [])]
+        return "; ".join(f"{n} AP50 {common.fmt(ap)}, kNN {common.fmt(k)}" for n, ap, k in rows)
     return f.get("summary", "")
 
 
@@ -152,12 +154,10 @@ def cuda_defaults(figures: dict[str, dict]) -> list[str]:
     fmt, lines = common.fmt, []
     e2e = figures.get("e2e") or {}
     fast, other = e2e.get("fast") or {}, (figures.get("e2e_other_decode") or {}).get("fast") or {}
+    ours = max((fast, other), key=lambda r: r.get("img_per_s") or 0)  # the faster --decode-on
     if fast.get("img_per_s") and other.get("img_per_s"):
-        best = max((fast, other), key=lambda r: r["img_per_s"])["decode_on"]
-        lines.append(
-            f"--decode-on {best} (end to end {fmt(fast['img_per_s'])} with {fast['decode_on']}, "
-            f"{fmt(other['img_per_s'])} with {other['decode_on']})"
-        )
+        rates = ", ".join(f"{fmt(r['img_per_s'])} with {r['decode_on']}" for r in (fast, other))
+        lines.append(f"--decode-on {ours['decode_on']} (end to end {rates})")
     # the step alone by (default --bn-splits, compiled, channels_last)
     steps = (figures.get("step") or {}).get("steps", [])
     step = {(v["bn_splits"] != 1, v["compile"], v["channels_last"]): v for v in steps}
@@ -180,10 +180,12 @@ def cuda_defaults(figures: dict[str, dict]) -> list[str]:
         if split and plain:
             ratio = split["step_img_per_s"] / plain["step_img_per_s"]
             met = "met" if ratio >= TARGETS["bn_splits_step"] else "missed"
-            lines.append(
-                f"step at --bn-splits {split['bn_splits']} / 1, {label}: {ratio:.2f}x "
-                f"(target {TARGETS['bn_splits_step']}x: {met})"
-            )
+            lines.append(f"step at --bn-splits {split['bn_splits']} / 1, {label}: {ratio:.2f}x "
+                         f"(target {TARGETS['bn_splits_step']}x: {met})")  # fmt: skip
+    dali = ((figures.get("dali") or {}).get("dali") or {}).get("img_per_s")
+    if ours.get("img_per_s") and dali:  # the peer, against the faster --decode-on
+        ratio, met = ours["img_per_s"] / dali, "met" if ours["img_per_s"] > dali else "missed"
+        lines.append(f"fast/DALI {ratio:.2f}x, DALI {fmt(dali)} img/s (target >1x: {met})")
     if fast.get("img_per_s"):
         met = "met" if fast["img_per_s"] >= TARGETS["img_per_s"] else "missed"
         lines.append(f"fast end to end {fmt(fast['img_per_s'])} img/s (target 3,000: {met})")
@@ -201,15 +203,16 @@ def cuda_defaults(figures: dict[str, dict]) -> list[str]:
 
 
 def step_environment() -> dict:
-    """The commands' environment: the project first; .device/site only where this Python lacks
-    what it holds (its pycocotools is built for Python 3.12)."""
+    """The commands' environment: the project first; .device/site and .device/dali only where
+    this Python lacks what they hold (built for Python 3.12)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", **NCCL_ENV)
-    path = [common.REPO]
-    probe = [sys.executable, "-c", "import detectron2, fvcore, pycocotools._mask"]
-    if subprocess.run(probe, env=dict(env, PYTHONPATH=common.REPO), capture_output=True).returncode:
-        if not os.path.isdir(SITE):
-            print("warning: no .device/site; run benchmarks/gpu_prepare.sh", file=sys.stderr)
-        path.append(SITE)
+    path, bare = [common.REPO], dict(env, PYTHONPATH=common.REPO)
+    for folder, modules in ((SITE, "detectron2, fvcore, pycocotools._mask"), (DALI, "nvidia.dali")):
+        probe = [sys.executable, "-c", f"import {modules}"]
+        if subprocess.run(probe, env=bare, capture_output=True).returncode:
+            if not os.path.isdir(folder):
+                print(f"warning: no {folder}; run benchmarks/gpu_prepare.sh", file=sys.stderr)
+            path.append(folder)
     env["PYTHONPATH"] = os.pathsep.join(path + [p for p in [os.environ.get("PYTHONPATH")] if p])
     return env
 

@@ -9,13 +9,21 @@
 # those packages and the GPU machine's own on the path. Rebuilds the folder from scratch on every
 # run; the wheel is downloaded once into .device/wheels/.
 #
-#   bash benchmarks/gpu_prepare.sh                    # then carry .device/site to the GPU machine
+# Then .device/dali/: NVIDIA DALI, the peer feed of feed_throughput.py, and its requirements
+# (requirements-dali.txt) as CPython 3.12 manylinux wheels, unpacked into one folder, so that the
+# packages of the nvidia/ namespace share it (pip install --target would not merge them). About
+# 1 GB; gpu_check.py puts it on the path where the GPU machine's Python lacks DALI. If the download
+# fails, the script says so and goes on: the GPU check then reports DALI as missing.
+#
+#   bash benchmarks/gpu_prepare.sh                    # then carry .device/ to the GPU machine
 #   PYTHON=/path/to/venv/bin/python bash benchmarks/gpu_prepare.sh
 #   GPU_PREPARE_CHECK=0 bash benchmarks/gpu_prepare.sh   # skip the import check (about 20 s)
+#   GPU_PREPARE_DALI=0 bash benchmarks/gpu_prepare.sh    # leave DALI out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 SITE=.device/site
+DALI_SITE=.device/dali
 WHEELS=.device/wheels
 PYCOCOTOOLS=pycocotools==2.0.11
 # detectron2 is the pure-Python 0.6 published on PyPI as pb1-detectron2 (docs/install.md).
@@ -70,6 +78,24 @@ echo "  $(basename "$wheel") unpacked"
 rm -rf "$SITE"
 mv "$SITE.tmp" "$SITE"
 echo "built $SITE: $(du -sh "$SITE" | cut -f1)"
+
+if [ "${GPU_PREPARE_DALI:-1}" != 0 ]; then
+    # one download folder per version of the pins, so that no stale wheel is unpacked
+    dali_wheels=$WHEELS/dali-$(sha256sum requirements-dali.txt | cut -c1-12)
+    if "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        -r requirements-dali.txt -d "$dali_wheels"; then
+        rm -rf "$DALI_SITE.tmp"
+        for wheel in "$dali_wheels"/*.whl; do
+            "$PYTHON" -m zipfile -e "$wheel" "$DALI_SITE.tmp"
+        done
+        rm -rf "$DALI_SITE"
+        mv "$DALI_SITE.tmp" "$DALI_SITE"
+        echo "built $DALI_SITE: $(du -sh "$DALI_SITE" | cut -f1)"
+    else
+        echo "warning: DALI's wheels did not download; the GPU check will report DALI missing" >&2
+    fi
+fi
 
 if [ "${GPU_PREPARE_CHECK:-1}" = 0 ]; then
     exit 0

@@ -111,8 +111,8 @@ def modes(text):
     return chosen
 
 
-def parse_args(argv):
-    p = common.parser(__doc__, "pretrain_throughput.json")
+def add_run_arguments(p):
+    """The data, model and step-count flags, shared with feed_throughput.py."""
     p.add_argument("--data", default=None, help="folder of JPEGs (default: generate them)")
     p.add_argument("--num-images", default=512, type=int, help="JPEGs to generate without --data")
     p.add_argument("-a", "--arch", default="resnet50")
@@ -135,6 +135,11 @@ def parse_args(argv):
         "--e2e-epochs", default=3, type=at_least(3), help="end-to-end epochs, the first untimed"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the fast mode's model")
+
+
+def parse_args(argv):
+    p = common.parser(__doc__, "pretrain_throughput.json")
+    add_run_arguments(p)
     p.add_argument(
         "--modes",
         default="released,fast",

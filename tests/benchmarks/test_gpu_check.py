@@ -46,7 +46,7 @@ def test_every_benchmark_command_parses_and_writes_where_the_runner_reads(tmp_pa
             if step.command[1].startswith("benchmarks/"):
                 _, args = _parsed(step)
                 assert args.json == str(tmp_path / f"{name}.json") and not step.output
-        for name in ("e2e", "e2e_other_decode", "augment", "step"):
+        for name in ("e2e", "e2e_other_decode", "dali", "augment", "feeds", "step"):
             bench = _parsed(steps[name])[1]
             assert (bench.batch_size, bench.crop_size, bench.arch) == (
                 sizes.batch,
@@ -60,6 +60,8 @@ def test_every_benchmark_command_parses_and_writes_where_the_runner_reads(tmp_pa
             "loader" if device == "cuda" else "device"
         )
         assert _parsed(steps["step"])[1].modes == ["steps"]
+        assert _parsed(steps["dali"])[1].modes == ["dali"]
+        assert _parsed(steps["feeds"])[1].modes == ["feeds"]
         decode = _parsed(steps["decode"])[1]
         assert decode.device == device and decode.batch_size == sizes.batch
         for name, fmt in (("split_bn", "channels_last"), ("split_bn_nchw", "nchw")):
@@ -73,7 +75,7 @@ def test_every_benchmark_command_parses_and_writes_where_the_runner_reads(tmp_pa
 
 
 def test_tool_commands_parse_with_the_tools_parsers(tmp_path):
-    from moco_d2.demo import parse_args as demo_args
+    from moco_d2.demo.main import parse as demo_args
     from moco_d2.detection.train_net import argument_parser
 
     for sizes, device, steps in _steps(tmp_path):
@@ -82,7 +84,7 @@ def test_tool_commands_parse_with_the_tools_parsers(tmp_path):
         assert cli.amp == (device == "cuda") and cli.data == str(tmp_path / "jpegs_half")
         assert (cli.batch_size, cli.crop_size, cli.arch) == (sizes.batch, sizes.crop, sizes.arch)
         demo = steps["demo"]
-        assert demo.command[1] == "tools/demo.py" and demo.output == "demo/results.json"
+        assert demo.command[1] == "tools/demo.py" and demo.output == "demo/comparison.json"
         assert demo_args(demo.command[2:]).output_dir == str(tmp_path / "demo")
         train_net = _parsed(steps["train_net"])[1]
         assert tuple(train_net.voc) == sizes.voc
@@ -185,6 +187,7 @@ FIGURES = {
         "ratio_img_per_s": 3.2,
     },
     "e2e_other_decode": {"fast": {"img_per_s": 2500.0, "decode_on": "loader"}},
+    "dali": {"dali": {"img_per_s": 2800.0}},
     "step": {
         "steps": [
             _variant(8, False, True, 2800.0),
@@ -209,6 +212,8 @@ def test_defaults_follow_the_figures():
     assert "step at --bn-splits 8 / 1, NCHW eager: 0.96x (target 0.95x: met)" in lines
     assert "fast end to end 3100 img/s (target 3,000: met)" in lines
     assert "fast/released 3.20x (target 3x: met)" in lines
+    # against the peer, the faster --decode-on: 3,100 img/s (device)
+    assert "fast/DALI 1.11x, DALI 2800 img/s (target >1x: met)" in lines
     assert "host CPU 0.70 ms/img (target 1.0: met)" in lines
 
 
@@ -217,7 +222,12 @@ def test_no_compile_default_when_it_does_not_win_clearly():
     figures["step"]["steps"][2]["step_img_per_s"] = 2900.0  # +3.6%: within noise
     figures["e2e_other_decode"]["fast"]["img_per_s"] = 3500.0
     lines = gpu_check.cuda_defaults(figures)
-    assert lines[0].startswith("--decode-on loader ")
+    assert lines[0] == "--decode-on loader (end to end 3100 with device, 3500 with loader)"
+    assert "fast/DALI 1.25x, DALI 2800 img/s (target >1x: met)" in lines
+    figures["dali"]["dali"]["img_per_s"] = 3600.0
+    assert "fast/DALI 0.97x, DALI 3600 img/s (target >1x: missed)" in gpu_check.cuda_defaults(
+        figures
+    )
     assert lines[1].startswith("--channels-last (")
 
 
@@ -227,5 +237,5 @@ def test_every_step_has_a_table_line_even_when_it_measured_nothing():
     assert gpu_check.key_figures("e2e", {"summary": "fast 1 img/s"}) == "fast 1 img/s"
     counts = {"passed": 5, "failures": 1, "errors": 1, "skipped": 2}
     assert gpu_check.key_figures("tests", counts) == "5 passed, 2 failed, 2 skipped"
-    demo = {"results": {"random init": {"AP50": 12.345}}}
-    assert gpu_check.key_figures("demo", demo) == "random init AP50 12.3"
+    row = {"name": "random init", "metrics": {"AP50": {"mean": 12.345}}, "knn_top1": 30}
+    assert gpu_check.key_figures("demo", {"rows": [row]}) == "random init AP50 12.3, kNN 30"
