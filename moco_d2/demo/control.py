@@ -28,6 +28,7 @@ def train_supervised(
     lr: float,
     crop_size: int,
     device: str,
+    workers: int = 0,
     seed: int = 0,
 ) -> list[float]:
     """Train, write ``output`` (``{"arch", "state_dict"}``) atomically; return each step's loss.
@@ -44,7 +45,9 @@ def train_supervised(
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
     data = TolerantImageFolder(train_dir, augment)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(
+        data, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers
+    )
     model = models.resnet50(num_classes=len(data.classes), zero_init_residual=True).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=1e-4)
     steps = epochs * len(loader)

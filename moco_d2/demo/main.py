@@ -259,7 +259,7 @@ def main(argv: list[str]) -> int:
         supervised_losses = train_supervised(
             pretrain_dir, supervised_checkpoint, epochs=b.pretrain_epochs,
             batch_size=b.pretrain_batch, lr=b.pretrain_lr, crop_size=b.crop_size,
-            device=c.device,
+            device=c.device, workers=b.workers,
         )  # fmt: skip
     with stages.stage(4):
         weights = {
